@@ -1,0 +1,199 @@
+"""The `TTAMethod` base class and the method registry.
+
+The base class owns the update loop (steps per batch, episodic reset, saving and
+restoring the source state). A method supplies only what is specific to it:
+
+- `configure_model()`: train/eval modes, which BN layers use batch statistics,
+  which parameters require gradients;
+- `collect_params()`: the parameters (or param groups) it adapts;
+- `loss(x, logits)`: its unsupervised objective (return None for no update);
+- optionally `forward_and_adapt(x)` when one step is more than
+  forward -> loss -> backward -> step (SAR's SAM, CoTTA's teacher).
+
+The optimizer is built by `build_optimizer` from the method's config, unless an
+`optimizer_factory` is given: that is how a learned optimizer (the MGG) replaces
+SGD/Adam under any gradient method.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+OptimizerFactory = Callable[[list], torch.optim.Optimizer]
+
+_REGISTRY: dict[str, type["TTAMethod"]] = {}
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Hyperparameters shared by every method; subclasses add their own fields."""
+
+    steps: int = 1  # adaptation steps per test batch
+    episodic: bool = False  # reset to the source state before every batch
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+def register(name: str):
+    """Class decorator: make a method available as `build_method(name, ...)`."""
+
+    def wrap(cls: type[TTAMethod]) -> type[TTAMethod]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_methods() -> list[str]:
+    _import_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type["TTAMethod"]:
+    _import_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def build_method(
+    name: str,
+    model: nn.Module,
+    config: dict[str, Any] | MethodConfig | None = None,
+    optimizer_factory: OptimizerFactory | None = None,
+    **context: Any,
+) -> "TTAMethod":
+    """Build a registered method. `config` may be a dict of overrides of the
+    method's defaults; `context` carries method-specific inputs such as
+    `source_loader` (EATA's Fisher) or `source_stats` (MGTTA)."""
+    cls = method_class(name)
+    if config is None or isinstance(config, dict):
+        config = cls.make_config(config or {})
+    return cls(model, config, optimizer_factory=optimizer_factory, **context)
+
+
+def _import_builtin_methods() -> None:
+    # Importing the package registers every built-in method.
+    import metatta.methods  # noqa: F401
+
+
+class TTAMethod(nn.Module):
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MethodConfig | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
+        **context: Any,
+    ):
+        super().__init__()
+        if context:
+            raise TypeError(f"{type(self).__name__} takes no extra inputs, got {sorted(context)}")
+        self.model = model
+        self.config = config if config is not None else self.Config()
+        self.configure_model()
+        params = self.collect_params()
+        self.optimizer = None
+        if params:
+            factory = optimizer_factory or self.build_optimizer
+            self.optimizer = factory(params)
+        self._source_state = self._snapshot()
+
+    # ---- what a method specifies -------------------------------------------------
+    def configure_model(self) -> None:
+        """Put the model in the mode the method adapts in (default: untouched)."""
+
+    def collect_params(self) -> list:
+        """Parameters (or param-group dicts) to adapt; empty for no gradient updates."""
+        return []
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """Unsupervised loss on a test batch, or None to skip the update."""
+        return None
+
+    # ---- the update loop -----------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.episodic:
+            self.reset()
+        if self.optimizer is None:
+            return self.predict(x)
+        for _ in range(max(1, self.config.steps)):
+            logits = self.forward_and_adapt(x)
+        return logits
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """One adaptation step; returns the logits computed before the update."""
+        with torch.enable_grad():
+            logits = self.model(x)
+            loss = self.loss(x, logits)
+            if loss is not None and loss.requires_grad:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        return logits.detach()
+
+    def build_optimizer(self, params: list) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        raise ValueError(f"{self.name}: unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adam'")
+
+    # ---- state -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Return the model (and the method's own state) to the source state."""
+        self._restore(self._source_state)
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
+            "extra": copy.deepcopy(self.extra_state()),
+        }
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        self.model.load_state_dict(snapshot["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.load_extra_state(copy.deepcopy(snapshot["extra"]))
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state beyond model and optimizer (EMA teachers, counters) to reset."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise NotImplementedError(f"{type(self).__name__} keeps extra state but cannot restore it")
+
+    @classmethod
+    def make_config(cls, overrides: dict[str, Any]) -> MethodConfig:
+        from metatta.config import build_dataclass
+
+        return build_dataclass(cls.Config, overrides, where=f"method {cls.name}")
+
+    def adapted_parameter_count(self) -> int:
+        if self.optimizer is None:
+            return 0
+        return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+
+
+def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    return [p for p in params if p.requires_grad]
