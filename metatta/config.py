@@ -39,7 +39,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    value = parse_scalar(raw)
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -55,6 +55,19 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node[_list_index(node, last, key)] = value
     else:
         node[last] = value
+
+
+def parse_scalar(raw: str) -> Any:
+    """YAML scalar, but '1e-4' is a number (YAML 1.1 wants '1.0e-4')."""
+    if not raw:
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _list_index(node: list, part: str, key: str) -> int:

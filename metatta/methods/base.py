@@ -91,6 +91,9 @@ def _import_builtin_methods() -> None:
 class TTAMethod(nn.Module):
     name: ClassVar[str] = "base"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # Names of extra inputs the method needs from the experiment (e.g. EATA's
+    # "fisher_batches"); runners build exactly these and pass them as context.
+    context_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

@@ -1,0 +1,205 @@
+"""An evaluation experiment: benchmark + source model + stream + methods.
+
+`ExperimentConfig` is the schema of `configs/*/*.yaml` files that
+`launch/evaluate.py` runs; `run_experiment` builds what is missing (the
+"-C" benchmark files, the source model), evaluates every method on a fresh copy
+of the source model, writes results JSON, a markdown table and a plot, and logs
+all of it to MLflow.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metatta.config import build_dataclass
+from metatta.data.domains import BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, ALL_CORRUPTIONS, check_corruption_names
+from metatta.evaluation import Result, evaluate, save_results
+from metatta.methods.base import build_method, method_class
+
+log = logging.getLogger(__name__)
+
+CORRUPTION_SETS = {"benchmark": BENCHMARK_CORRUPTIONS, "held_out": HELD_OUT_CORRUPTIONS, "all": ALL_CORRUPTIONS}
+BENCHMARKS = ("fashion_mnist_c", "cifar10_c", "cifar100_c")
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    name: str = "fashion_mnist_c"  # fashion_mnist_c | cifar10_c | cifar100_c
+    root: str | None = None  # directory of <corruption>.npy files; built for fashion_mnist_c when absent
+    corruptions: str | list[str] = "benchmark"  # benchmark | held_out | all | explicit list
+    severities: list[int] = dataclasses.field(default_factory=lambda: [5])
+    num_images: int | None = None  # per domain; None for all
+
+    def corruption_names(self) -> list[str]:
+        if isinstance(self.corruptions, str):
+            if self.corruptions not in CORRUPTION_SETS:
+                raise ValueError(
+                    f"benchmark.corruptions: {self.corruptions!r} is not one of {sorted(CORRUPTION_SETS)} or a list"
+                )
+            return list(CORRUPTION_SETS[self.corruptions])
+        return check_corruption_names(self.corruptions)
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    checkpoint: str | None = None  # an existing checkpoint; else trained from `config` if absent
+    config: str | None = "configs/fmnist_c/source.yaml"
+
+
+@dataclasses.dataclass
+class StreamConfig:
+    setting: str = "continual"  # episodic | continual | gradual | mixed | label_shift
+    batch_size: int = 200
+    seed: int = 0
+    dirichlet_alpha: float = 0.1  # label_shift only
+
+
+@dataclasses.dataclass
+class MethodSpec:
+    name: str
+    label: str | None = None  # row name in tables; defaults to name
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
+    source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
+    stream: StreamConfig = dataclasses.field(default_factory=StreamConfig)
+    methods: list[MethodSpec] = dataclasses.field(default_factory=list)
+    device: str = "auto"
+    output_dir: str = "outputs"
+    fisher_images: int = 500  # clean training images for methods that need source statistics (EATA)
+    mlflow: bool = True
+    progress: bool = True
+
+
+def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
+    cfg = build_dataclass(ExperimentConfig, data, where="experiment")
+    if cfg.benchmark.name not in BENCHMARKS:
+        raise ValueError(f"benchmark.name: unknown benchmark {cfg.benchmark.name!r}; known: {list(BENCHMARKS)}")
+    if not cfg.methods:
+        raise ValueError("experiment: `methods` is empty; list at least one method")
+    for spec in cfg.methods:
+        method_class(spec.name)  # unknown names fail here, before any work
+    cfg.benchmark.corruption_names()
+    return cfg
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def benchmark_root(cfg: BenchmarkConfig) -> Path:
+    if cfg.root is not None:
+        return Path(cfg.root)
+    if cfg.name != "fashion_mnist_c":
+        raise ValueError(f"benchmark.root is required for {cfg.name} (a directory of <corruption>.npy files)")
+    from metatta.data.benchmark_files import fashion_mnist_c
+
+    return fashion_mnist_c()
+
+
+def load_domains(cfg: BenchmarkConfig):
+    from metatta.data.benchmark_files import read_cifar_c
+
+    return read_cifar_c(benchmark_root(cfg), cfg.corruption_names(), cfg.severities, num_images=cfg.num_images)
+
+
+def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Module, Path]:
+    from metatta.models import load_source_model
+
+    path = cfg.checkpoint
+    if path is None:
+        if cfg.config is None:
+            raise ValueError("source: give `checkpoint` or `config`")
+        from metatta.config import load_config
+        from trainers.source import ensure_source_model
+
+        path = ensure_source_model(load_config(cfg.config))
+    return load_source_model(path, device=device), Path(path)
+
+
+def method_context(cls, cfg: ExperimentConfig, device: torch.device, cache: dict[str, Any]) -> dict[str, Any]:
+    """The inputs a method class declares in `context_inputs`, built once per experiment."""
+    context = {}
+    for key in getattr(cls, "context_inputs", ()):
+        if key not in cache:
+            cache[key] = _build_context(key, cfg, device)
+        context[key] = cache[key]
+    return context
+
+
+def _build_context(key: str, cfg: ExperimentConfig, device: torch.device) -> Any:
+    if key == "fisher_batches":
+        from metatta.data.clean import load_clean
+
+        name = cfg.benchmark.name.removesuffix("_c")
+        images, _ = load_clean(name, "train")
+        generator = torch.Generator().manual_seed(cfg.stream.seed)
+        idx = torch.randperm(len(images), generator=generator)[: cfg.fisher_images].numpy()
+        x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float().div(255)
+        return [x[i : i + cfg.stream.batch_size].to(device) for i in range(0, len(x), cfg.stream.batch_size)]
+    raise ValueError(f"no builder for method context input {key!r}")
+
+
+def run_experiment(cfg: ExperimentConfig) -> list[Result]:
+    from metatta.data.streams import build_stream
+    from metatta.models.checkpoint import checkpoint_hash
+
+    device = resolve_device(cfg.device)
+    domains = load_domains(cfg.benchmark)
+    model, checkpoint = source_model(cfg.source, device)
+    protocol = {
+        "experiment": cfg.name,
+        "benchmark": cfg.benchmark.name,
+        "domains": [d.name for d in domains],
+        "severities": cfg.benchmark.severities,
+        "batch_size": cfg.stream.batch_size,
+        "num_images_per_domain": cfg.benchmark.num_images,
+        "seed": cfg.stream.seed,
+        "source_checkpoint": str(checkpoint),
+        "source_checkpoint_sha256": checkpoint_hash(checkpoint),
+    }
+    stream_options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
+    results, cache = [], {}
+    for spec in cfg.methods:
+        torch.manual_seed(cfg.stream.seed)
+        stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **stream_options)
+        cls = method_class(spec.name)
+        method = build_method(spec.name, copy.deepcopy(model), spec.config, **method_context(cls, cfg, device, cache))
+        label = spec.label or spec.name
+        log.info("evaluating %s on %d images (%s, batch %d)", label, stream.num_images, stream.setting, stream.batch_size)
+        result = evaluate(method, stream, method_name=label, device=device, progress=cfg.progress,
+                          protocol={**protocol, "method_config": dataclasses.asdict(method.config)})
+        log.info("%s: mean error %.2f%%, %.0f img/s", label, result.mean_error, result.images_per_second)
+        results.append(result)
+    write_report(results, cfg)
+    return results
+
+
+def write_report(results: list[Result], cfg: ExperimentConfig) -> Path:
+    from metatta.reporting import error_table, plot_results, protocol_line
+
+    out = Path(cfg.output_dir) / cfg.name
+    json_path = save_results(results, out / "results.json")
+    table = error_table(results)
+    (out / "table.md").write_text(f"{table}\n\n{protocol_line(results[0])}\n")
+    plot = plot_results(results, out / "errors.png", title=f"{cfg.name}: {protocol_line(results[0])}")
+    print(f"\n{cfg.name}: error (%), {protocol_line(results[0])}\n{table}\n\nwrote {json_path}, {plot}")
+    if cfg.mlflow:
+        from metatta import tracking
+
+        with tracking.start_run(cfg.name, params=dataclasses.asdict(cfg)):
+            tracking.log_results(results, artifacts=[json_path, out / "table.md", plot])
+    return out
