@@ -31,9 +31,30 @@ def _mlflow():
     import mlflow
 
     # MLflow's own loggers are chatty at INFO (alembic migrations on every new db).
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow
+
+
+def artifact_root() -> str | None:
+    """Absolute artifact root beside a SQLite store; MLflow's default is
+    `./mlruns` relative to the *current* directory, which Tune trials change."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def set_experiment(name: str) -> str:
+    mlflow = _mlflow()
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_root())
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
 
 
 @contextlib.contextmanager
@@ -45,7 +66,7 @@ def start_run(
     nested: bool = False,
 ) -> Iterator[Any]:
     mlflow = _mlflow()
-    mlflow.set_experiment(experiment)
+    set_experiment(experiment)
     with mlflow.start_run(run_name=run_name, nested=nested, tags=tags) as run:
         if params:
             mlflow.log_params(flatten(params))
@@ -84,3 +105,116 @@ def log_results(results: Sequence[Any], artifacts: Sequence[str | Path] = (), pr
 def _safe_key(key: str) -> str:
     # MLflow metric names allow alphanumerics, _ - . space : / only.
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
+
+
+# ---- model registry: trained adapters --------------------------------------------------
+# An adapter is a directory of plain files: `weights.pt` (a state dict, loaded with
+# weights_only=True) and `adapter.json` (what it is and how to rebuild it). Registering
+# logs the directory to the run and creates a model version pointing at it; loading
+# downloads the files. Nothing is ever unpickled.
+
+ADAPTER_WEIGHTS = "weights.pt"
+ADAPTER_CONFIG = "adapter.json"
+VALIDATION_TAG = "validation_error"
+CHAMPION = "champion"
+
+
+def client():
+    from mlflow import MlflowClient
+
+    _mlflow()
+    return MlflowClient()
+
+
+def register_adapter(name: str, directory: str | Path, run_id: str, tags: dict[str, str] | None = None) -> str:
+    """Log `directory` under the run's `adapter/` artifacts and register it as a
+    new version of model `name`; returns the version number (a string)."""
+    from mlflow.exceptions import MlflowException
+
+    directory = Path(directory)
+    for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (directory / required).is_file():
+            raise FileNotFoundError(f"adapter directory {directory} lacks {required}")
+    mlflow = _mlflow()
+    c = client()
+    mlflow.MlflowClient().log_artifacts(run_id, str(directory), artifact_path="adapter")
+    try:
+        c.create_registered_model(name)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri}/adapter"
+    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+    log.info("registered %s version %s from run %s", name, version.version, run_id)
+    return str(version.version)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """'models:/name@alias' -> (name, None, alias); 'models:/name/3' -> (name, '3', None)."""
+    if not uri.startswith("models:/"):
+        raise ValueError(f"adapter URI {uri!r} must look like models:/<name>@<alias> or models:/<name>/<version>")
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, None, alias
+    name, _, version = rest.partition("/")
+    if not version.isdigit():
+        raise ValueError(f"adapter URI {uri!r}: version must be a number")
+    return name, version, None
+
+
+def resolve_version(uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_model_uri(uri)
+    if version is not None:
+        return version
+    try:
+        return str(client().get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        raise LookupError(f"{uri}: no version of model {name!r} has alias {alias!r}") from e
+
+
+def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
+    """Fetch a registered adapter's files; `uri` is models:/name@alias or models:/name/N."""
+    mlflow = _mlflow()
+    name, _, _ = parse_model_uri(uri)
+    version = resolve_version(uri)
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                    dst_path=str(dst) if dst else None))
+    for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (path / required).is_file():
+            raise FileNotFoundError(f"{uri} (version {version}) has no {required}")
+    return path
+
+
+def load_adapter_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state dict, config) from an adapter directory, without unpickling objects."""
+    import torch
+
+    path = Path(path)
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    state = torch.load(path / ADAPTER_WEIGHTS, map_location="cpu", weights_only=True)
+    return state, config
+
+
+def promote_if_better(name: str, version: str, validation_error: float, alias: str = CHAMPION) -> bool:
+    """Record the version's validation error; move `alias` to it when it beats
+    the current holder (lower is better). Returns whether the alias moved."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    c.set_model_version_tag(name, version, VALIDATION_TAG, f"{validation_error:.6f}")
+    try:
+        current = c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    if current is not None:
+        best = float(current.tags.get(VALIDATION_TAG, "inf"))
+        if validation_error >= best:
+            log.info("%s v%s (%.3f) does not beat %s v%s (%.3f)", name, version, validation_error, alias,
+                     current.version, best)
+            return False
+    c.set_registered_model_alias(name, alias, version)
+    log.info("%s@%s -> version %s (validation error %.3f)", name, alias, version, validation_error)
+    return True

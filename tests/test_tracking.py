@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from metatta import tracking
+
+
+def write_adapter(directory, value):
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"w": torch.full((3,), float(value))}, directory / tracking.ADAPTER_WEIGHTS)
+    (directory / tracking.ADAPTER_CONFIG).write_text(json.dumps({"kind": "test", "value": value}))
+    return directory
+
+
+def test_register_alias_download_round_trip(tmp_path, mlflow_uri):
+    versions = []
+    for value in (1, 2, 3):
+        with tracking.start_run(f"train-{value}", experiment="t") as run:
+            versions.append(tracking.register_adapter("toy", write_adapter(tmp_path / f"a{value}", value), run.info.run_id))
+    assert versions == ["1", "2", "3"]
+    assert tracking.promote_if_better("toy", "1", validation_error=20.0)
+    assert not tracking.promote_if_better("toy", "2", validation_error=25.0)  # worse: alias stays
+    assert tracking.resolve_version("models:/toy@champion") == "1"
+    assert tracking.promote_if_better("toy", "3", validation_error=10.0)
+    path = tracking.download_adapter("models:/toy@champion", tmp_path / "dl")
+    state, config = tracking.load_adapter_files(path)
+    assert config["value"] == 3 and torch.equal(state["w"], torch.full((3,), 3.0))
+    state2, _ = tracking.load_adapter_files(tracking.download_adapter("models:/toy/2", tmp_path / "dl2"))
+    assert torch.equal(state2["w"], torch.full((3,), 2.0))
+
+
+def test_artifacts_live_beside_the_database(tmp_path, mlflow_uri, monkeypatch):
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # Tune changes the working directory of each trial
+    with tracking.start_run("r", experiment="t2") as run:
+        tracking.register_adapter("toy2", write_adapter(tmp_path / "a", 1), run.info.run_id)
+    assert not (elsewhere / "mlruns").exists()
+    assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_uri_and_adapter_errors(tmp_path, mlflow_uri):
+    with pytest.raises(ValueError, match="models:/"):
+        tracking.parse_model_uri("runs:/abc")
+    with pytest.raises(ValueError, match="version must be a number"):
+        tracking.parse_model_uri("models:/x/latest")
+    assert tracking.parse_model_uri("models:/mgg@champion") == ("mgg", None, "champion")
+    with pytest.raises(LookupError, match="alias"):
+        tracking.resolve_version("models:/nothing@champion")
+    (tmp_path / "empty").mkdir()
+    with tracking.start_run("r", experiment="t3") as run:
+        with pytest.raises(FileNotFoundError, match="weights.pt"):
+            tracking.register_adapter("toy3", tmp_path / "empty", run.info.run_id)
+
+
+def test_flatten_nested_params():
+    assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
