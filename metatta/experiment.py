@@ -64,6 +64,7 @@ class MethodSpec:
     name: str
     label: str | None = None  # row name in tables; defaults to name
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    adapter: str | None = None  # a trained adapter: models:/<name>@<alias>, models:/<name>/<N> or a directory
 
 
 @dataclasses.dataclass
@@ -130,17 +131,44 @@ def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Modu
     return load_source_model(path, device=device), Path(path)
 
 
-def method_context(cls, cfg: ExperimentConfig, device: torch.device, cache: dict[str, Any]) -> dict[str, Any]:
-    """The inputs a method class declares in `context_inputs`, built once per experiment."""
+def method_context(spec: MethodSpec, cfg: ExperimentConfig, checkpoint: Path, device: torch.device,
+                   cache: dict[str, Any]) -> dict[str, Any]:
+    """The inputs a method class declares in `context_inputs`; shared ones are built once."""
     context = {}
-    for key in getattr(cls, "context_inputs", ()):
+    for key in method_class(spec.name).context_inputs:
+        if key == "mgg":
+            context[key] = load_adapter_mgg(spec, checkpoint)
+            continue
         if key not in cache:
-            cache[key] = _build_context(key, cfg, device)
+            cache[key] = _build_context(key, cfg, checkpoint, device)
         context[key] = cache[key]
     return context
 
 
-def _build_context(key: str, cfg: ExperimentConfig, device: torch.device) -> Any:
+def load_adapter_mgg(spec: MethodSpec, checkpoint: Path):
+    """The trained MGG a method spec names, checked against the source model it was trained for."""
+    import json
+
+    from metatta import tracking
+    from metatta.learned.mgg import load_mgg
+    from metatta.models.checkpoint import checkpoint_hash
+
+    if spec.adapter is None:
+        raise ValueError(f"method {spec.name}: needs a trained adapter (set `adapter: models:/mgg@champion` or a path)")
+    path = tracking.download_adapter(spec.adapter) if spec.adapter.startswith("models:/") else Path(spec.adapter)
+    info = json.loads((path / tracking.ADAPTER_CONFIG).read_text()) if (path / tracking.ADAPTER_CONFIG).is_file() else {}
+    trained_for = info.get("source_checkpoint_sha256")
+    if trained_for and trained_for != checkpoint_hash(checkpoint):
+        raise ValueError(f"adapter {spec.adapter} was trained for source checkpoint {info.get('source_checkpoint')} "
+                         f"(sha256 {trained_for[:12]}), not {checkpoint} ({checkpoint_hash(checkpoint)[:12]})")
+    return load_mgg(path)
+
+
+def _build_context(key: str, cfg: ExperimentConfig, checkpoint: Path, device: torch.device) -> Any:
+    if key == "source_stats":
+        from metatta.models.checkpoint import load_feature_stats
+
+        return load_feature_stats(checkpoint, device=device)
     if key == "fisher_batches":
         from metatta.data.clean import load_clean
 
@@ -176,8 +204,8 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     for spec in cfg.methods:
         torch.manual_seed(cfg.stream.seed)
         stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **stream_options)
-        cls = method_class(spec.name)
-        method = build_method(spec.name, copy.deepcopy(model), spec.config, **method_context(cls, cfg, device, cache))
+        context = method_context(spec, cfg, checkpoint, device, cache)
+        method = build_method(spec.name, copy.deepcopy(model), spec.config, **context)
         label = spec.label or spec.name
         log.info("evaluating %s on %d images (%s, batch %d)", label, stream.num_images, stream.setting, stream.batch_size)
         result = evaluate(method, stream, method_name=label, device=device, progress=cfg.progress,
@@ -203,3 +231,14 @@ def write_report(results: list[Result], cfg: ExperimentConfig) -> Path:
         with tracking.start_run(cfg.name, params=dataclasses.asdict(cfg)):
             tracking.log_results(results, artifacts=[json_path, out / "table.md", plot])
     return out
+
+
+def with_adapter(cfg: ExperimentConfig, adapter: str, method: str = "mgtta") -> ExperimentConfig:
+    """Point every method that takes a trained MGG at `adapter`; add an MGTTA row if none does."""
+    cfg = copy.deepcopy(cfg)
+    takers = [s for s in cfg.methods if "mgg" in method_class(s.name).context_inputs]
+    for spec in takers:
+        spec.adapter = adapter
+    if not takers:
+        cfg.methods.append(MethodSpec(name=method, adapter=adapter))
+    return cfg

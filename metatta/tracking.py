@@ -73,6 +73,18 @@ def start_run(
         yield run
 
 
+@contextlib.contextmanager
+def resume_run(run_id: str) -> Iterator[Any]:
+    """Continue logging into an existing run (a resumed training job)."""
+    mlflow = _mlflow()
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    _mlflow().log_metrics({_safe_key(k): float(v) for k, v in metrics.items()}, step=step)
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {'a.b': '1'}; MLflow params are flat strings (max 6000 chars)."""
     out: dict[str, str] = {}

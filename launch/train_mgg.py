@@ -1,0 +1,33 @@
+"""Meta-train the MGG (MGTTA's learned optimizer) with Ray rollout actors.
+
+On a cluster:   ray job submit --working-dir . -- python launch/train_mgg.py --config configs/fmnist_c/mgg.yaml
+On a laptop:    python launch/train_mgg.py --config configs/fmnist_c/mgg.yaml num_actors=2 epochs=5
+Resume a killed job from its last checkpoint:   ... --resume
+"""
+import logging
+
+from metatta.cli import experiment_parser, parse_experiment
+from trainers.mgg import mgg_train_config, train_mgg
+
+log = logging.getLogger("train_mgg")
+
+
+def main(argv=None):
+    parser = experiment_parser(__doc__, default_config="configs/fmnist_c/mgg.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from the learner's last checkpoint")
+    parser.add_argument("--no-ray", action="store_true", help="run the rollout workers in this process")
+    args, data = parse_experiment(parser, argv)
+    cfg = mgg_train_config(data)
+    if not args.no_ray:
+        import ray
+
+        # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
+        ray.init()
+    outcome = train_mgg(cfg, resume=args.resume, use_ray=not args.no_ray)
+    log.info("trained %d steps; validation error %.2f%%; adapter %s; registered version %s%s",
+             outcome.steps, outcome.validation_error, outcome.adapter_dir, outcome.registered_version,
+             " (now champion)" if outcome.promoted else "")
+
+
+if __name__ == "__main__":
+    main()
