@@ -1,0 +1,105 @@
+"""MGTTA: test-time adaptation with a learned optimizer (Deng, Niu et al., AAAI 2025).
+
+Adapts the affine weight and bias of the normalization layers (BN on batch
+statistics for BN networks, LayerNorm for ViTs), everything else frozen, with
+the update theta <- theta - lr * MGG(gradient features), lr (adapt_lr) 1e-3.
+The MGG is trained beforehand (trainers/mgg.py, on the held-out corruptions)
+and fixed at test time; its moments and memory reset when the method resets.
+
+Inputs (context): `mgg=` an `MGG` module, or `mgg_path=` an MGG adapter
+directory / weights file (also settable as config `mgg_path`); `source_stats=`
+the source feature statistics (`metatta.models.feature_stats.compute_feature_stats`),
+needed only for loss "entropy+stats".
+
+Loss: "entropy" (default, the paper's framing) or "entropy+stats" (the
+authors' code: entropy + 0.4 * feature-statistics alignment); see
+`metatta.learned.losses`. The authors' code runs the model in train mode; here
+the model is in eval mode with BN on batch statistics, which is the same for BN
+and LayerNorm networks without dropout.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from metatta.learned.losses import LOSS_KINDS, STATS_REDUCTIONS, TTALoss, record_features
+from metatta.learned.mgg import MGG, load_mgg
+from metatta.learned.optimizer import mgg_optimizer_factory
+from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
+from metatta.methods.common import configure_norm_adaptation, norm_affine_params
+
+
+@dataclasses.dataclass
+class MGTTAConfig(MethodConfig):
+    lr: float = 1e-3  # adapt_lr: theta <- theta - lr * tanh(MGG output)
+    loss: str = "entropy"  # entropy | entropy+stats
+    stats_lambda: float = 0.4  # weight of the feature-statistics term (authors: 0.4 on ImageNet-C)
+    stats_reduction: str = "per_layer_mse"  # per_layer_mse | authors (sum of squared errors / 64)
+    mgg_path: str | None = None  # used when no `mgg` / `mgg_path` context is given
+
+
+@register("mgtta")
+class MGTTA(TTAMethod):
+    """The MGG steps the norm affines; `optimizer`/`momentum` config fields are unused
+    (an explicit `optimizer_factory` still replaces the MGG, e.g. for ablations)."""
+
+    Config = MGTTAConfig
+    context_inputs = ("mgg", "source_stats")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MGTTAConfig | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
+        mgg: MGG | None = None,
+        mgg_path: str | None = None,
+        source_stats: Mapping[str, torch.Tensor] | None = None,
+        **context: Any,
+    ):
+        config = config if config is not None else MGTTAConfig()
+        if config.loss not in LOSS_KINDS:
+            raise ValueError(f"mgtta: config.loss {config.loss!r} is not one of {LOSS_KINDS}")
+        if config.stats_reduction not in STATS_REDUCTIONS:
+            raise ValueError(f"mgtta: config.stats_reduction {config.stats_reduction!r} is not one of {STATS_REDUCTIONS}")
+        device = next(model.parameters()).device
+        stats = {k: v.to(device) for k, v in source_stats.items()} if source_stats else None
+        loss_fn = TTALoss(config.loss, stats, config.stats_lambda, config.stats_reduction)
+        mgg = _resolve_mgg(mgg, mgg_path or config.mgg_path, device)
+        factory = optimizer_factory or mgg_optimizer_factory(mgg, config.lr)
+        super().__init__(model, config, optimizer_factory=factory, **context)
+        self.mgg = mgg
+        self.loss_fn = loss_fn
+        self._recorder = None  # the FeatureRecorder of the forward pass being adapted on
+
+    def configure_model(self) -> None:
+        configure_norm_adaptation(self.model)
+
+    def collect_params(self) -> list:
+        return norm_affine_params(self.model)
+
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        # The stats term needs the features of this forward pass: record them around it.
+        with record_features(self.model, self.loss_fn.needs_features) as recorder:
+            self._recorder = recorder
+            try:
+                return super().forward_and_adapt(x)
+            finally:
+                self._recorder = None
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, self._recorder.features if self.loss_fn.needs_features else None)
+
+
+def _resolve_mgg(mgg: MGG | None, path: str | None, device: torch.device) -> MGG:
+    """A private, frozen copy of the trained MGG on the model's device."""
+    if mgg is None:
+        if path is None:
+            raise ValueError("mgtta needs a trained MGG: pass mgg=<MGG> or mgg_path=<adapter dir or weights file>")
+        mgg = load_mgg(path)
+    elif not isinstance(mgg, MGG):
+        raise TypeError(f"mgtta: mgg must be an MGG, got {type(mgg).__name__}")
+    return copy.deepcopy(mgg).to(device).eval().requires_grad_(False)
