@@ -5,6 +5,8 @@ restoring the source state). A method supplies only what is specific to it:
 
 - `configure_model()`: train/eval modes, which BN layers use batch statistics,
   which parameters require gradients;
+- `init_extra_state()` with `extra_state()` / `load_extra_state()`: state of its
+  own (an EMA teacher, a moving average) that `reset()` must restore;
 - `collect_params()`: the parameters (or param groups) it adapts;
 - `loss(x, logits)`: its unsupervised objective (return None for no update);
 - optionally `forward_and_adapt(x)` when one step is more than
@@ -76,7 +78,7 @@ def build_method(
 ) -> "TTAMethod":
     """Build a registered method. `config` may be a dict of overrides of the
     method's defaults; `context` carries method-specific inputs such as
-    `source_loader` (EATA's Fisher) or `source_stats` (MGTTA)."""
+    `fisher_batches` (EATA's Fisher) or `source_stats` (MGTTA)."""
     cls = method_class(name)
     if config is None or isinstance(config, dict):
         config = cls.make_config(config or {})
@@ -84,8 +86,12 @@ def build_method(
 
 
 def _import_builtin_methods() -> None:
-    # Importing the package registers every built-in method.
-    import metatta.methods  # noqa: F401
+    # Importing the package registers the baselines; methods that build on other
+    # subpackages (mgtta) are imported here, late, because importing them from the
+    # package's __init__ would be circular (metatta.learned imports methods.common).
+    from metatta.methods import import_builtin_methods
+
+    import_builtin_methods()
 
 
 class TTAMethod(nn.Module):
@@ -108,6 +114,7 @@ class TTAMethod(nn.Module):
         self.model = model
         self.config = config if config is not None else self.Config()
         self.configure_model()
+        self.init_extra_state()
         params = self.collect_params()
         self.optimizer = None
         if params:
@@ -118,6 +125,10 @@ class TTAMethod(nn.Module):
     # ---- what a method specifies -------------------------------------------------
     def configure_model(self) -> None:
         """Put the model in the mode the method adapts in (default: untouched)."""
+
+    def init_extra_state(self) -> None:
+        """Create the method's own state (EMA teacher, moving averages) once the model is
+        configured; runs before the source snapshot, so `reset()` returns to it."""
 
     def collect_params(self) -> list:
         """Parameters (or param-group dicts) to adapt; empty for no gradient updates."""

@@ -1,0 +1,139 @@
+"""MGG meta-training: plain-function workers, the Ray actor pool, resume, registry."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from metatta import tracking
+from metatta.data.types import DomainData
+from metatta.models import build_model
+from metatta.models.checkpoint import save_checkpoint
+from metatta.models.feature_stats import compute_feature_stats
+from trainers.mgg import (
+    LocalPool,
+    RolloutWorker,
+    load_checkpoint,
+    mgg_train_config,
+    split_domains,
+    steps_per_epoch,
+    train_mgg,
+)
+
+CORRUPTIONS = ["speckle_noise", "gaussian_blur"]
+
+
+@pytest.fixture(scope="module")
+def source_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("resnet_fmnist", num_classes=10, in_channels=1)
+    clean = torch.rand(64, 1, 28, 28)
+    stats = compute_feature_stats(model, clean)
+    path = tmp_path_factory.mktemp("src") / "resnet.pt"
+    return save_checkpoint(path, model, model_name="resnet_fmnist", num_classes=10, in_channels=1,
+                           feature_stats=stats)
+
+
+@pytest.fixture(scope="module")
+def domains():
+    rng = np.random.default_rng(0)
+    return [DomainData(c, 5, rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8),
+                       rng.integers(0, 10, 40).astype(np.int64)) for c in CORRUPTIONS]
+
+
+def config(tmp_path, checkpoint, **overrides):
+    data = dict(name="t", source_checkpoint=str(checkpoint), corruptions=CORRUPTIONS, train_images=16,
+                val_images=8, batch_size=2, epochs=1, num_actors=2, checkpoint_dir=str(tmp_path / "ckpt"),
+                checkpoint_every=1, log_every=1, device="cpu", val_batch_size=8, mlflow=False, register_as=None)
+    data.update(overrides)
+    return mgg_train_config(data)
+
+
+def test_config_errors(tmp_path, source_checkpoint):
+    with pytest.raises(ValueError, match="unroll needs"):
+        config(tmp_path, source_checkpoint, train_images=4)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        config(tmp_path, source_checkpoint, corruptions=["fog", "nope"])
+    with pytest.raises(ValueError, match="epochs"):
+        config(tmp_path, source_checkpoint, epochs=0)
+
+
+def test_split_is_disjoint_and_balanced(tmp_path, source_checkpoint, domains):
+    cfg = config(tmp_path, source_checkpoint)
+    shares, val = split_domains(domains, cfg)
+    assert [len(d) for d in shares[0]] == [4, 4] and [len(d) for d in shares[1]] == [4, 4]
+    assert [len(d) for d in val] == [8, 8]
+    train_rows = np.concatenate([shares[0][0].images, shares[1][0].images])
+    assert not any((v == train_rows).all(axis=(1, 2, 3)).any() for v in val[0].images)
+    with pytest.raises(ValueError, match="need"):
+        split_domains(domains, dataclasses.replace(cfg, val_images=100))
+
+
+def test_worker_walks_domains_and_returns_meta_gradients(tmp_path, source_checkpoint, domains):
+    cfg = config(tmp_path, source_checkpoint)
+    shares, _ = split_domains(domains, cfg)
+    worker = RolloutWorker(shares[0], str(source_checkpoint), cfg, index=0)
+    state = {k: v.clone() for k, v in worker.mgg.state_dict().items()}
+    outputs = [worker.run(state) for _ in range(3)]
+    for out in outputs:
+        assert set(out["grads"]) == {n for n, _ in worker.mgg.named_parameters()}
+        assert all(torch.isfinite(g).all() for g in out["grads"].values())
+        assert np.isfinite(out["metrics"]["meta_loss"])
+    # 2 batches per domain: each unroll primes a fresh trajectory (K=1 needs 2 batches) -> one per domain
+    assert all(out["metrics"]["trajectory_steps"] == 1.0 for out in outputs)
+    assert outputs[2]["metrics"]["epoch"] == 1.0  # wrapped into a new epoch after 2 domains
+
+
+def test_local_training_checkpoints_and_resumes(tmp_path, source_checkpoint, domains):
+    cfg = config(tmp_path, source_checkpoint, epochs=2)
+    assert steps_per_epoch(split_domains(domains, cfg)[0], cfg) == 2
+    first = train_mgg(dataclasses.replace(cfg, epochs=1), use_ray=False, domains=domains)
+    assert first.steps == 2 and 0.0 <= first.validation_error <= 100.0
+    saved = load_checkpoint(tmp_path / "ckpt" / "t" / "learner.pt")
+    assert saved["step"] == 2 and len(saved["history"]) == 2
+    resumed = train_mgg(cfg, resume=True, use_ray=False, domains=domains)
+    assert resumed.steps == 4 and len(resumed.history) == 4
+    assert (resumed.adapter_dir / "weights.pt").is_file()
+    with pytest.raises(FileNotFoundError, match="no learner checkpoint"):
+        train_mgg(dataclasses.replace(cfg, name="other"), resume=True, use_ray=False, domains=domains)
+
+
+def test_training_moves_the_mgg(tmp_path, source_checkpoint, domains):
+    cfg = config(tmp_path, source_checkpoint, epochs=2, meta_lr=0.05)
+    from metatta.learned.mgg import MGG
+
+    torch.manual_seed(cfg.seed)
+    initial = MGG().state_dict()
+    outcome = train_mgg(cfg, use_ray=False, domains=domains)
+    changed = [k for k, v in outcome.mgg.state_dict().items() if not torch.allclose(v, initial[k])]
+    assert changed, "no MGG weight moved"
+
+
+def test_registers_and_promotes(tmp_path, source_checkpoint, domains, mlflow_uri):
+    cfg = config(tmp_path, source_checkpoint, mlflow=True, register_as="mgg_test")
+    outcome = train_mgg(cfg, use_ray=False, domains=domains)
+    assert outcome.registered_version == "1" and outcome.promoted
+    path = tracking.download_adapter("models:/mgg_test@champion", tmp_path / "dl")
+    from metatta.learned.mgg import load_mgg
+
+    loaded = load_mgg(path)
+    features = torch.randn(50, 2)
+    assert torch.equal(loaded(features)[0], outcome.mgg(features)[0])
+    info = tracking.load_adapter_files(path)[1]
+    assert info["source_checkpoint_sha256"] and info["validation_error"] == outcome.validation_error
+
+
+def test_ray_actors_survive_a_killed_actor(tmp_path, source_checkpoint, domains, ray_session):
+    ray = ray_session
+    cfg = config(tmp_path, source_checkpoint, epochs=3)
+    killed = []
+
+    def kill_once(step, pool):
+        if step == 2 and not killed:
+            ray.kill(pool.actors[0], no_restart=False)  # a crash: Ray restarts it, the call is retried
+            killed.append(step)
+
+    outcome = train_mgg(cfg, use_ray=True, domains=domains, on_step=kill_once)
+    assert killed == [2]
+    assert outcome.steps == 3 * steps_per_epoch(split_domains(domains, cfg)[0], cfg)
+    assert all(np.isfinite(h["meta_loss"]) for h in outcome.history)
