@@ -87,6 +87,10 @@ def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
         raise ValueError(f"benchmark.name: unknown benchmark {cfg.benchmark.name!r}; known: {list(BENCHMARKS)}")
     if not cfg.methods:
         raise ValueError("experiment: `methods` is empty; list at least one method")
+    from metatta.data.streams import SETTINGS
+
+    if cfg.stream.setting not in SETTINGS:
+        raise ValueError(f"stream.setting: unknown stream setting {cfg.stream.setting!r}; known: {', '.join(SETTINGS)}")
     for spec in cfg.methods:
         method_class(spec.name)  # unknown names fail here, before any work
     cfg.benchmark.corruption_names()

@@ -89,7 +89,7 @@ def _parse(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray
     if len(labels) != len(images):
         raise ValueError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
     log.debug("loaded %d Fashion-MNIST images from %s", len(images), images_path.parent)
-    return images[..., None], labels
+    return images[..., None].copy(), labels  # a writable copy: torch warns on read-only buffers
 
 
 def _download() -> None:
