@@ -19,7 +19,7 @@ log = logging.getLogger("demo")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/mgtta.yaml")
     parser.add_argument("--mgg-config", default="configs/fmnist_c/mgg.yaml")
-    parser.add_argument("--mgg-epochs", type=int, default=10, help="meta-training epochs (paper: 40)")
+    parser.add_argument("--mgg-epochs", type=int, default=40, help="meta-training epochs (paper: 40)")
     args, eval_data = parse_experiment(parser, argv)
     start = time.perf_counter()
     import ray

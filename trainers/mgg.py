@@ -104,7 +104,7 @@ def split_domains(domains: list[DomainData], cfg: MGGTrainConfig) -> tuple[list[
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div_(255)  # a copy: memmaps are read-only
 
 
 # ---- the rollout side -----------------------------------------------------------------------

@@ -79,7 +79,10 @@ def build_c_benchmark(
     n = len(images)
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    identity = {"source": source, "num_images": n, "seed": seed, "shape": list(images.shape[1:])}
+    from metatta.data.corruptions import VERSION as corruptions_version
+
+    identity = {"source": source, "num_images": n, "seed": seed, "shape": list(images.shape[1:]),
+                "corruptions_version": corruptions_version}
     if manifest and manifest.get("identity") != identity:
         raise ValueError(f"{out} holds a different benchmark ({manifest.get('identity')}); "
                          f"choose another directory or delete it")
@@ -92,7 +95,7 @@ def build_c_benchmark(
 
     clean = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     todo = [c for c in corruptions if not ((out / f"{c}.npy").is_file() and f"{c}.npy" in manifest["files"])]
-    for corruption in tqdm(todo, desc="building -C benchmark", disable=not progress):
+    for corruption in tqdm(todo, desc="building -C benchmark", disable=not (progress and todo)):
         result = np.empty((len(SEVERITIES) * n, *images.shape[1:]), dtype=np.uint8)
         for severity in SEVERITIES:
             seeds = image_seeds(seed, corruption, severity, n)

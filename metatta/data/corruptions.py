@@ -58,6 +58,9 @@ import torch.nn.functional as F
 
 from metatta.data.domains import ALL_CORRUPTIONS
 
+# Bump when any corruption's output changes: built "-C" files record it and are not reused across versions.
+VERSION = 1
+
 Rngs = list  # one np.random.Generator per image
 
 
