@@ -124,7 +124,10 @@ def fashion_mnist_c(root: str | Path | None = None, num_images: int | None = Non
     images, labels = load_fashion_mnist("test")
     if num_images is not None:
         images, labels = images[:num_images], labels[:num_images]
-    out = Path(root) if root else cache_home() / f"fashion_mnist_c-n{len(images)}-s{seed}"
+    from metatta.data.corruptions import VERSION
+
+    # The corruption version is part of the name: an upgrade builds anew beside the old files.
+    out = Path(root) if root else cache_home() / f"fashion_mnist_c-n{len(images)}-s{seed}-v{VERSION}"
     return build_c_benchmark(images, labels, out, corruptions, seed=seed, source="fashion_mnist/test")
 
 
