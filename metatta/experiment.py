@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from metatta.config import build_dataclass
+from metatta.device import resolve_device
 from metatta.data.domains import BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, ALL_CORRUPTIONS, check_corruption_names
 from metatta.evaluation import Result, evaluate, save_results
 from metatta.methods.base import build_method, method_class
@@ -95,14 +96,6 @@ def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
         method_class(spec.name)  # unknown names fail here, before any work
     cfg.benchmark.corruption_names()
     return cfg
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def benchmark_root(cfg: BenchmarkConfig) -> Path:

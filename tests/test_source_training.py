@@ -1,10 +1,7 @@
 """Source training on real Fashion-MNIST (tiny runs), the cached `ensure_source_model`, the CLI."""
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,35 +15,16 @@ from metatta.models import build_model, load_source_model
 from metatta.models.checkpoint import CheckpointError, checkpoint_hash, load_feature_stats, read_header
 from metatta.models.feature_stats import compute_feature_stats, feature_taps
 
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _read_idx_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Test-only stand-in for metatta.data.fashion_mnist while that module is not there."""
-    roots = [Path(p) for p in (os.environ.get("METATTA_DATA"),) if p] + [DEBIAN_DIR]
-    prefix = "train" if split == "train" else "t10k"
-    for root in roots:
-        images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
-        if images.is_file() and labels.is_file():
-            with gzip.open(images) as f:
-                x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1).copy()
-            with gzip.open(labels) as f:
-                y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-            return x, y
-    pytest.skip("clean Fashion-MNIST not found ($METATTA_DATA or the Debian package dataset-fashion-mnist)")
-
 
 @pytest.fixture(scope="module")
 def fmnist():
-    """{split: (images, labels)} of real Fashion-MNIST, through metatta.data when it exists."""
-    if importlib.util.find_spec("metatta.data.fashion_mnist") is not None:
-        from metatta.data.fashion_mnist import load_fashion_mnist
+    """{split: (images, labels)} of real Fashion-MNIST."""
+    from metatta.data.fashion_mnist import load_fashion_mnist
 
-        try:
-            return {s: load_fashion_mnist(s) for s in ("train", "test")}
-        except FileNotFoundError as e:
-            pytest.skip(f"clean Fashion-MNIST not available: {e}")
-    return {s: _read_idx_split(s) for s in ("train", "test")}
+    try:
+        return {s: load_fashion_mnist(s) for s in ("train", "test")}
+    except FileNotFoundError as e:
+        pytest.skip(f"clean Fashion-MNIST not available: {e}")
 
 
 @pytest.fixture
@@ -182,13 +160,12 @@ def test_augment_batch_crops_and_flips_per_image():
     assert len(shifts) > 1  # per-image offsets, not one for the batch
 
 
-def test_cli_trains_from_the_yaml_with_overrides(tmp_path, monkeypatch, fmnist):
+def test_cli_trains_from_the_yaml_with_overrides(tmp_path, fmnist):  # fmnist: skip without data
     import importlib.util as iu
 
     spec = iu.spec_from_file_location("launch_train_source", Path(__file__).parents[1] / "launch" / "train_source.py")
     cli = iu.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    monkeypatch.setattr(source, "load_clean_split", lambda dataset, split: fmnist[split])
     out = tmp_path / "cli.pt"
     config = Path(__file__).parents[1] / "configs" / "fmnist_c" / "source.yaml"
     cli.main(["--config", str(config), "--device", "cpu", "epochs=1", "num_train_images=128", "num_test_images=100",

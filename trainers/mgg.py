@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metatta.config import build_dataclass
+from metatta.device import resolve_device
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names
 from metatta.data.types import DomainData
 
@@ -108,12 +109,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 # ---- the rollout side -----------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    from metatta.experiment import resolve_device as resolve
-
-    return resolve(device)
-
-
 def source_parts(checkpoint: str, device: torch.device):
     """(source model, clean feature statistics) from a source checkpoint."""
     from metatta.models import load_source_model

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metatta.config import build_dataclass
+from metatta.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class SourceTrainConfig:
     dataset: str = "fashion_mnist"
     num_classes: int = 10
     in_channels: int = 1
-    epochs: int = 5
+    epochs: int = 6
     batch_size: int = 128
     lr: float = 0.1  # peak learning rate
     momentum: float = 0.9
@@ -105,15 +106,7 @@ def source_train_config(data: dict[str, Any] | SourceTrainConfig | None) -> Sour
 
 # ---- data ---------------------------------------------------------------------------------
 def load_clean_split(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images (N, H, W, C), int64 labels (N,)) of a clean dataset split."""
-    if dataset == "fashion_mnist":
-        from metatta.data.fashion_mnist import load_fashion_mnist
-
-        return load_fashion_mnist(split)
-    import importlib.util
-
-    if importlib.util.find_spec("metatta.data.clean") is None:
-        raise ValueError(f"train_source.dataset: unknown dataset {dataset!r}; known: ['fashion_mnist']")
+    """(uint8 images (N, H, W, C), int64 labels (N,)) of a clean dataset split (fashion_mnist, cifar10, cifar100)."""
     from metatta.data.clean import load_clean
 
     return load_clean(dataset, split)
@@ -195,12 +188,6 @@ def test_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
         wrong += (logits.argmax(1).cpu() != y[i : i + batch_size]).sum().item()
     model.train(was_training)
     return 100.0 * wrong / max(len(x), 1)
-
-
-def resolve_device(device: str) -> torch.device:
-    from metatta.experiment import resolve_device as resolve
-
-    return resolve(device)
 
 
 def train_source(config: dict[str, Any] | SourceTrainConfig, load_split: SplitLoader | None = None) -> SourceTrainResult:

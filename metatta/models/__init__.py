@@ -24,7 +24,6 @@ from torch import nn
 
 from metatta.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, NormalizedModel, default_stats
 from metatta.models.resnet import ResNet
-from metatta.models.vit import ViTClassifier
 from metatta.models.wideresnet import WideResNet
 
 log = logging.getLogger(__name__)
@@ -36,14 +35,22 @@ MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet20_cifar": functools.partial(ResNet, blocks=(3, 3, 3), widths=(16, 32, 64)),
     "resnet26_cifar": functools.partial(ResNet, blocks=(4, 4, 4), widths=(16, 32, 64)),
     "resnet18_cifar": functools.partial(ResNet, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512)),
-    # RobustBench CIFAR-10 "Standard" (and the AugMix WRN-40-2 shape), identity normalization by default.
+    # RobustBench CIFAR-10 "Standard" and the WRN-40-2 shape; identity normalization by default (RobustBench's
+    # Hendrycks2020AugMix_WRN wants mean=[0.5] * 3, std=[0.5] * 3).
     "wrn28_10": functools.partial(WideResNet, depth=28, widen_factor=10),
     "wrn40_2": functools.partial(WideResNet, depth=40, widen_factor=2),
     "wrn16_4": functools.partial(WideResNet, depth=16, widen_factor=4),
     # Small LayerNorm ViT for 28x28 (MGTTA's setting scaled down).
-    "vit_tiny_fmnist": functools.partial(ViTClassifier, img_size=28, patch_size=4, embed_dim=128, depth=6, num_heads=4),
+    "vit_tiny_fmnist": lambda **kw: _vit(**{"img_size": 28, "patch_size": 4, "embed_dim": 128, "depth": 6,
+                                            "num_heads": 4, **kw}),
 }
 PREFIXES = ("timm:", "torchvision:")
+
+
+def _vit(**kwargs) -> nn.Module:
+    from metatta.models.vit import ViTClassifier  # timm is slow to import; only when a ViT is asked for
+
+    return ViTClassifier(**kwargs)
 
 
 def known_models() -> list[str]:

@@ -67,11 +67,10 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _library_versions() -> dict[str, str]:
-    import timm
-    import torchvision
+def _versions() -> dict[str, str]:
+    from metatta.evaluation import library_versions
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}
+    return library_versions()
 
 
 def save_checkpoint(
@@ -106,7 +105,7 @@ def save_checkpoint(
         "num_feature_taps": len(stats) // 2,
         "weights_file": path.name,
         "weights_sha256": checkpoint_hash(path),
-        "versions": _library_versions(),
+        "versions": _versions(),
         "extra": dict(extra or {}),
     }
     try:

@@ -31,6 +31,7 @@ shape (D_i,) for tap i, stored inside the source checkpoint (see
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Iterable
 
 import torch
@@ -43,9 +44,11 @@ NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.G
 
 
 def _vision_transformers(model: nn.Module) -> list[nn.Module]:
-    from timm.models.vision_transformer import VisionTransformer
-
-    return [m for m in model.modules() if isinstance(m, VisionTransformer)]
+    # A model can only hold a timm ViT if timm's module is loaded; do not import timm (slow) otherwise.
+    vit_module = sys.modules.get("timm.models.vision_transformer")
+    if vit_module is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, vit_module.VisionTransformer)]
 
 
 def feature_taps(model: nn.Module) -> list[nn.Module]:
