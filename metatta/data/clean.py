@@ -1,4 +1,12 @@
-"""Clean datasets as (uint8 images (N, H, W, C), int64 labels (N,)) pairs."""
+"""Clean datasets as (images uint8 (N, H, W, C), labels int64 (N,)) pairs.
+
+- fashion_mnist: see metatta/data/fashion_mnist.py (local files first, download last).
+- cifar10 / cifar100: torchvision's python-pickle layout (`cifar-10-batches-py/`,
+  `cifar-100-python/`) under `root`, else under $METATTA_DATA, else under
+  ~/.cache/metatta/data. Never downloaded here: fetch it once with
+  `torchvision.datasets.CIFAR10(root, download=True)` on a machine with network.
+- ImageNet: `imagenet_folder(root)` for a folder with one subfolder per wnid.
+"""
 from __future__ import annotations
 
 import os
@@ -7,30 +15,54 @@ from pathlib import Path
 import numpy as np
 
 CLEAN_DATASETS = ("fashion_mnist", "cifar10", "cifar100")
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
 def load_clean(dataset: str, split: str, root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, H, W, C), labels int64 (N,)) of `split` ("train" or "test") of `dataset`."""
+    if dataset not in CLEAN_DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(CLEAN_DATASETS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset == "fashion_mnist":
         from metatta.data.fashion_mnist import load_fashion_mnist
 
-        return load_fashion_mnist(split, None if root is None else str(root))
-    if dataset in ("cifar10", "cifar100"):
-        from torchvision.datasets import CIFAR10, CIFAR100
+        return load_fashion_mnist(split, root)
+    return _load_cifar(dataset, split, root)
 
-        root = Path(root or os.environ.get("METATTA_DATA") or Path.home() / ".cache" / "metatta" / "data")
-        cls = CIFAR10 if dataset == "cifar10" else CIFAR100
-        try:
-            data = cls(str(root), train=split == "train", download=False)
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            raise FileNotFoundError(f"{dataset} not found under {root} (torchvision layout expected): {e}") from None
-        return np.asarray(data.data, dtype=np.uint8), np.asarray(data.targets, dtype=np.int64)
-    raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(CLEAN_DATASETS)}")
+
+def _load_cifar(dataset: str, split: str, root: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    folder = _CIFAR_FOLDERS[dataset]
+    base = Path(root) if root is not None else Path(
+        os.environ.get("METATTA_DATA") or Path.home() / ".cache" / "metatta" / "data")
+    if base.name == folder:  # the user pointed at the extracted folder itself
+        base = base.parent
+    if not (base / folder).is_dir():
+        raise FileNotFoundError(
+            f"{dataset} not found: expected torchvision's {folder}/ folder in {base}. Pass root= (or set "
+            f"$METATTA_DATA) to the folder that contains {folder}/; to get it, run "
+            f"torchvision.datasets.{'CIFAR10' if dataset == 'cifar10' else 'CIFAR100'}(root, download=True) "
+            f"once on a machine with network.")
+    cls = CIFAR10 if dataset == "cifar10" else CIFAR100
+    try:
+        data = cls(str(base), train=split == "train", download=False)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" (a checksum failed)
+        raise ValueError(f"{base / folder}: {dataset} files are incomplete or corrupted ({e})") from None
+    images = np.asarray(data.data, dtype=np.uint8)
+    labels = np.asarray(data.targets, dtype=np.int64)
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(labels) != len(images):
+        raise ValueError(f"{base / folder}: expected uint8 (N, 32, 32, 3) images with N labels, got "
+                         f"{images.shape} and {labels.shape}")
+    return images, labels
 
 
 def imagenet_folder(root: str | Path, transform=None):
-    """An ImageNet-style folder (one subfolder per wnid) as a torchvision ImageFolder."""
+    """An ImageNet-style folder (`<root>/<wnid>/<file>.JPEG`) as a torchvision ImageFolder.
+
+    Class indices are the positions of the wnids in sorted order, the standard ImageNet
+    class order, provided all 1,000 class folders are present."""
     from torchvision.datasets import ImageFolder
 
     root = Path(root)

@@ -1,192 +1,293 @@
-"""Test streams: the order in which a TTA method sees corrupted images.
+"""Test streams: the order in which a TTA method sees the corrupted images.
 
-Settings:
-- episodic: domain by domain; the evaluator resets the method at each domain change.
-- continual: domain by domain, never reset (CoTTA's continual setting).
-- gradual: per corruption the severity goes 1,2,3,4,5,4,3,2,1 (CoTTA's gradual
-  setting), corruptions one after another, never reset. Needs all 5 severities.
-- mixed: every domain shuffled into one stream (SAR's "mixed domain shifts").
-- label_shift: non-i.i.d. labels within each domain: for each slot of
-  `slot_size` images a class distribution is drawn from Dirichlet(alpha) and the
-  slot is filled by sampling classes from it without replacement (NOTE/RoTTA's
-  temporally correlated protocol; smaller alpha, stronger correlation). The
-  stream still holds every image exactly once.
+`build_stream(domains, setting, batch_size, seed=0, **options)` returns a `Stream`,
+an iterable of `Batch(x, y, domain)`. A stream is a list of segments; a batch
+never spans two segments, so the last batch of each segment may be smaller.
+`Batch.domain` is the segment's name (`"fog-5"`, or `"mixed"`).
 
-Images stay uint8 NHWC until a batch is requested; each batch is converted to
-float (B, C, H, W) in [0, 1].
+Settings (options in brackets):
+- episodic [shuffle]: domain by domain, in the order given; `resets_per_domain`
+  is True, so the evaluator resets the method at every domain change.
+- continual [shuffle]: domain by domain, never reset (CoTTA's continual
+  setting). A domain may be listed twice (repeated rounds).
+- gradual [shuffle, start_high]: for each corruption, in order of first
+  appearance, the severity moves 1,2,3,4,5,4,3,2,1 and the corruption changes at
+  the lowest severity; never reset. As in the CoTTA authors' code
+  (cifar10c_gradual.py), the first corruption starts at severity 5 and runs
+  5,4,3,2,1 "to simulate the large gap between the source and the first target
+  domain" (`start_high=True`, the default); `start_high=False` gives
+  1,2,3,4,5,4,3,2,1 for every corruption (the sequence the CoTTA paper writes).
+  Needs severities 1-5 of every corruption; a severity segment holds all the
+  images of that (corruption, severity), so images recur.
+- mixed: all images of all domains shuffled into one segment named "mixed"
+  (SAR's mixed domain shifts), never reset; one error is reported for it.
+- label_shift [shuffle, dirichlet_alpha=0.1, num_slots]: non-i.i.d. labels
+  within each domain, domains in order, never reset. The protocol of NOTE as
+  implemented in RoTTA (`LabelDirichletDomainSequence`, core/data/ttasampler.py):
+  per domain, the stream is cut into `num_slots` time slots (default: the
+  number of classes, at most 100); each class's images are split over the slots
+  in proportions drawn from Dirichlet(dirichlet_alpha) (one draw per class), and
+  each slot lists its classes' chunks one after another, in random order.
+  Smaller alpha: each class crowds into fewer slots, so batches hold fewer
+  classes. Even a large alpha is not i.i.d., since a class's chunk stays
+  contiguous within its slot. Every image appears exactly once.
+
+`shuffle` (default True) shuffles the images within each domain (for
+label_shift, within each class). Order is a fixed function of (seed, domain
+name, occurrence of that name in the stream): a domain is seen in the same
+order whatever other domains share its stream.
+
+Images stay uint8 (N, H, W, C) (memory maps for -C files) until a batch is
+requested; each batch is converted to float32 (B, C, H, W) in [0, 1].
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+import zlib
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from metatta.data.domains import SEVERITIES
 from metatta.data.types import Batch, DomainData
 
 SETTINGS = ("episodic", "continual", "gradual", "mixed", "label_shift")
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
+GRADUAL_FIRST_HIGH = (5, 4, 3, 2, 1)  # CoTTA's code: the first corruption starts at severity 5
+OPTIONS: dict[str, dict[str, Any]] = {
+    "episodic": {"shuffle": True},
+    "continual": {"shuffle": True},
+    "gradual": {"shuffle": True, "start_high": True},
+    "mixed": {},
+    "label_shift": {"shuffle": True, "dirichlet_alpha": 0.1, "num_slots": None},
+}
+MIXED = "mixed"
 
 
-def check_images(x: torch.Tensor, where: str = "images") -> torch.Tensor:
-    """Validate a model input batch: float (B, C, H, W), C in {1, 3}, no NaN."""
+# ---- validation -------------------------------------------------------------------------------------
+def check_images(x: torch.Tensor, name: str = "x", check_values: bool = True) -> torch.Tensor:
+    """Validate a model input batch: a float tensor (B, C, H, W) with C in {1, 3} and no NaN or inf.
+
+    Raises ValueError naming `name` (the field) and what is wrong; returns x unchanged.
+    check_values=False skips the NaN/inf scan (for data that cannot hold them, e.g. from uint8)."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4:
-        raise ValueError(f"{where}: expected shape (B, C, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected shape (B, C, H, W), got {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"{where}: expected a floating-point tensor in [0, 1], got dtype {x.dtype}")
+        raise ValueError(f"{name}: expected a floating-point dtype (images in [0, 1]), got dtype {x.dtype}")
     if x.shape[1] not in (1, 3):
-        raise ValueError(f"{where}: expected 1 or 3 channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-    if torch.isnan(x).any():
-        raise ValueError(f"{where}: contains NaN pixels")
+        raise ValueError(f"{name}: expected 1 or 3 channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if check_values and not torch.isfinite(x).all():
+        raise ValueError(f"{name}: contains NaN or infinite pixels")
     return x
 
 
 def check_domain(d: DomainData) -> DomainData:
+    """Validate a domain: images uint8 (N, H, W, C), C in {1, 3}; labels integer (N,), N >= 1."""
+    if not isinstance(d, DomainData):
+        raise ValueError(f"domains: expected DomainData, got {type(d).__name__}")
     images, labels = d.images, d.labels
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{d.name}: images must be uint8 (N, H, W, C) with C in 1 or 3, "
-                         f"got {images.dtype} {tuple(images.shape)}")
-    if labels.ndim != 1 or len(labels) != len(images):
+    if getattr(images, "dtype", None) != np.uint8 or getattr(images, "ndim", None) != 4 \
+            or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{d.name}: images must be uint8 (N, H, W, C) with C in 1 or 3, got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{d.name}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if len(labels) != len(images):
         raise ValueError(f"{d.name}: {len(labels)} labels for {len(images)} images")
+    if len(labels) == 0:
+        raise ValueError(f"{d.name}: the domain has no images")
     return d
 
 
-@dataclasses.dataclass
-class _Segment:
-    domain: DomainData
-    order: np.ndarray  # row indices into domain.images
+# ---- the stream -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A run of images that batches do not cross: image k is row `rows[k]` of `domains[sources[k]]`."""
+
+    name: str
+    sources: np.ndarray  # int64 (M,), index into Stream.domains
+    rows: np.ndarray  # int64 (M,)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 class Stream:
-    """An iterable of `Batch`es; `len()` is the number of batches."""
+    """Batches of a test stream. Iterable (any number of times, always the same batches).
 
-    def __init__(self, segments: list[_Segment], setting: str, batch_size: int):
-        self.segments, self.setting, self.batch_size = segments, setting, batch_size
+    Attributes: `setting`, `batch_size`, `seed`, `options` (the setting's options, defaults
+    filled in), `resets_per_domain` (True for episodic: reset the method at every change of
+    `Batch.domain`), `domains` (the DomainData given), `segments`. Properties: `num_images`
+    (images yielded in total, repeats counted), `domain_names` (each segment's name, in
+    stream order). `len(stream)` is the number of batches."""
+
+    def __init__(self, domains: Sequence[DomainData], segments: Sequence[Segment], setting: str,
+                 batch_size: int, seed: int, options: dict[str, Any]):
+        self.domains = list(domains)
+        self.segments = list(segments)
+        self.setting = setting
+        self.batch_size = batch_size
+        self.seed = seed
+        self.options = dict(options)
         self.resets_per_domain = setting == "episodic"
 
     @property
     def num_images(self) -> int:
-        return sum(len(s.order) for s in self.segments)
+        return sum(len(s) for s in self.segments)
 
     @property
     def domain_names(self) -> list[str]:
-        return [s.domain.name for s in self.segments]
+        return [s.name for s in self.segments]
 
     def __len__(self) -> int:
-        return sum(-(-len(s.order) // self.batch_size) for s in self.segments)
+        return sum(-(-len(s) // self.batch_size) for s in self.segments)
 
     def __iter__(self) -> Iterator[Batch]:
-        for seg in self.segments:
-            for start in range(0, len(seg.order), self.batch_size):
-                rows = seg.order[start:start + self.batch_size]
-                yield _batch(seg, rows)
+        for segment in self.segments:
+            for start in range(0, len(segment), self.batch_size):
+                stop = start + self.batch_size
+                yield self._batch(segment.name, segment.sources[start:stop], segment.rows[start:stop])
+
+    def __repr__(self) -> str:
+        return (f"Stream(setting={self.setting!r}, batch_size={self.batch_size}, batches={len(self)}, "
+                f"images={self.num_images}, segments={len(self.segments)})")
+
+    def _batch(self, name: str, sources: np.ndarray, rows: np.ndarray) -> Batch:
+        if (sources == sources[0]).all():
+            images, labels = _fetch(self.domains[sources[0]], rows)
+        else:  # mixed: gather per source domain, put each image back at its place in the stream
+            first = self.domains[sources[0]].images
+            images = np.empty((len(rows), *first.shape[1:]), dtype=np.uint8)
+            labels = np.empty(len(rows), dtype=np.int64)
+            for source in np.unique(sources):
+                where = sources == source
+                images[where], labels[where] = _fetch(self.domains[source], rows[where])
+        # uint8 NHWC -> NCHW copy first (a quarter of the bytes of a float copy), then one float pass.
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255.0)
+        return Batch(check_images(x, check_values=False), torch.from_numpy(labels), name)
 
 
-class MixedStream(Stream):
-    """All domains interleaved at random; a batch may hold several domains, and
-    is named after the domain of most of its images."""
-
-    def __init__(self, segments: list[_Segment], batch_size: int, rng: np.random.Generator):
-        super().__init__(segments, "mixed", batch_size)
-        pairs = np.concatenate([np.stack([np.full(len(s.order), i), s.order], 1) for i, s in enumerate(segments)])
-        self.pairs = pairs[rng.permutation(len(pairs))]
-
-    def __len__(self) -> int:
-        return -(-len(self.pairs) // self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        for start in range(0, len(self.pairs), self.batch_size):
-            chunk = self.pairs[start:start + self.batch_size]
-            parts = [_batch(self.segments[i], chunk[chunk[:, 0] == i, 1]) for i in np.unique(chunk[:, 0])]
-            # Keep the stream order within the batch: reorder the concatenation back.
-            x = torch.cat([p.x for p in parts])
-            y = torch.cat([p.y for p in parts])
-            seg_ids = np.concatenate([np.full(int((chunk[:, 0] == i).sum()), i) for i in np.unique(chunk[:, 0])])
-            majority = np.bincount(chunk[:, 0]).argmax()
-            order = _restore_order(chunk[:, 0], seg_ids)
-            yield Batch(x[order], y[order], self.segments[majority].domain.name)
+def _fetch(domain: DomainData, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images and int64 labels of `rows` of a domain, in the order of `rows`."""
+    order = np.argsort(rows, kind="stable")
+    # Memory maps and lazy image files read fastest in ascending row order; undo the sort after.
+    images = np.empty((len(rows), *domain.images.shape[1:]), dtype=np.uint8)
+    images[order] = np.asarray(domain.images[rows[order]])
+    labels = np.asarray(domain.labels)[rows].astype(np.int64)
+    return images, labels
 
 
-def _restore_order(wanted: np.ndarray, grouped: np.ndarray) -> torch.Tensor:
-    """Permutation taking the grouped-by-segment rows back to stream order."""
-    position = np.argsort(np.argsort(wanted, kind="stable"), kind="stable")
-    return torch.from_numpy(np.argsort(grouped, kind="stable")[position])
-
-
-def _batch(seg: _Segment, rows: np.ndarray) -> Batch:
-    x = torch.from_numpy(np.ascontiguousarray(seg.domain.images[np.sort(rows)][_unsort(rows)]))
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    y = torch.from_numpy(np.asarray(seg.domain.labels[rows], dtype=np.int64))
-    return Batch(x, y, seg.domain.name)
-
-
-def _unsort(rows: np.ndarray) -> np.ndarray:
-    # Fancy indexing of a memory map is fastest with sorted rows; undo the sort afterwards.
-    return np.argsort(np.argsort(rows, kind="stable"), kind="stable")
-
-
+# ---- building ---------------------------------------------------------------------------------------
 def build_stream(
     domains: Sequence[DomainData],
     setting: str,
     batch_size: int,
     seed: int = 0,
-    *,
-    shuffle: bool = True,
-    dirichlet_alpha: float = 0.1,
-    slot_size: int | None = None,
+    **options: Any,
 ) -> Stream:
-    """A stream over `domains` (in the given order) for `setting`; deterministic for `seed`."""
+    """A stream over `domains` (in the order given) for `setting`; deterministic for `seed`.
+
+    settings: see the module docstring and SETTINGS; options per setting: OPTIONS."""
     if setting not in SETTINGS:
         raise ValueError(f"unknown stream setting {setting!r}; known: {', '.join(SETTINGS)}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    unknown = sorted(set(options) - set(OPTIONS[setting]))
+    if unknown:
+        allowed = ", ".join(OPTIONS[setting]) or "none"
+        raise ValueError(f"stream option(s) {unknown} do not apply to setting {setting!r} (its options: {allowed})")
+    opts = {**OPTIONS[setting], **options}
+    domains = list(domains)
     if not domains:
-        raise ValueError("build_stream: no domains given")
-    domains = [check_domain(d) for d in domains]
-    rng = np.random.default_rng(seed)
-    if setting == "gradual":
-        domains = _gradual_order(domains)
+        raise ValueError("domains: no domains given")
+    for d in domains:
+        check_domain(d)
+    batch_size, seed = int(batch_size), int(seed)
 
-    def order(d: DomainData) -> np.ndarray:
-        return rng.permutation(len(d)) if shuffle else np.arange(len(d))
+    if setting in ("episodic", "continual"):
+        plan = list(range(len(domains)))
+    elif setting == "gradual":
+        plan = _gradual_plan(domains, opts["start_high"])
+    elif setting == "mixed":
+        return Stream(domains, [_mixed_segment(domains, seed)], setting, batch_size, seed, opts)
+    else:
+        plan = list(range(len(domains)))
+        alpha, num_slots = opts["dirichlet_alpha"], opts["num_slots"]
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
+                or not 0 < alpha < float("inf"):
+            raise ValueError(f"dirichlet_alpha must be a number > 0, got {alpha!r}")
+        if num_slots is not None and (isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1):
+            raise ValueError(f"num_slots must be an integer >= 1 or None, got {num_slots!r}")
 
-    if setting == "label_shift":
-        if not dirichlet_alpha > 0:
-            raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha!r}")
-        segments = [_Segment(d, _label_shift_order(np.asarray(d.labels), dirichlet_alpha,
-                                                   slot_size or batch_size, rng)) for d in domains]
-        return Stream(segments, setting, batch_size)
-    segments = [_Segment(d, order(d)) for d in domains]
-    if setting == "mixed":
-        return MixedStream(segments, batch_size, rng)
-    return Stream(segments, setting, batch_size)
+    segments, seen = [], {}
+    for index in plan:
+        d = domains[index]
+        occurrence = seen[d.name] = seen.get(d.name, -1) + 1
+        rng = _rng(seed, d.name, occurrence)
+        labels = np.asarray(d.labels)
+        if setting == "label_shift":
+            rows = _label_shift_rows(labels, float(opts["dirichlet_alpha"]), opts["num_slots"], opts["shuffle"], rng)
+        else:
+            rows = rng.permutation(len(labels)) if opts["shuffle"] else np.arange(len(labels))
+        segments.append(Segment(d.name, np.full(len(rows), index, dtype=np.int64), rows.astype(np.int64)))
+    return Stream(domains, segments, setting, batch_size, seed, opts)
 
 
-def _gradual_order(domains: list[DomainData]) -> list[DomainData]:
-    by_key = {(d.corruption, d.severity): d for d in domains}
+def _rng(seed: int, name: str, occurrence: int) -> np.random.Generator:
+    # crc32, not hash(): Python salts str hashes per process.
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), occurrence])
+
+
+def _gradual_plan(domains: list[DomainData], start_high: bool) -> list[int]:
+    by_key: dict[tuple[str, int], int] = {}
+    for i, d in enumerate(domains):
+        key = (d.corruption, int(d.severity))
+        if key in by_key:
+            raise ValueError(f"gradual setting: domain {d.name} is given twice")
+        by_key[key] = i
     corruptions = list(dict.fromkeys(d.corruption for d in domains))
-    missing = [f"{c}-{s}" for c in corruptions for s in range(1, 6) if (c, s) not in by_key]
+    missing = [f"{c}-{s}" for c in corruptions for s in SEVERITIES if (c, s) not in by_key]
     if missing:
         raise ValueError(f"gradual setting needs severities 1-5 of every corruption; missing {missing}")
-    return [by_key[(c, s)] for c in corruptions for s in GRADUAL_SEVERITIES]
+    extra = [domains[i].name for (c, s), i in by_key.items() if s not in SEVERITIES]
+    if extra:
+        raise ValueError(f"gradual setting: severities must be 1-5, got domains {extra}")
+    plan = []
+    for k, c in enumerate(corruptions):
+        sequence = GRADUAL_FIRST_HIGH if (k == 0 and start_high) else GRADUAL_SEVERITIES
+        plan += [by_key[(c, s)] for s in sequence]
+    return plan
 
 
-def _label_shift_order(labels: np.ndarray, alpha: float, slot_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Order rows so that each slot's classes follow a fresh Dirichlet(alpha) draw."""
+def _mixed_segment(domains: list[DomainData], seed: int) -> Segment:
+    shapes = {tuple(d.images.shape[1:]) for d in domains}
+    if len(shapes) > 1:
+        raise ValueError(f"mixed setting: all domains must have the same image shape, got {sorted(shapes)}")
+    sources = np.concatenate([np.full(len(d.labels), i, dtype=np.int64) for i, d in enumerate(domains)])
+    rows = np.concatenate([np.arange(len(d.labels), dtype=np.int64) for d in domains])
+    order = _rng(seed, MIXED, 0).permutation(len(rows))
+    return Segment(MIXED, sources[order], rows[order])
+
+
+def _label_shift_rows(labels: np.ndarray, alpha: float, num_slots: int | None, shuffle: bool,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Rows of one domain in NOTE/RoTTA's Dirichlet time-slot order (module docstring)."""
     classes = np.unique(labels)
-    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
-    out: list[int] = []
-    while len(out) < len(labels):
-        weights = rng.dirichlet(np.full(len(classes), alpha))
-        for _ in range(slot_size):
-            alive = np.array([len(pools[c]) > 0 for c in classes])
-            if not alive.any():
-                break
-            p = weights * alive
-            p = p / p.sum() if p.sum() > 0 else alive / alive.sum()
-            c = classes[rng.choice(len(classes), p=p)]
-            out.append(pools[c].pop())
-    return np.asarray(out, dtype=np.int64)
+    slots = num_slots or min(len(classes), 100)
+    per_slot: list[list[np.ndarray]] = [[] for _ in range(slots)]
+    proportions = rng.dirichlet(np.full(slots, alpha), size=len(classes))
+    for c, p in zip(classes, proportions):
+        rows = np.flatnonzero(labels == c)
+        if shuffle:
+            rows = rng.permutation(rows)
+        cuts = (np.cumsum(p)[:-1] * len(rows)).astype(np.int64)
+        for slot, chunk in enumerate(np.split(rows, cuts)):
+            per_slot[slot].append(chunk)
+    ordered = [chunks[i] for chunks in per_slot for i in rng.permutation(len(chunks))]
+    return np.concatenate(ordered)

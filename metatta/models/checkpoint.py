@@ -103,7 +103,6 @@ def save_checkpoint(
         "clean_test_error": None if clean_test_error is None else float(clean_test_error),
         "train_time_s": None if train_time_s is None else float(train_time_s),
         "num_feature_taps": len(stats) // 2,
-        "weights_file": path.name,
         "weights_sha256": checkpoint_hash(path),
         "versions": _versions(),
         "extra": dict(extra or {}),
