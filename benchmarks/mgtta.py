@@ -66,7 +66,7 @@ def main(argv=None):
     setup_logging("WARNING")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(ROOT / "configs" / "fmnist_c" / "mgg.yaml",

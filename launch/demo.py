@@ -24,7 +24,7 @@ def main(argv=None):
     start = time.perf_counter()
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a private local instance
     try:
         mgg_cfg = mgg_train_config(load_config(args.mgg_config, [f"epochs={args.mgg_epochs}", "num_actors=2"]))
         outcome = train_mgg(mgg_cfg)
