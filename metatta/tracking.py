@@ -147,9 +147,8 @@ def register_adapter(name: str, directory: str | Path, run_id: str, tags: dict[s
     for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (directory / required).is_file():
             raise FileNotFoundError(f"adapter directory {directory} lacks {required}")
-    mlflow = _mlflow()
     c = client()
-    mlflow.MlflowClient().log_artifacts(run_id, str(directory), artifact_path="adapter")
+    c.log_artifacts(run_id, str(directory), artifact_path="adapter")
     try:
         c.create_registered_model(name)
     except MlflowException as e:
