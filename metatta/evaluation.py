@@ -8,11 +8,9 @@ Results are plain JSON; tables and plots are made from them (reporting.py).
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metatta.data.types import Batch
+from metatta.versions import library_versions  # noqa: F401  (re-exported; used in the protocol)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,7 @@ class Result:
     error_over_stream: list[float]  # percent, per batch, in stream order
     batch_domains: list[str]
     protocol: dict[str, Any]
+    skipped_updates: int = 0  # updates the non-finite guard refused (methods/base.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,10 +58,11 @@ class Result:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Result":
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = fields - set(data)
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = required - set(data)
         if missing:
             raise ValueError(f"result is missing field(s) {sorted(missing)}")
-        return cls(**{k: data[k] for k in fields})
+        return cls(**{k: data[k] for k in fields if k in data})
 
 
 def save_results(results: Iterable[Result], path: str | Path) -> Path:
@@ -96,26 +97,6 @@ def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, bin
         if mask.any():
             ece += mask.mean() * abs(correct[mask].mean() - confidences[mask].mean())
     return 100.0 * float(ece)
-
-
-def library_versions() -> dict[str, str]:
-    import torchvision
-
-    import metatta
-
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "metatta": metatta.__version__,
-    }
-    for name in ("timm", "higher"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue  # optional for the protocol: record only what is installed
-    return versions
 
 
 class _PeakMemory:
@@ -216,6 +197,7 @@ def evaluate(
         peak_memory_mb=memory.peak_bytes / 2**20,
         num_images=num_images,
         adapted_parameters=_adapted_parameters(method),
+        skipped_updates=int(getattr(method, "skipped_updates", 0)),
         error_over_stream=error_over_stream,
         batch_domains=batch_domains,
         protocol={**(protocol or {}), "setting": stream.setting, "device": str(device),

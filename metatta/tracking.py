@@ -107,6 +107,7 @@ def log_results(results: Sequence[Any], artifacts: Sequence[str | Path] = (), pr
             f"{tag}/ece": r.ece,
             f"{tag}/images_per_second": r.images_per_second,
             f"{tag}/peak_memory_mb": r.peak_memory_mb,
+            f"{tag}/skipped_updates": getattr(r, "skipped_updates", 0),
         }
         metrics.update({f"{tag}/error/{d}": e for d, e in r.domain_errors.items()})
         mlflow.log_metrics({_safe_key(k): v for k, v in metrics.items()})
@@ -229,3 +230,72 @@ def promote_if_better(name: str, version: str, validation_error: float, alias: s
     c.set_registered_model_alias(name, alias, version)
     log.info("%s@%s -> version %s (validation error %.3f)", name, alias, version, validation_error)
     return True
+
+
+# ---- model registry: tuned settings ----------------------------------------------------
+# A tuned setting (the best config of a Ray Tune search, trainers/tune.py) is a
+# directory of plain files: `settings.yaml` (a method config, usable as a
+# method's `config`) and `settings.json` (the method, the held-out error, the
+# search and the source checkpoint it was tuned for). Registered and promoted
+# like adapters (promote_if_better: champion = lowest held-out error).
+
+SETTINGS_FILE = "settings.yaml"
+SETTINGS_INFO = "settings.json"
+
+
+def write_settings_dir(directory: str | Path, config: dict[str, Any], info: dict[str, Any]) -> Path:
+    import yaml
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SETTINGS_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    (directory / SETTINGS_INFO).write_text(json.dumps(info, indent=2, default=str))
+    return directory
+
+
+def register_settings(name: str, directory: str | Path, run_id: str, tags: dict[str, str] | None = None) -> str:
+    """Log a settings directory under the run's `settings/` artifacts and register it
+    as a new version of model `name`; returns the version number."""
+    from mlflow.exceptions import MlflowException
+
+    directory = Path(directory)
+    for required in (SETTINGS_FILE, SETTINGS_INFO):
+        if not (directory / required).is_file():
+            raise FileNotFoundError(f"settings directory {directory} lacks {required}")
+    c = client()
+    c.log_artifacts(run_id, str(directory), artifact_path="settings")
+    try:
+        c.create_registered_model(name)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri}/settings"
+    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+    log.info("registered settings %s version %s from run %s", name, version.version, run_id)
+    return str(version.version)
+
+
+def load_settings(uri: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method config, info) from a settings YAML file, a settings directory, or
+    models:/<name>@<alias> / models:/<name>/<N>; info is {} for a bare YAML file."""
+    import yaml
+
+    text = str(uri)
+    if text.startswith("models:/"):
+        mlflow = _mlflow()
+        name, _, _ = parse_model_uri(text)
+        version = resolve_version(text)
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+        if not (path / SETTINGS_FILE).is_file():
+            raise FileNotFoundError(f"{text} (version {version}) has no {SETTINGS_FILE}")
+    else:
+        path = Path(text)
+        if not path.exists():
+            raise FileNotFoundError(f"settings: no such file or directory {text!r}")
+    yaml_path = path / SETTINGS_FILE if path.is_dir() else path
+    info_path = yaml_path.parent / SETTINGS_INFO if path.is_dir() else None
+    config = yaml.safe_load(yaml_path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"settings {text}: {yaml_path.name} must hold a mapping of method config fields")
+    info = json.loads(info_path.read_text()) if info_path is not None and info_path.is_file() else {}
+    return config, info

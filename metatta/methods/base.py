@@ -15,19 +15,42 @@ restoring the source state). A method supplies only what is specific to it:
 The optimizer is built by `build_optimizer` from the method's config, unless an
 `optimizer_factory` is given: that is how a learned optimizer (the MGG) replaces
 SGD/Adam under any gradient method.
+
+Non-finite guard (every method gets it, including those that override
+`forward_and_adapt`):
+
+- a test batch with NaN/inf pixels is never adapted on. `on_nonfinite_input`
+  chooses what happens: "skip" (default) predicts it without adapting and warns
+  once; "error" raises a ValueError;
+- every update is a transaction: before it, the adapted parameters (with their
+  gradients cleared afterwards), the model's buffers, the optimizer state and the
+  method's extra state are copied; if the update leaves a non-finite value in a
+  parameter, its gradient or the optimizer state (a NaN/inf loss, an exploding
+  gradient), all of them are put back bit for bit and the batch's prediction is
+  still returned. The default step also refuses a non-finite loss before
+  backpropagating it.
+
+`skipped_updates` counts both kinds; evaluation reports it in every Result. The
+copy costs one clone of the adapted tensors and the optimizer state per update
+(measured: about 1% of a Tent or CoTTA step on the default ResNet-8 at batch 200).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
 _REGISTRY: dict[str, type["TTAMethod"]] = {}
+
+NONFINITE_INPUT_POLICIES = ("skip", "error")
 
 
 @dataclasses.dataclass
@@ -41,6 +64,7 @@ class MethodConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    on_nonfinite_input: str = "skip"  # skip: predict without adapting, warn once | error: raise
 
 
 def register(name: str):
@@ -113,6 +137,12 @@ class TTAMethod(nn.Module):
             raise TypeError(f"{type(self).__name__} takes no extra inputs, got {sorted(context)}")
         self.model = model
         self.config = config if config is not None else self.Config()
+        if self.config.on_nonfinite_input not in NONFINITE_INPUT_POLICIES:
+            raise ValueError(f"{self.name}: config.on_nonfinite_input must be one of {NONFINITE_INPUT_POLICIES}, "
+                             f"got {self.config.on_nonfinite_input!r}")
+        self.skipped_updates = 0  # updates refused by the non-finite guard (not reset by reset())
+        self._warned: set[str] = set()
+        self._refuse_step = False  # set by a step that found its loss non-finite
         self.configure_model()
         self.init_extra_state()
         params = self.collect_params()
@@ -144,8 +174,10 @@ class TTAMethod(nn.Module):
             self.reset()
         if self.optimizer is None:
             return self.predict(x)
+        if not bool(torch.isfinite(x).all()):
+            return self._nonfinite_input(x)
         for _ in range(max(1, self.config.steps)):
-            logits = self.forward_and_adapt(x)
+            logits = self._guarded_step(x)
         return logits
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,11 +189,74 @@ class TTAMethod(nn.Module):
         with torch.enable_grad():
             logits = self.model(x)
             loss = self.loss(x, logits)
-            if loss is not None and loss.requires_grad:
+            if loss is not None and not bool(torch.isfinite(loss).all()):
+                self.refuse_update()
+            elif loss is not None and loss.requires_grad:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
         return logits.detach()
+
+    def refuse_update(self) -> None:
+        """Called by a step that finds its loss non-finite: the guard rolls the step back."""
+        self._refuse_step = True
+
+    # ---- the non-finite guard ------------------------------------------------------------
+    def _nonfinite_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.on_nonfinite_input == "error":
+            raise ValueError(f"{self.name}: the test batch has non-finite pixels "
+                             f"({int((~torch.isfinite(x)).sum())} of {x.numel()} values are NaN or inf)")
+        self._count_skip("a test batch has NaN/inf pixels: predicting it without adapting")
+        return self.predict(x)
+
+    def _guarded_step(self, x: torch.Tensor) -> torch.Tensor:
+        saved = self._capture()
+        self._refuse_step = False
+        logits = self.forward_and_adapt(x)
+        if self._refuse_step or not self._update_is_finite():
+            self._rollback(saved)
+            self._count_skip("a non-finite loss, gradient or update: the update was undone")
+        return logits
+
+    def _adapted_tensors(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _capture(self) -> dict[str, Any]:
+        with torch.no_grad():
+            return {
+                "params": [p.detach().clone() for p in self._adapted_tensors()],
+                "buffers": [b.detach().clone() for b in self.model.buffers()],
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "extra": copy.deepcopy(self.extra_state()),
+            }
+
+    def _rollback(self, saved: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for p, value in zip(self._adapted_tensors(), saved["params"]):
+                p.copy_(value)
+                p.grad = None
+            for b, value in zip(self.model.buffers(), saved["buffers"]):
+                b.copy_(value)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.load_extra_state(saved["extra"])
+
+    def _update_is_finite(self) -> bool:
+        tensors = []
+        for p in self._adapted_tensors():
+            tensors.append(p.detach())
+            if p.grad is not None:
+                tensors.append(p.grad)
+        tensors += [v for state in self.optimizer.state.values() if isinstance(state, dict)
+                    for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if not tensors:
+            return True
+        return bool(torch.isfinite(torch.cat([t.reshape(-1).to(tensors[0].device) for t in tensors])).all())
+
+    def _count_skip(self, why: str) -> None:
+        self.skipped_updates += 1
+        if why not in self._warned:
+            self._warned.add(why)
+            log.warning("%s: %s (warned once; Result.skipped_updates counts them)", self.name, why)
 
     def build_optimizer(self, params: list) -> torch.optim.Optimizer:
         cfg = self.config
