@@ -6,12 +6,11 @@
    corruptions, severity 5, reset per corruption; print the table and save the plot.
 """
 import logging
+import sys
 import time
 
-from metatta.cli import experiment_parser, parse_experiment
+from metatta.cli import experiment_parser, parse_experiment, run_main
 from metatta.config import load_config
-from metatta.experiment import experiment_config, run_experiment, with_adapter
-from trainers.mgg import mgg_train_config, train_mgg
 
 log = logging.getLogger("demo")
 
@@ -22,11 +21,16 @@ def main(argv=None):
     parser.add_argument("--mgg-epochs", type=int, default=40, help="meta-training epochs (paper: 40)")
     args, eval_data = parse_experiment(parser, argv)
     start = time.perf_counter()
+    from metatta.experiment import experiment_config, run_experiment, with_adapter
+    from trainers.mgg import mgg_train_config, train_mgg
+
+    # Check both configs before the slow part starts.
+    eval_cfg = experiment_config(eval_data)
+    mgg_cfg = mgg_train_config(load_config(args.mgg_config, [f"epochs={args.mgg_epochs}", "num_actors=2"]))
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # a private local instance
     try:
-        mgg_cfg = mgg_train_config(load_config(args.mgg_config, [f"epochs={args.mgg_epochs}", "num_actors=2"]))
         outcome = train_mgg(mgg_cfg)
     finally:
         ray.shutdown()
@@ -34,9 +38,9 @@ def main(argv=None):
              outcome.steps, outcome.validation_error, mgg_cfg.register_as, outcome.registered_version)
     adapter = (f"models:/{mgg_cfg.register_as}/{outcome.registered_version}" if outcome.registered_version
                else str(outcome.adapter_dir))
-    run_experiment(with_adapter(experiment_config(eval_data), adapter))
+    run_experiment(with_adapter(eval_cfg, adapter))
     log.info("demo finished in %.0f s", time.perf_counter() - start)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -5,9 +5,9 @@ On a laptop:    python launch/train_mgg.py --config configs/fmnist_c/mgg.yaml nu
 Resume a killed job from its last checkpoint:   ... --resume
 """
 import logging
+import sys
 
-from metatta.cli import experiment_parser, parse_experiment
-from trainers.mgg import mgg_train_config, train_mgg
+from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 
 log = logging.getLogger("train_mgg")
 
@@ -17,7 +17,16 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the learner's last checkpoint")
     parser.add_argument("--no-ray", action="store_true", help="run the rollout workers in this process")
     args, data = parse_experiment(parser, argv)
+    from trainers.mgg import mgg_train_config, train_mgg
+
     cfg = mgg_train_config(data)
+    require_file(cfg.source_checkpoint, "source_checkpoint")
+    require_file(cfg.source_config if cfg.source_checkpoint is None else None, "source_config")
+    require_writable_dir(cfg.checkpoint_dir, "checkpoint_dir")
+    if args.resume:
+        from trainers.mgg import checkpoint_path
+
+        require_file(checkpoint_path(cfg), "--resume: learner checkpoint")
     if not args.no_ray:
         import ray
 
@@ -30,4 +39,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -5,9 +5,11 @@
     python launch/train_source.py --config configs/fmnist_c/source.yaml --device cuda
 """
 import logging
+import sys
 
-from metatta.cli import experiment_parser, parse_experiment
-from trainers.source import train_source
+import os
+
+from metatta.cli import experiment_parser, parse_experiment, require_writable_dir, run_main
 
 log = logging.getLogger("train_source")
 
@@ -15,10 +17,14 @@ log = logging.getLogger("train_source")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/source.yaml")
     args, data = parse_experiment(parser, argv)
-    result = train_source(data)
+    from trainers.source import source_train_config, train_source
+
+    cfg = source_train_config(data)
+    require_writable_dir(os.path.dirname(cfg.output) or ".", "output")
+    result = train_source(cfg)
     log.info("%s: clean test error %.2f%% on %d images; training %.0f s, %.0f s in all (%s)", result.checkpoint,
              result.clean_test_error, result.test_images, result.train_time_s, result.total_time_s, result.device)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

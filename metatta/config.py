@@ -26,7 +26,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _load_yaml_file(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}
@@ -35,11 +35,35 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
     return data
 
 
+def _load_yaml_file(path: Path) -> Any:
+    """The YAML of `path`; a syntax error names the file, line and column."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        message = f"{where}: YAML syntax error: {e.problem or e}"
+        if e.context and e.context_mark is not None and e.context_mark is not mark:
+            message += f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        raise ConfigError(message) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML error: {e}") from None
+
+
 def apply_override(data: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
-    value = parse_scalar(raw)
+    if not key.strip() or any(not p for p in key.strip().split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = parse_scalar(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -47,10 +71,14 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if isinstance(node, list):
             node = node[_list_index(node, part, key)]
             continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])!r} is {node!r}, not a mapping")
         if part not in node or node[part] is None:
             node[part] = [] if nxt.isdigit() else {}
         node = node[part]
     last = parts[-1]
+    if not isinstance(node, (list, dict)):
+        raise ConfigError(f"override {key!r}: {'.'.join(parts[:-1])!r} is {node!r}, not a mapping")
     if isinstance(node, list):
         node[_list_index(node, last, key)] = value
     else:

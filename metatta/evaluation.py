@@ -51,6 +51,9 @@ class Result:
     batch_domains: list[str]
     protocol: dict[str, Any]
     skipped_updates: int = 0  # updates the non-finite guard refused (methods/base.py)
+    # mean over a domain's batches of the parameters the method adapted on each batch
+    # (constant for most methods; PALM's layer selection changes it batch by batch)
+    domain_adapted_parameters: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,6 +157,7 @@ def evaluate(
     device = torch.device(device)
     name = method_name or getattr(method, "name", type(method).__name__)
     errors_by_domain: "OrderedDict[str, list[int]]" = OrderedDict()
+    adapted_by_domain: dict[str, list[int]] = {}
     error_over_stream: list[float] = []
     batch_domains: list[str] = []
     confidences, corrects = [], []
@@ -172,6 +176,7 @@ def evaluate(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed += time.perf_counter() - start
+            adapted_by_domain.setdefault(domain, []).append(_adapted_parameters(method))
             if not torch.isfinite(logits).all():
                 log.warning("%s produced non-finite logits on %s; counted as errors", name, domain)
             probs = torch.nan_to_num(logits.float(), nan=0.0).softmax(1)
@@ -198,6 +203,7 @@ def evaluate(
         num_images=num_images,
         adapted_parameters=_adapted_parameters(method),
         skipped_updates=int(getattr(method, "skipped_updates", 0)),
+        domain_adapted_parameters={d: float(np.mean(c)) for d, c in adapted_by_domain.items()},
         error_over_stream=error_over_stream,
         batch_domains=batch_domains,
         protocol={**(protocol or {}), "setting": stream.setting, "device": str(device),

@@ -66,6 +66,9 @@ class MethodSpec:
     label: str | None = None  # row name in tables; defaults to name
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     adapter: str | None = None  # a trained adapter: models:/<name>@<alias>, models:/<name>/<N> or a directory
+    # tuned settings (a Ray Tune search's best config, trainers/tune.py): a YAML file, a settings
+    # directory, or models:/<name>@<alias>; `config` is applied on top of them
+    settings: str | None = None
 
 
 @dataclasses.dataclass
@@ -94,7 +97,44 @@ def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
         raise ValueError(f"stream.setting: unknown stream setting {cfg.stream.setting!r}; known: {', '.join(SETTINGS)}")
     for spec in cfg.methods:
         method_class(spec.name)  # unknown names fail here, before any work
+        if spec.settings is not None and not spec.settings.startswith("models:/") and not Path(spec.settings).exists():
+            raise ValueError(f"methods: {spec.name}.settings: no such file {spec.settings!r}")
+        if spec.settings is not None:  # tuned settings that do not fit the method fail here, before any work
+            try:
+                method_class(spec.name).make_config(method_config(spec))
+            except ValueError as e:
+                raise ValueError(f"methods: {spec.name}.settings {spec.settings}: {e}") from e
     cfg.benchmark.corruption_names()
+    return cfg
+
+
+def method_config(spec: MethodSpec) -> dict[str, Any]:
+    """The spec's method config: its tuned `settings` (if any), overridden by its explicit `config`."""
+    if spec.settings is None:
+        return dict(spec.config)
+    from metatta import tracking
+
+    settings, info = tracking.load_settings(spec.settings)
+    if info.get("method") and info["method"] != spec.name:
+        raise ValueError(f"method {spec.name}: settings {spec.settings} were tuned for method {info['method']!r}")
+    return {**settings, **spec.config}
+
+
+def with_settings(cfg: ExperimentConfig, method: str, settings: str) -> ExperimentConfig:
+    """Give every `method` row the tuned `settings`; add a row if there is none."""
+    method_class(method)
+    cfg = copy.deepcopy(cfg)
+    rows = [s for s in cfg.methods if s.name == method]
+    for spec in rows:
+        spec.settings = settings
+    if not rows:
+        rows = [MethodSpec(name=method, label=f"{method} (tuned)", settings=settings)]
+        cfg.methods.append(rows[0])
+    for spec in rows:  # fail before any work when the settings do not fit the method
+        try:
+            method_class(spec.name).make_config(method_config(spec))
+        except ValueError as e:
+            raise ValueError(f"--settings {method}={settings}: {e}") from e
     return cfg
 
 
@@ -202,7 +242,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
         torch.manual_seed(cfg.stream.seed)
         stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **stream_options)
         context = method_context(spec, cfg, checkpoint, device, cache)
-        method = build_method(spec.name, copy.deepcopy(model), spec.config, **context)
+        method = build_method(spec.name, copy.deepcopy(model), method_config(spec), **context)
         label = spec.label or spec.name
         log.info("evaluating %s on %d images (%s, batch %d)", label, stream.num_images, stream.setting, stream.batch_size)
         result = evaluate(method, stream, method_name=label, device=device, progress=cfg.progress,

@@ -47,7 +47,8 @@ def protocol_line(result: Result) -> str:
 
 
 def plot_results(results: Sequence[Result], path: str | Path, title: str = "") -> Path:
-    """Error per domain per method; for continual-style runs also error over the stream."""
+    """Error per domain per method; for continual-style runs also error over the stream;
+    below, a heatmap of the errors (methods x domains)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +58,12 @@ def plot_results(results: Sequence[Result], path: str | Path, title: str = "") -
     path.parent.mkdir(parents=True, exist_ok=True)
     domains = list(results[0].domain_errors)
     over_stream = results[0].protocol.get("setting") not in (None, "episodic")
-    fig, axes = plt.subplots(1, 2 if over_stream else 1, figsize=(15 if over_stream else 10, 4.5), squeeze=False)
+    ncols = 2 if over_stream else 1
+    heat_height = 1.2 + 0.35 * len(results)
+    fig = plt.figure(figsize=(15 if over_stream else 10, 4.5 + heat_height))
+    grid = fig.add_gridspec(2, ncols, height_ratios=[4.5, heat_height])
+    axes = np.array([[fig.add_subplot(grid[0, i]) for i in range(ncols)]])
+    _draw_heatmap(fig, fig.add_subplot(grid[1, :]), results, domains)
     ax = axes[0, 0]
     xs = np.arange(len(domains))
     for r in results:
@@ -78,6 +84,45 @@ def plot_results(results: Sequence[Result], path: str | Path, title: str = "") -
         ax.set_ylabel("error (%), moving average")
         ax.set_title("error over the stream")
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _draw_heatmap(fig, ax, results: Sequence[Result], domains: Sequence[str]) -> None:
+    """Error (%) of every method (rows) on every domain (columns), plus the mean, annotated."""
+    errors = np.array([[r.domain_errors[d] for d in domains] + [r.mean_error] for r in results], dtype=float)
+    image = ax.imshow(errors, aspect="auto", cmap="viridis_r")
+    ax.set_xticks(np.arange(len(domains) + 1), [_short(d) for d in domains] + ["mean"], rotation=60, ha="right",
+                  fontsize=7)
+    ax.set_yticks(np.arange(len(results)), [r.method for r in results], fontsize=7)
+    ax.axvline(len(domains) - 0.5, color="white", lw=2)
+    if errors.size <= 600:  # numbers stay legible
+        threshold = np.nanmean(errors)
+        for (i, j), value in np.ndenumerate(errors):
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=6,
+                    color="white" if value > threshold else "black")
+    ax.set_title("error (%) per method and domain")
+    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+
+
+def plot_heatmap(results: Sequence[Result], path: str | Path, title: str = "") -> Path:
+    """The methods x domains error heatmap alone, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise ValueError("no results to plot")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    domains = list(results[0].domain_errors)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(domains) + 3), 1.5 + 0.4 * len(results)))
+    _draw_heatmap(fig, ax, results, domains)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -1,4 +1,5 @@
 """Evaluation workers evaluate each registered version exactly once."""
+import dataclasses
 import json
 import threading
 
@@ -59,3 +60,42 @@ def test_each_version_evaluated_once_across_workers(tmp_path, mlflow_uri):
 def test_unknown_model_lists_nothing(tmp_path, mlflow_uri):
     worker = EvalWorker("absent", ExperimentConfig(methods=[MethodSpec("source")]), claims_dir=tmp_path)
     assert worker.pending_versions() == []
+
+
+def test_mean_error_follows_the_row_with_adapter_points_at(tmp_path, mlflow_uri):
+    """The tag is the row `with_adapter` gave the adapter, whatever the rows are called."""
+    from metatta.adapter_eval import ClaimLedger
+
+    seen = []
+
+    def evaluate(cfg):
+        seen.append([(s.label or s.name, s.adapter) for s in cfg.methods])
+        errors = {"mgg-free source": 50.0, "ours": 12.5, "tent": 30.0}  # old rule: the first name with "mgg"
+        return [dataclasses.replace(fake_result(cfg)[0], method=label, mean_error=error)
+                for label, error in errors.items()]
+
+    experiment = ExperimentConfig(name="e", output_dir=str(tmp_path / "out"), methods=[
+        MethodSpec("source", label="mgg-free source"), MethodSpec("mgtta", label="ours"), MethodSpec("tent")])
+    register_version(tmp_path, "mgg_t", 1)
+    ledger = ClaimLedger()  # any object with claim/complete/release/list is a claim backend
+    worker = EvalWorker("mgg_t", experiment, worker_id="w", evaluate_fn=evaluate, claims=ledger)
+    assert worker.poll_once() == ["1"]
+    assert seen == [[("mgg-free source", None), ("ours", "models:/mgg_t/1"), ("tent", None)]]
+    tags = tracking.client().get_model_version("mgg_t", "1").tags
+    assert (tags["benchmark_mean_error"], tags["benchmark_method"]) == ("12.5000", "ours")
+    assert ledger.list("mgg_t")["1"]["state"] == "done"
+    assert worker.poll_once() == []
+
+
+def test_missing_adapter_row_is_an_error(tmp_path, mlflow_uri):
+    from metatta.adapter_eval import ClaimLedger
+
+    def evaluate(cfg):
+        return [dataclasses.replace(fake_result(cfg)[0], method="something else")]
+
+    experiment = ExperimentConfig(name="e", methods=[MethodSpec("source")], output_dir=str(tmp_path / "out"))
+    register_version(tmp_path, "mgg_m", 1)
+    worker = EvalWorker("mgg_m", experiment, worker_id="w", evaluate_fn=evaluate, claims=ClaimLedger())
+    with pytest.raises(ValueError, match=r"no result for the adapter's row\(s\) \['mgtta'\]"):
+        worker.poll_once()
+    assert tracking.client().get_model_version("mgg_m", "1").tags[STATUS_TAG] == "claimed"

@@ -472,7 +472,7 @@ def test_cotta_output_is_the_teacher_prediction_and_augments_below_the_threshold
     plain, _ = build("cotta", aug_threshold=0.0)  # anchor confidence is never below 0
     bn, _ = build("bn")
     torch.testing.assert_close(plain(x), bn(x))  # teacher = source model on batch statistics
-    augmented, _ = build("cotta", aug_threshold=1.01, num_augmentations=3)
+    augmented, _ = build("cotta", aug_threshold=1.01, num_augmentations=3, batched_views=False)  # the loop
     calls = []
     original = augmented.augment.forward
     monkeypatch.setattr(augmented.augment, "forward", lambda inp: calls.append(1) or original(inp))

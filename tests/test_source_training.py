@@ -14,6 +14,7 @@ from metatta.config import ConfigError
 from metatta.models import build_model, load_source_model
 from metatta.models.checkpoint import CheckpointError, checkpoint_hash, load_feature_stats, read_header
 from metatta.models.feature_stats import compute_feature_stats, feature_taps
+from metatta.paths import cache_root
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +179,7 @@ def test_default_source_config_is_valid():
     from metatta.config import load_config
 
     cfg = source.source_train_config(load_config(Path(__file__).parents[1] / "configs" / "fmnist_c" / "source.yaml"))
-    assert cfg.model == "resnet_fmnist" and cfg.output == ".cache/models/resnet_fmnist.pt"
+    assert cfg.model == "resnet_fmnist" and cfg.output == str(cache_root() / "models" / "resnet_fmnist.pt")
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ class SourceTrainConfig:
     channels_last: bool = True  # faster convolutions on CPU for these small nets
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    output: str = ".cache/models/resnet_fmnist.pt"
+    output: str | None = None  # None: <cache root>/models/<model>.pt (metatta.paths; $METATTA_CACHE moves it)
     progress: bool = True
 
 
@@ -101,6 +101,10 @@ def source_train_config(data: dict[str, Any] | SourceTrainConfig | None) -> Sour
         raise ValueError(f"train_source.warmup_fraction must be in (0, 1), got {cfg.warmup_fraction}")
     if cfg.crop_padding < 0:
         raise ValueError(f"train_source.crop_padding must be >= 0, got {cfg.crop_padding}")
+    if cfg.output is None:
+        from metatta.paths import models_dir
+
+        cfg = dataclasses.replace(cfg, output=str(models_dir() / f"{cfg.model.replace(':', '_')}.pt"))
     return cfg
 
 

@@ -308,8 +308,10 @@ def _check_clean(images, labels) -> None:
 
 
 def cache_home() -> Path:
-    """Where built benchmarks go: $METATTA_CACHE, else ~/.cache/metatta."""
-    return Path(os.environ.get("METATTA_CACHE") or Path.home() / ".cache" / "metatta")
+    """Where built benchmarks go: the cache root, $METATTA_CACHE, else ~/.cache/metatta."""
+    from metatta.paths import cache_root
+
+    return cache_root()
 
 
 def fashion_mnist_c(

@@ -3,13 +3,12 @@
 - fashion_mnist: see metatta/data/fashion_mnist.py (local files first, download last).
 - cifar10 / cifar100: torchvision's python-pickle layout (`cifar-10-batches-py/`,
   `cifar-100-python/`) under `root`, else under $METATTA_DATA, else under
-  ~/.cache/metatta/data. Never downloaded here: fetch it once with
+  <cache root>/data (`metatta.paths.data_root`). Never downloaded here: fetch it once with
   `torchvision.datasets.CIFAR10(root, download=True)` on a machine with network.
 - ImageNet: `imagenet_folder(root)` for a folder with one subfolder per wnid.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,9 @@ def _load_cifar(dataset: str, split: str, root: str | Path | None) -> tuple[np.n
     from torchvision.datasets import CIFAR10, CIFAR100
 
     folder = _CIFAR_FOLDERS[dataset]
-    base = Path(root) if root is not None else Path(
-        os.environ.get("METATTA_DATA") or Path.home() / ".cache" / "metatta" / "data")
+    from metatta.paths import data_root
+
+    base = Path(root) if root is not None else data_root()
     if base.name == folder:  # the user pointed at the extracted folder itself
         base = base.parent
     if not (base / folder).is_dir():

@@ -5,7 +5,7 @@ Where the files are looked for, in order:
 2. `$METATTA_DATA`: the IDX files directly in it, in a `fashion-mnist/`
    subfolder, or in torchvision's `FashionMNIST/raw/` layout;
 3. the Debian package `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist);
-4. a torchvision download into `$METATTA_DATA`, else ~/.cache/metatta/data.
+4. a torchvision download into `$METATTA_DATA`, else <cache root>/data (`metatta.paths`).
 
 Each split is a pair of IDX files (`train-images-idx3-ubyte`,
 `train-labels-idx1-ubyte`, `t10k-...` for test), gzipped (`.gz`) or not.
@@ -34,8 +34,10 @@ IMAGE_SHAPE = (28, 28)
 
 
 def data_home() -> Path:
-    """Where a download goes: $METATTA_DATA, else ~/.cache/metatta/data."""
-    return Path(os.environ.get("METATTA_DATA") or Path.home() / ".cache" / "metatta" / "data")
+    """Where a download goes: $METATTA_DATA, else <cache root>/data ($METATTA_CACHE, else ~/.cache/metatta)."""
+    from metatta.paths import data_root
+
+    return data_root()
 
 
 def _layouts(base: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from metatta.methods.common import softmax_entropy
+from metatta.losses import softmax_entropy
 
 LOSS_KINDS = ("entropy", "entropy+stats")
 STATS_REDUCTIONS = ("per_layer_mse", "authors")

@@ -20,7 +20,7 @@ from metatta.methods.base import (
     register,
 )
 
-_LATE_METHOD_MODULES = ("metatta.methods.mgtta",)
+_LATE_METHOD_MODULES = ("metatta.methods.mgtta", "metatta.methods.law", "metatta.methods.palm")
 
 
 def import_builtin_methods() -> None:

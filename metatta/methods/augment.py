@@ -22,6 +22,7 @@ noise is drawn per pixel). Works for 1- or 3-channel images of any size
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as nnf
@@ -141,5 +142,224 @@ class CoTTAAugment(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return cotta_augment(x, soft=self.soft, noise_std=self.noise_std, generator=generator)
 
+    def views(self, x: torch.Tensor, num_views: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`num_views` augmentations at once, (num_views, B, C, H, W): `cotta_augment_views`."""
+        return cotta_augment_views(x, num_views, soft=self.soft, noise_std=self.noise_std, generator=generator)
+
     def extra_repr(self) -> str:
         return f"soft={self.soft}, noise_std={self.noise_std}"
+
+
+# ---- batched views ----------------------------------------------------------------------------
+# `cotta_augment_views(x, n)` returns n CoTTA augmentations of a batch at once, as an (n, B, C, H, W)
+# tensor, with the pipeline of `cotta_augment` applied in batched tensor ops. What is equivalent:
+#
+# - per view, the random parameters have the same joint distribution as one `cotta_augment` call:
+#   a uniform random order of the five colour ops (argsort of 5 uniforms instead of `randperm`),
+#   each factor uniform in its range and independent of the order (`cotta_augment` draws the
+#   factors in the order the ops run, which is the same joint distribution), the angle, the
+#   rounded translation (round half to even, as Python's `round`), the scale, the blur sigma and
+#   the flip coin; views are independent of each other, and one set is shared by all B images
+#   of a view, as in `cotta_augment` (and the authors' code, which transforms the batch tensor);
+# - the noise is drawn per pixel, per view, N(0, noise_std^2), as there;
+# - given the same parameters and noise, the output equals `cotta_augment` up to float
+#   rounding (tests/test_cotta_speed.py draws the parameters exactly as `cotta_augment` does
+#   from a seeded generator and compares): the colour ops are the torchvision formulas, the
+#   affine uses torchvision's inverse matrix, grid (`_affine_grid`) and fill-0 mask blending,
+#   the 5x5 Gaussian blur is applied as its two separable 1-D passes, and the affine and the
+#   blur are only computed on the centre crop plus the blur's margin (the rest is cropped away).
+#
+# What is not equivalent: the random-number stream. The same seed gives different views than n
+# calls of `cotta_augment` (the draws are made in a different order, all at once).
+
+_OPS = ("brightness", "contrast", "saturation", "hue", "gamma")
+
+
+@dataclasses.dataclass
+class ViewParams:
+    """Random parameters of n augmented views (one row per view), on the CPU."""
+
+    order: torch.Tensor  # (n, 5) long: the colour ops (indices into _OPS) in the order they run
+    factors: torch.Tensor  # (n, 5): brightness, contrast, saturation, hue, gamma factors
+    angle: torch.Tensor  # (n,) degrees
+    translate: torch.Tensor  # (n, 2) pixels (x, y), integer-valued
+    scale: torch.Tensor  # (n,)
+    sigma: torch.Tensor  # (n,) blur sigma
+    flip: torch.Tensor  # (n,) bool
+
+    def __len__(self) -> int:
+        return len(self.angle)
+
+    def view(self, i: int) -> "ViewParams":
+        return ViewParams(*(getattr(self, f.name)[i : i + 1] for f in dataclasses.fields(self)))
+
+
+def _padded_size(height: int, width: int) -> tuple[int, int]:
+    return height + 2 * (height // 2), width + 2 * (width // 2)
+
+
+def draw_view_params(
+    num_views: int,
+    image_size: tuple[int, int],
+    ranges: AugmentRanges = STRONG,
+    generator: torch.Generator | None = None,
+) -> ViewParams:
+    """Independent parameters for `num_views` views of (H, W) images (see the notes above)."""
+    device = _gen_device(generator)
+
+    def uniform(low, high, *shape):
+        low = torch.as_tensor(low, dtype=torch.float64)
+        high = torch.as_tensor(high, dtype=torch.float64)
+        return low + (high - low) * torch.rand(num_views, *shape, generator=generator, device=device).double().cpu()
+
+    padded_h, padded_w = _padded_size(*image_size)
+    order = torch.rand(num_views, 5, generator=generator, device=device).cpu().argsort(1)
+    lows = torch.tensor([getattr(ranges, op)[0] for op in _OPS], dtype=torch.float64)
+    highs = torch.tensor([getattr(ranges, op)[1] for op in _OPS], dtype=torch.float64)
+    factors = uniform(lows, highs, 5)
+    angle = uniform(-ranges.degrees, ranges.degrees)
+    max_shift = torch.tensor([ranges.translate * padded_w, ranges.translate * padded_h], dtype=torch.float64)
+    translate = uniform(-max_shift, max_shift, 2).round()
+    scale = uniform(*ranges.scale)
+    sigma = uniform(*ranges.blur_sigma)
+    flip = torch.rand(num_views, generator=generator, device=device).cpu() < ranges.hflip_prob
+    return ViewParams(order, factors, angle, translate, scale, sigma, flip)
+
+
+def _per_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def _color_op(op: int, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """One colour op on (n, B, C, H, W) views, one factor per view; the torchvision formulas."""
+    f = _per_view(factor, y)
+    if op == 0:  # adjust_brightness
+        return (y * f).clamp(0.0, 1.0)
+    if op == 1:  # adjust_contrast: blend with the mean grey level of each image
+        grey = TF.rgb_to_grayscale(y) if y.shape[-3] == 3 else y
+        return (y * f + grey.mean((-3, -2, -1), keepdim=True) * (1.0 - f)).clamp(0.0, 1.0)
+    if op == 2:  # adjust_saturation: blend with the grey image
+        return (y * f + TF.rgb_to_grayscale(y) * (1.0 - f)).clamp(0.0, 1.0)
+    if op == 3:  # adjust_hue: rotate the hue in HSV
+        from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+        h, s, v = _rgb_to_hsv(y).unbind(dim=-3)
+        h = (h + f.squeeze(-3)).remainder(1.0)
+        return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+    return y.clamp(1e-8, 1.0).pow(f)  # adjust_gamma after their clamp
+
+
+def _color_jitter_views(y: torch.Tensor, params: ViewParams) -> torch.Tensor:
+    skip = (2, 3) if y.shape[-3] == 1 else ()  # saturation and hue: identity for 1 channel
+    for position in range(5):
+        ops = params.order[:, position]
+        for op in range(5):
+            if op in skip:
+                continue
+            idx = (ops == op).nonzero().flatten()
+            if len(idx) == 0:
+                continue
+            if len(idx) == len(ops):
+                y = _color_op(op, y, params.factors[:, op])
+            else:
+                y[idx.to(y.device)] = _color_op(op, y[idx.to(y.device)], params.factors[idx, op])
+    return y
+
+
+def _affine_blur_views(y: torch.Tensor, params: ViewParams, ranges: AugmentRanges) -> torch.Tensor:
+    """`random_affine_blur` per view: edge padding, affine (torchvision's inverse matrix, grid and
+    fill-0 mask blending), 5x5 Gaussian blur, centre crop; only the crop (plus the blur margin) is
+    computed when the padding leaves room for the margin, else the whole padded image is."""
+    n, b, c, height, width = y.shape
+    dtype, device = y.dtype, y.device
+    pad_h, pad_w = height // 2, width // 2
+    padded = nnf.pad(y.reshape(n * b, c, height, width), (pad_w, pad_w, pad_h, pad_h), mode="replicate")
+    padded_h, padded_w = padded.shape[-2:]
+    k = ranges.blur_kernel
+    m = k // 2
+    top = int(round((padded_h - height) / 2.0))
+    left = int(round((padded_w - width) / 2.0))
+    restricted = top >= m and left >= m and top + height + m <= padded_h and left + width + m <= padded_w
+    if restricted:  # output rows/cols of the affine that the blur and the crop need
+        rows = torch.arange(top - m, top + height + m, device=device, dtype=dtype)
+        cols = torch.arange(left - m, left + width + m, device=device, dtype=dtype)
+    else:
+        rows = torch.arange(padded_h, device=device, dtype=dtype)
+        cols = torch.arange(padded_w, device=device, dtype=dtype)
+    # torchvision's _affine_grid: pixel coordinates relative to the centre, theta applied, then
+    # normalized by half the (input = output) size.
+    gx = (cols - (padded_w - 1) * 0.5).view(1, 1, -1)
+    gy = (rows - (padded_h - 1) * 0.5).view(1, -1, 1)
+    rot = torch.deg2rad(params.angle)
+    cos, sin = torch.cos(rot) / params.scale, torch.sin(rot) / params.scale
+    tx, ty = params.translate[:, 0], params.translate[:, 1]
+    m0, m1, m3, m4 = cos, sin, -sin, cos  # _get_inverse_affine_matrix, centre 0, no shear
+    m2 = -m0 * tx - m1 * ty
+    m5 = -m3 * tx - m4 * ty
+    theta = torch.stack([m0, m1, m2, m3, m4, m5], 1).to(device=device, dtype=dtype).view(n, 6, 1, 1)
+    grid_x = (theta[:, 0] * gx + theta[:, 1] * gy + theta[:, 2]) / (0.5 * padded_w)
+    grid_y = (theta[:, 3] * gx + theta[:, 4] * gy + theta[:, 5]) / (0.5 * padded_h)
+    grid = torch.stack([grid_x, grid_y], -1)  # (n, rows, cols, 2)
+    # torchvision samples a ones channel with the image and blends the fill with it; the mask
+    # is the same for every image of a view, so it is sampled once per view here.
+    ones = torch.ones((n, 1, padded_h, padded_w), dtype=dtype, device=device)
+    mask = nnf.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = grid.unsqueeze(1).expand(n, b, *grid.shape[1:]).reshape(n * b, *grid.shape[1:])
+    out = nnf.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = out.view(n, b, c, *out.shape[-2:]) * mask.unsqueeze(1)  # fill 0: mask * (img - 0) + 0
+    if not restricted:
+        out = nnf.pad(out.flatten(0, 1), (m, m, m, m), mode="reflect").view(n, b, c, padded_h + 2 * m, -1)
+    # Separable Gaussian blur (torchvision's kernel: softmax(-(x / sigma)^2) on linspace(-lim, lim)).
+    lim = (k - 1) / (2.0 * math.sqrt(2.0))
+    xs = torch.linspace(-lim, lim, steps=k, dtype=torch.float64)
+    kernel = torch.softmax(-(xs.view(1, -1) / params.sigma.view(-1, 1)).pow(2), dim=1).to(device=device, dtype=dtype)
+    kernel = kernel.view(n, 1, 1, 1, 1, k)  # kernel[..., i]: one weight per view
+    out_h, out_w = out.shape[-2] - 2 * m, out.shape[-1] - 2 * m
+    out = sum(kernel[..., i] * out[..., i : i + out_w] for i in range(k))
+    out = sum(kernel[..., i] * out[..., i : i + out_h, :] for i in range(k))
+    if not restricted:
+        out = out[..., top : top + height, left : left + width]
+    return out
+
+
+def apply_view_params(
+    x: torch.Tensor,
+    params: ViewParams,
+    *,
+    soft: bool = False,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The n views of `params` of a (B, C, H, W) batch in [0, 1] -> (n, B, C, H, W) in [0, 1];
+    `noise` (n, B, C, H, W), already scaled, is added before the final clip."""
+    _check_batch(x)
+    ranges = SOFT if soft else STRONG
+    y = x.clamp(0.0, 1.0).unsqueeze(0).expand(len(params), *x.shape).contiguous()
+    y = _color_jitter_views(y, params)
+    y = _affine_blur_views(y, params, ranges)
+    flip = params.flip.to(y.device).view(-1, 1, 1, 1, 1)
+    y = torch.where(flip, y.flip(-1), y)
+    if noise is not None:
+        y = y + noise.to(device=y.device, dtype=y.dtype)
+    return y.clamp(0.0, 1.0)
+
+
+def cotta_augment_views(
+    x: torch.Tensor,
+    num_views: int,
+    *,
+    soft: bool = False,
+    noise_std: float = 0.005,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`num_views` independent CoTTA augmentations of a (B, C, H, W) batch in [0, 1], in batched
+    tensor ops: an (num_views, B, C, H, W) tensor in [0, 1]. Each view has the distribution of one
+    `cotta_augment(x)` (see the notes above this function); the random stream differs."""
+    _check_batch(x)
+    if num_views < 1:
+        raise ValueError(f"cotta_augment_views: num_views must be >= 1, got {num_views}")
+    params = draw_view_params(num_views, tuple(x.shape[-2:]), SOFT if soft else STRONG, generator)
+    noise = None
+    if noise_std > 0:
+        noise_device = generator.device if generator is not None else x.device
+        noise = noise_std * torch.randn((num_views, *x.shape), generator=generator, device=noise_device, dtype=x.dtype)
+    return apply_view_params(x, params, soft=soft, noise=noise)

@@ -1,10 +1,10 @@
 """Pieces many methods share: normalization-layer handling and entropy."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from metatta.losses import max_entropy, softmax_entropy  # noqa: F401  (re-exported: methods import them from here)
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 NORM_TYPES = BN_TYPES + (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
@@ -52,10 +52,3 @@ def configure_norm_adaptation(model: nn.Module) -> list[nn.Parameter]:
     return norm_affine_params(model)
 
 
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample entropy of softmax(logits), in nats."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-def max_entropy(num_classes: int) -> float:
-    return math.log(num_classes)

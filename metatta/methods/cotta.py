@@ -18,9 +18,14 @@ Per test batch, as in the authors' CIFAR `forward_and_adapt`:
 The output is the teacher's prediction (step 1), as in their code. All
 parameters are trainable; BN uses batch statistics in student, teacher and
 anchor (their code: train mode; here eval mode without running buffers, the
-same without dropout). Their code runs the 32 augmented teacher passes on every
-batch and then may discard them; here they run only when used (same result,
-different random-number consumption). `reset()` restores student, optimizer and
+same without dropout). With `batched_views` (default) the 32 views are drawn and
+transformed in batched tensor ops (`cotta_augment_views`: same per-view
+distribution as `cotta_augment`, one parameter set per view shared by the batch's
+images) and the teacher runs once over all of them under `torch.func.vmap` over
+the view dimension (BN statistics per view, equal to the loop); `batched_views:
+false` keeps the loop of 32 augment + forward calls. Their code runs the 32
+augmented teacher passes on every batch and then may discard them; here they run
+only when used (same result, different random-number consumption). `reset()` restores student, optimizer and
 teacher (their `reset` re-copies the teacher too).
 
 Defaults: their CIFAR-10-C config (cfgs/cifar10/cotta.yaml): Adam lr 1e-3,
@@ -54,6 +59,10 @@ class CoTTAConfig(MethodConfig):
     soft_augmentation: bool = False  # their CIFAR code uses the strong ranges
     aug_noise_std: float = 0.005
     symmetric_loss: bool = False  # their ImageNet code: symmetric cross-entropy
+    # One teacher forward over all views (torch.func.vmap over the view dimension, so BN's batch
+    # statistics stay per view) with batched augmentation; false: a Python loop of
+    # num_augmentations augment + forward calls (the reference path, same distribution).
+    batched_views: bool = True
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -103,8 +112,17 @@ class CoTTA(TTAMethod):
         cfg = self.config
         anchor_confidence = self.anchor(x).softmax(1).max(1).values.mean()
         if anchor_confidence < cfg.aug_threshold:
+            if cfg.batched_views:
+                return self.views_forward(self.teacher, self.augment.views(x, cfg.num_augmentations)).mean(0)
             return torch.stack([self.teacher(self.augment(x)) for _ in range(cfg.num_augmentations)]).mean(0)
         return self.teacher(x)
+
+    @staticmethod
+    def views_forward(model: nn.Module, views: torch.Tensor) -> torch.Tensor:
+        """`model` on each of V views (V, B, ...) -> (V, B, K), in one batched call: vmap over the
+        view dimension keeps every BN layer's batch statistics per view (BN here has no running
+        buffers), so the result equals `torch.stack([model(v) for v in views])`."""
+        return torch.func.vmap(model)(views)
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         teacher_logits = self.teacher_prediction(x)

@@ -4,7 +4,7 @@
     build_model("wrn28_10", 10, 3)
     build_model("timm:resnet18", 10, 3, checkpoint="weights.safetensors")
     build_model("torchvision:resnet18", 1000, 3)
-    load_source_model(".cache/models/resnet_fmnist.pt")
+    load_source_model(Path.home() / ".cache/metatta/models/resnet_fmnist.pt")  # metatta.paths.models_dir()
 
 Every model takes images in [0, 1] and normalizes inside itself. Registered
 names come with defaults that keyword arguments override (e.g.

@@ -68,7 +68,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from metatta.evaluation import library_versions
+    from metatta.versions import library_versions
 
     return library_versions()
 

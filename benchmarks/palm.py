@@ -1,0 +1,87 @@
+"""PALM benchmark: continual and gradual Fashion-MNIST-C, the 15 benchmark
+corruptions at severity 5, batch 200 (the stream of configs/fmnist_c/baselines.yaml),
+Source, BN, Tent, CoTTA, LAW, PALM (published CIFAR-10-C defaults) and, when
+`--tuned` names tuned settings (a YAML file or models:/palm-settings@champion from
+launch/tune_palm.py), PALM tuned on the held-out corruptions.
+
+Reports error per domain and mean, images per second, and the share of the model's
+parameters each method adapted per domain (mean over the domain's batches). Writes
+benchmarks/results/palm.json and palm.md.
+
+    python benchmarks/palm.py [--num-images 1000] [--settings continual gradual] [--tuned PATH_OR_URI]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from metatta.cli import setup_logging
+from metatta.config import load_config
+from metatta.evaluation import Result
+from metatta.experiment import experiment_config, run_experiment, source_model
+from metatta.reporting import error_table
+
+HERE = Path(__file__).resolve().parent
+BASE_CONFIG = HERE.parent / "configs" / "fmnist_c" / "baselines.yaml"
+METHODS = ("source", "bn", "tent", "cotta", "law", "palm")
+
+
+def share_table(results: list[Result], total_parameters: int) -> str:
+    """Percent of the model's parameters adapted, per domain (mean over its batches)."""
+    domains = list(results[0].domain_errors)
+    header = ["method"] + [d.split("_")[0][:6] + "-" + d.rpartition("-")[2] for d in domains] + ["mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for r in results:
+        shares = [100.0 * r.domain_adapted_parameters.get(d, 0.0) / total_parameters for d in domains]
+        lines.append("| " + " | ".join([r.method] + [f"{s:.1f}" for s in shares]
+                                       + [f"{sum(shares) / len(shares):.1f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=1000, help="test images per corruption (10000: all)")
+    parser.add_argument("--settings", nargs="*", default=["continual", "gradual"])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--tuned", default=None, help="tuned PALM settings: YAML path or models:/ URI")
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args(argv)
+    setup_logging("WARNING")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [{"name": m} for m in args.methods]
+    if args.tuned:
+        methods.append({"name": "palm", "label": "palm (tuned)", "settings": args.tuned})
+    command = "python benchmarks/palm.py " + " ".join(argv or [])
+    sections, records = [], []
+    for setting in args.settings:
+        data = load_config(BASE_CONFIG, [f"stream.setting={setting}", f"stream.batch_size={args.batch_size}",
+                                         f"benchmark.num_images={args.num_images}", "progress=false",
+                                         f"name=palm_{setting}_n{args.num_images}", f"output_dir={out / 'runs'}"])
+        data["methods"] = methods
+        cfg = experiment_config(data)
+        model, _ = source_model(cfg.source, "cpu")
+        total = sum(p.numel() for p in model.parameters())
+        start = time.perf_counter()
+        results = run_experiment(cfg)
+        seconds = time.perf_counter() - start
+        records.append({"setting": setting, "num_images": args.num_images, "batch_size": args.batch_size,
+                        "seconds": seconds, "model_parameters": total, "results": [r.to_dict() for r in results]})
+        sections.append(f"#### {setting}, batch size {args.batch_size}, {args.num_images} images per corruption "
+                        f"({seconds:.0f} s)\n\nError (%):\n\n{error_table(results)}\n\n"
+                        f"Parameters adapted (% of {total:,}), mean over each domain's batches:\n\n"
+                        f"{share_table(results, total)}\n")
+    stem = f"palm" if args.num_images == 1000 else f"palm_n{args.num_images}"
+    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    (out / f"{stem}.md").write_text(f"Fashion-MNIST-C, severity 5. Command: `{command.strip()}`\n\n"
+                                    + "\n".join(sections))
+    print((out / f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

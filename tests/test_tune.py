@@ -1,0 +1,169 @@
+"""Ray Tune searches (trainers/tune.py): config parsing and errors, one trial as a
+plain function, and a tiny real search (Tent's lr on 2 held-out Fashion-MNIST-C
+corruptions) with MLflow parent/child runs, the best YAML, the registry and
+loading the tuned settings back into an experiment."""
+import math
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from metatta import tracking
+from metatta.config import ConfigError
+from metatta.data.benchmark_files import fashion_mnist_c
+from metatta.experiment import experiment_config, method_config, with_settings
+from metatta.models import build_model
+from metatta.models.checkpoint import save_checkpoint
+from metatta.models.feature_stats import compute_feature_stats
+from trainers.tune import run_search, run_trial, search_config, tune_space
+
+HELD_OUT = ["speckle_noise", "gaussian_blur"]
+
+
+@pytest.fixture(scope="module")
+def source_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("resnet_fmnist", num_classes=10, in_channels=1)
+    stats = compute_feature_stats(model, torch.rand(32, 1, 28, 28))
+    path = tmp_path_factory.mktemp("src") / "resnet.pt"
+    return save_checkpoint(path, model, model_name="resnet_fmnist", num_classes=10, in_channels=1,
+                           feature_stats=stats)
+
+
+@pytest.fixture(scope="module")
+def held_out_root(tmp_path_factory):
+    return fashion_mnist_c(root=tmp_path_factory.mktemp("fmnist_c"), num_images=48, corruptions=HELD_OUT,
+                           progress=False)
+
+
+def data(tmp_path=None, checkpoint=None, root=None, **extra):
+    d = {
+        "name": "tune_test", "method": "tent", "method_config": {"optimizer": "adam"},
+        "space": {"lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2}},
+        "benchmark": {"name": "fashion_mnist_c", "corruptions": HELD_OUT, "severities": [5], "num_images": 48,
+                      **({"root": str(root)} if root else {})},
+        "source": {"checkpoint": str(checkpoint)} if checkpoint else {},
+        "stream": {"setting": "continual", "batch_size": 16, "seed": 0},
+        "num_samples": 2, "max_concurrent": 2, "report_every": 2,
+        "asha": {"grace_period": 1, "reduction_factor": 2}, "device": "cpu", "register_as": "tent_settings",
+    }
+    if tmp_path is not None:
+        d["output_dir"] = str(tmp_path / "out")
+    d.update(extra)
+    return d
+
+
+# ---- parsing and errors ----------------------------------------------------------------------
+def test_space_parsing():
+    cfg = search_config(data(space={
+        "lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
+        "momentum": {"type": "uniform", "low": 0.0, "high": 1.0},
+        "steps": {"type": "int", "low": 1, "high": 3},
+        "optimizer": {"type": "choice", "values": ["sgd", "adam"]},
+    }, method_config={}))
+    assert cfg.space["steps"].type == "int" and cfg.space["optimizer"].values == ["sgd", "adam"]
+    space = tune_space(cfg.space)
+    assert math.isclose(space["lr"].lower, 1e-5) and space["steps"].upper == 4  # randint: exclusive upper
+    assert space["optimizer"].categories == ["sgd", "adam"]
+
+
+def test_default_palm_search_config_parses():
+    from metatta.config import load_config
+
+    cfg = search_config(load_config("configs/fmnist_c/tune_palm.yaml"))
+    assert cfg.method == "palm" and cfg.benchmark.corruption_names() == [
+        "speckle_noise", "gaussian_blur", "spatter", "saturate"]
+    assert {"eta", "alpha", "temperature", "lr"} <= set(cfg.space)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"space": {"lr": {"type": "gaussian", "low": 1, "high": 2}}}, r"search\.space\.lr\.type: unknown space type"),
+    ({"space": {"lr": {"type": "uniform", "low": 2.0, "high": 1.0}}}, r"search\.space\.lr: low \(2\.0\) > high"),
+    ({"space": {"lr": {"type": "loguniform", "low": 0.0, "high": 1.0}}}, "loguniform needs low > 0"),
+    ({"space": {"lr": {"type": "choice", "values": []}}}, "non-empty"),
+    ({"space": {"lr": {"type": "uniform", "low": 1e-4}}}, "needs `low` and `high`"),
+    ({"space": {"lr": 0.1}}, r"search\.space\.lr: expected a mapping"),
+    ({"space": {"lrr": {"type": "uniform", "low": 0, "high": 1}}}, "'lrr' is not a field of method tent"),
+    ({"space": {}}, "space is empty"),
+    ({"method_config": {"lr": 1e-3}}, "both fixed"),
+    ({"method": "tnet"}, "unknown method"),
+    ({"num_samples": 0}, "num_samples"),
+])
+def test_config_errors(change, match):
+    with pytest.raises((ConfigError, ValueError), match=match):
+        search_config(data(**change))
+
+
+@pytest.mark.parametrize("corruptions", [["speckle_noise", "fog"], "benchmark", "all"])
+def test_benchmark_corruptions_refused(corruptions):
+    bench = {"name": "fashion_mnist_c", "corruptions": corruptions}
+    with pytest.raises(ConfigError, match=r"search\.benchmark\.corruptions: .* held-out"):
+        search_config(data(benchmark=bench))
+
+
+# ---- one trial, no Ray -------------------------------------------------------------------------
+def test_run_trial_reports_running_error(source_checkpoint, held_out_root):
+    cfg = search_config(data(checkpoint=source_checkpoint, root=held_out_root))
+    reports = []
+    out = run_trial(cfg, {"lr": 1e-3}, source_checkpoint, report=reports.append)
+    assert [r["batches"] for r in reports] == [2, 4, 6] and reports[-1]["final"] == 1.0
+    assert not any(r["final"] for r in reports[:-1])
+    assert 0 <= out["mean_error"] <= 100 and out["images"] == 96
+    assert set(k for k in out if k.startswith("error/")) == {"error/speckle_noise-5", "error/gaussian_blur-5"}
+
+
+# ---- a tiny real search on Ray -------------------------------------------------------------------
+def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint, held_out_root):
+    cfg = search_config(data(tmp_path, source_checkpoint, held_out_root))
+    outcome = run_search(cfg)
+    assert len(outcome.trials) == 2 and any(t["completed"] for t in outcome.trials)
+    assert all(1e-5 <= t["config"]["lr"] <= 1e-2 for t in outcome.trials)
+    assert 0 <= outcome.best_error <= 100 and set(outcome.best_params) == {"lr"}
+
+    # MLflow: one parent run, a child per trial, nothing left RUNNING
+    runs = mlflow.search_runs(experiment_names=["metatta"])
+    parent = runs[runs["run_id"] == outcome.parent_run_id]
+    children = runs[runs["tags.mlflow.parentRunId"] == outcome.parent_run_id]
+    assert len(parent) == 1 and parent["metrics.best_mean_error"].iloc[0] == pytest.approx(outcome.best_error)
+    assert len(children) == 2 and "params.lr" in children
+    assert set(children["status"]) <= {"FINISHED", "KILLED"}
+    assert children["metrics.mean_error"].min() == pytest.approx(outcome.best_error)
+
+    # best YAML: a full Tent config with the best lr
+    saved = yaml.safe_load(outcome.settings_path.read_text())
+    assert outcome.settings_path.name == "best_tent.yaml"
+    assert saved["lr"] == pytest.approx(outcome.best_params["lr"]) and saved["optimizer"] == "adam"
+
+    # registry: version 1 is champion; a worse second registration does not move the alias
+    assert outcome.registered_version == "1" and outcome.promoted
+    assert tracking.resolve_version("models:/tent_settings@champion") == "1"
+    worse = tracking.register_settings("tent_settings", outcome.settings_path.parent / "settings", outcome.parent_run_id)
+    assert worse == "2" and not tracking.promote_if_better("tent_settings", worse, outcome.best_error + 1)
+    assert tracking.resolve_version("models:/tent_settings@champion") == "1"
+
+    # the experiment loads the tuned settings, by path and by models:/ URI; explicit config wins
+    exp = experiment_config({"methods": [{"name": "tent", "settings": str(outcome.settings_path)}]})
+    assert method_config(exp.methods[0])["lr"] == pytest.approx(saved["lr"])
+    exp = with_settings(experiment_config({"methods": [{"name": "bn"}]}), "tent", "models:/tent_settings@champion")
+    spec = exp.methods[-1]
+    assert spec.name == "tent" and method_config(spec)["lr"] == pytest.approx(saved["lr"])
+    spec.config = {"lr": 0.5}
+    assert method_config(spec)["lr"] == 0.5
+    spec.name = "sar"
+    with pytest.raises(ValueError, match="tuned for method 'tent'"):
+        method_config(spec)
+    with pytest.raises(ValueError, match="settings: no such file"):
+        experiment_config({"methods": [{"name": "tent", "settings": str(tmp_path / "missing.yaml")}]})
+
+
+def test_settings_that_do_not_fit_the_method_fail_before_any_work(tmp_path):
+    path = tmp_path / "best_palm.yaml"
+    path.write_text("eta: 0.5\nlr: 1.0e-4\n")
+    with pytest.raises(ValueError, match=r"tent\.settings .*best_palm\.yaml.*unknown field"):
+        experiment_config({"methods": [{"name": "tent", "settings": str(path)}]})
+    with pytest.raises(ValueError, match=r"--settings tent=.*unknown field"):
+        with_settings(experiment_config({"methods": [{"name": "bn"}]}), "tent", str(path))
+    path.write_text("lr: 2.0e-4\n")
+    exp = experiment_config({"methods": [{"name": "tent", "settings": str(path), "config": {"steps": 2}}]})
+    assert method_config(exp.methods[0]) == {"lr": 2e-4, "steps": 2}
