@@ -21,7 +21,7 @@ from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import experiment_config, run_experiment, source_model
-from metatta.reporting import error_table
+from metatta.reporting import _short, error_table
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE.parent / "configs" / "fmnist_c" / "baselines.yaml"
@@ -31,7 +31,7 @@ METHODS = ("source", "bn", "tent", "cotta", "law", "palm")
 def share_table(results: list[Result], total_parameters: int) -> str:
     """Percent of the model's parameters adapted, per domain (mean over its batches)."""
     domains = list(results[0].domain_errors)
-    header = ["method"] + [d.split("_")[0][:6] + "-" + d.rpartition("-")[2] for d in domains] + ["mean"]
+    header = ["method"] + [_short(d) for d in domains] + ["mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in results:
         shares = [100.0 * r.domain_adapted_parameters.get(d, 0.0) / total_parameters for d in domains]
@@ -74,7 +74,7 @@ def main(argv=None):
                         f"({seconds:.0f} s)\n\nError (%):\n\n{error_table(results)}\n\n"
                         f"Parameters adapted (% of {total:,}), mean over each domain's batches:\n\n"
                         f"{share_table(results, total)}\n")
-    stem = f"palm" if args.num_images == 1000 else f"palm_n{args.num_images}"
+    stem = "palm" if args.num_images == 1000 else f"palm_n{args.num_images}"
     (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
     (out / f"{stem}.md").write_text(f"Fashion-MNIST-C, severity 5. Command: `{command.strip()}`\n\n"
                                     + "\n".join(sections))
