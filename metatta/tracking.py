@@ -142,22 +142,29 @@ def client():
 def register_adapter(name: str, directory: str | Path, run_id: str, tags: dict[str, str] | None = None) -> str:
     """Log `directory` under the run's `adapter/` artifacts and register it as a
     new version of model `name`; returns the version number (a string)."""
+    return _register_directory(name, directory, run_id, "adapter", (ADAPTER_WEIGHTS, ADAPTER_CONFIG), tags)
+
+
+def _register_directory(name: str, directory: str | Path, run_id: str, kind: str, required: Sequence[str],
+                        tags: dict[str, str] | None) -> str:
+    """Log a directory of plain files under the run's `<kind>/` artifacts and register
+    it as a new version of model `name` (created on first use)."""
     from mlflow.exceptions import MlflowException
 
     directory = Path(directory)
-    for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        if not (directory / required).is_file():
-            raise FileNotFoundError(f"adapter directory {directory} lacks {required}")
+    for file in required:
+        if not (directory / file).is_file():
+            raise FileNotFoundError(f"{kind} directory {directory} lacks {file}")
     c = client()
-    c.log_artifacts(run_id, str(directory), artifact_path="adapter")
+    c.log_artifacts(run_id, str(directory), artifact_path=kind)
     try:
         c.create_registered_model(name)
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    source = f"{c.get_run(run_id).info.artifact_uri}/adapter"
+    source = f"{c.get_run(run_id).info.artifact_uri}/{kind}"
     version = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
-    log.info("registered %s version %s from run %s", name, version.version, run_id)
+    log.info("registered %s %s version %s from run %s", kind, name, version.version, run_id)
     return str(version.version)
 
 
@@ -256,23 +263,7 @@ def write_settings_dir(directory: str | Path, config: dict[str, Any], info: dict
 def register_settings(name: str, directory: str | Path, run_id: str, tags: dict[str, str] | None = None) -> str:
     """Log a settings directory under the run's `settings/` artifacts and register it
     as a new version of model `name`; returns the version number."""
-    from mlflow.exceptions import MlflowException
-
-    directory = Path(directory)
-    for required in (SETTINGS_FILE, SETTINGS_INFO):
-        if not (directory / required).is_file():
-            raise FileNotFoundError(f"settings directory {directory} lacks {required}")
-    c = client()
-    c.log_artifacts(run_id, str(directory), artifact_path="settings")
-    try:
-        c.create_registered_model(name)
-    except MlflowException as e:
-        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
-            raise
-    source = f"{c.get_run(run_id).info.artifact_uri}/settings"
-    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
-    log.info("registered settings %s version %s from run %s", name, version.version, run_id)
-    return str(version.version)
+    return _register_directory(name, directory, run_id, "settings", (SETTINGS_FILE, SETTINGS_INFO), tags)
 
 
 def load_settings(uri: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
