@@ -11,6 +11,7 @@ from torch import nn
 from metatta.methods import build_method
 from metatta.methods.augment import (
     SOFT,
+    CoTTAAugment,
     STRONG,
     ViewParams,
     _uniform,
@@ -219,3 +220,11 @@ def test_batched_cotta_still_reduces_the_error_like_the_loop():
     assert source > 50
     assert batched < source - 30 and looped < source - 30
     assert abs(batched - looped) < 10
+
+
+def test_single_view_is_the_first_of_batched_views():
+    x = torch.rand(4, 1, 28, 28)
+    augment = CoTTAAugment()
+    one = augment.single_view(x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(one, augment.views(x, 1, torch.Generator().manual_seed(3))[0])
+    assert one.shape == x.shape and 0.0 <= one.min() and one.max() <= 1.0

@@ -143,7 +143,7 @@ def test_min_max_normalisation_across_tensors():
     assert method.layer_learning_rates() == pytest.approx((0.1 * w.double().sqrt()).tolist(), rel=1e-6, abs=1e-12)
     # non-uniform tensors: s is the root of the mean, not the mean of the roots
     fim = [torch.zeros_like(f) for f in method.fim]
-    fim[0].view(-1)[0] = 8.0 * fim[0].numel()  # mean 8
+    fim[0][(0,) * fim[0].dim()] = 8.0 * fim[0].numel()  # mean 8
     fim[1].fill_(2.0)
     method.load_extra_state({"fim": fim})
     assert method.layer_scores()[:2].tolist() == pytest.approx([math.sqrt(8.0), math.sqrt(2.0)])

@@ -126,7 +126,7 @@ def test_published_defaults():
 # ---- source and BN -------------------------------------------------------------------------
 def test_source_equals_the_model_and_never_changes_it():
     reference = TinyBNNet()
-    method, model = build("source")
+    method, model = build("source", channels_last=False)  # the same memory layout: bitwise equal
     before = copy.deepcopy(model.state_dict())
     for x in batches(3):
         torch.testing.assert_close(method(x), reference(x), rtol=0, atol=0)
@@ -535,3 +535,13 @@ def test_cotta_augment_is_mild_and_soft_is_milder():
 def test_cotta_augment_rejects_bad_batches(bad):
     with pytest.raises(ValueError, match="cotta_augment"):
         CoTTAAugment()(bad)
+
+
+@pytest.mark.parametrize("name", ["bn", "tent"])
+def test_channels_last_is_a_layout_only_change(name):
+    x = batches(1)[0]
+    fast, _ = build(name)
+    plain, _ = build(name, channels_last=False)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.model.parameters() if p.dim() == 4)
+    for _ in range(2):
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)

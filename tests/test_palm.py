@@ -30,6 +30,8 @@ class Flip(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return flip(x)
 
+    single_view = forward
+
 
 def build(model: nn.Module | None = None, **overrides):
     method = build_method("palm", model if model is not None else TinyBNNet(), overrides)

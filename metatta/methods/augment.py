@@ -146,6 +146,12 @@ class CoTTAAugment(nn.Module):
         """`num_views` augmentations at once, (num_views, B, C, H, W): `cotta_augment_views`."""
         return cotta_augment_views(x, num_views, soft=self.soft, noise_std=self.noise_std, generator=generator)
 
+    def single_view(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One augmentation through the batched path: the distribution of `forward`, about 6x
+        faster (measured 5.9 vs 35 ms at 200 x 1 x 28 x 28: the affine and blur are only computed
+        on the centre crop), with a different random-number stream."""
+        return self.views(x, 1, generator)[0]
+
     def extra_repr(self) -> str:
         return f"soft={self.soft}, noise_std={self.noise_std}"
 

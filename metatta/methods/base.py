@@ -65,6 +65,10 @@ class MethodConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     on_nonfinite_input: str = "skip"  # skip: predict without adapting, warn once | error: raise
+    # NHWC weights and inputs: oneDNN's convolutions (forward and backward) are 1.1-1.6x
+    # faster in that layout on CPU (measured: Tent 1864 -> 2106, PALM 362 -> 500,
+    # LAW 416 -> 637 img/s, ResNet-8, batch 200, 2 threads). Only 4-d tensors change.
+    channels_last: bool = True
 
 
 def register(name: str):
@@ -135,8 +139,11 @@ class TTAMethod(nn.Module):
         super().__init__()
         if context:
             raise TypeError(f"{type(self).__name__} takes no extra inputs, got {sorted(context)}")
-        self.model = model
         self.config = config if config is not None else self.Config()
+        if self.config.channels_last:
+            # Before the method copies anything (teachers, anchors, snapshots), so all share the layout.
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
         if self.config.on_nonfinite_input not in NONFINITE_INPUT_POLICIES:
             raise ValueError(f"{self.name}: config.on_nonfinite_input must be one of {NONFINITE_INPUT_POLICIES}, "
                              f"got {self.config.on_nonfinite_input!r}")
@@ -170,6 +177,8 @@ class TTAMethod(nn.Module):
 
     # ---- the update loop -----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.config.episodic:
             self.reset()
         if self.optimizer is None:

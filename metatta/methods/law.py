@@ -179,7 +179,7 @@ class LAW(TTAMethod):
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             logits = self.model(x)
-            logits_aug = self.model(self.augment(x)) if self.config.consistency_weight > 0 else None
+            logits_aug = self.model(self.augment.single_view(x)) if self.config.consistency_weight > 0 else None
             nll = F.cross_entropy(logits, logits.detach().argmax(1))
             loss = self.loss(x, logits, logits_aug)
             if not bool(torch.isfinite(torch.stack([nll.detach(), loss.detach()])).all()):

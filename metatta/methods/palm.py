@@ -314,7 +314,7 @@ class PALM(TTAMethod):
             self._last_updated = sum(params[k].numel() for k in update)
             self.last_adapted_fraction = self._last_updated / self._total
             if update:
-                logits_aug = self.model(self.augment(x))
+                logits_aug = self.model(self.augment.single_view(x))
                 loss = self.main_loss(logits, logits_aug)
                 if not bool(torch.isfinite(loss)):
                     self.refuse_update()  # the guard restores the moving averages and rates
