@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-slow benchmark clean
+.PHONY: setup data demo test test-slow benchmark reproduce clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ test-slow: setup data
 
 benchmark: setup data
 	$(PY) benchmarks/baselines.py
+
+# Re-runs a README table (benchmarks/results/$(TABLE).json) and fails if a mean error moved > 0.1.
+TABLE ?= baselines
+reproduce: setup data
+	$(PY) benchmarks/reproduce.py benchmarks/results/$(TABLE).json
 
 clean:
 	rm -rf .cache outputs mlflow.db mlruns

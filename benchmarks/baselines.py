@@ -15,7 +15,7 @@ from pathlib import Path
 from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.experiment import experiment_config, run_experiment
-from metatta.reporting import error_table
+from metatta.reporting import benchmark_command, error_table
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE.parent / "configs" / "fmnist_c" / "baselines.yaml"
@@ -49,9 +49,9 @@ def main(argv=None):
                             "results": [r.to_dict() for r in results]})
             sections.append(f"#### {setting}, batch size {batch_size} ({args.num_images} images per corruption, "
                             f"{seconds:.0f} s)\n\n{error_table(results)}\n")
-    (out / "baselines.json").write_text(json.dumps(records, indent=1))
-    command = "python benchmarks/baselines.py " + " ".join(argv or [])
-    (out / "baselines.md").write_text(f"Error (%) on Fashion-MNIST-C, severity 5. Command: `{command.strip()}`\n\n"
+    command = benchmark_command(__file__, argv)
+    (out / "baselines.json").write_text(json.dumps({"command": command, "tables": records}, indent=1))
+    (out / "baselines.md").write_text(f"Error (%) on Fashion-MNIST-C, severity 5. Command: `python {' '.join(command)}`\n\n"
                                       + "\n".join(sections))
     print((out / "baselines.md").read_text())
 

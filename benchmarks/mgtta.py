@@ -25,7 +25,7 @@ from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import MethodSpec, experiment_config, run_experiment
-from metatta.reporting import error_table
+from metatta.reporting import benchmark_command, error_table
 from trainers.mgg import mgg_train_config, train_mgg
 
 HERE = Path(__file__).resolve().parent
@@ -91,7 +91,9 @@ def main(argv=None):
     tent = next(r for r in results if r.method == "tent")
     per_batch = {r.method: 64.0 / r.images_per_second * 1000 for r in results}
 
+    command = benchmark_command(__file__, argv)
     record = {
+        "command": command,
         "protocol": results[0].protocol,
         "meta_training": [s for _, s in trained.values()],
         "actor_scaling": scaling,
@@ -102,9 +104,8 @@ def main(argv=None):
         "ms_per_batch_vs_tent": {m: v / per_batch["tent"] for m, v in per_batch.items()},
     }
     (out / "mgtta.json").write_text(json.dumps(record, indent=1))
-    command = "python benchmarks/mgtta.py " + " ".join(argv or [])
     lines = [f"Fashion-MNIST-C, severity 5, batch 64, episodic, {args.num_images} images per corruption. "
-             f"Command: `{command.strip()}`", "", error_table(results), "",
+             f"Command: `python {' '.join(command)}`", "", error_table(results), "",
              f"| method | mean error | error, first {EARLY_BATCHES} batches per corruption | ms per batch | vs Tent |",
              "|---|---:|---:|---:|---:|"]
     for r in results:

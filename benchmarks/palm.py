@@ -21,7 +21,7 @@ from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import experiment_config, run_experiment, source_model
-from metatta.reporting import _short, error_table
+from metatta.reporting import _short, benchmark_command, error_table
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE.parent / "configs" / "fmnist_c" / "baselines.yaml"
@@ -55,12 +55,15 @@ def main(argv=None):
     methods = [{"name": m} for m in args.methods]
     if args.tuned:
         methods.append({"name": "palm", "label": "palm (tuned)", "settings": args.tuned})
-    command = "python benchmarks/palm.py " + " ".join(argv or [])
+    command = benchmark_command(__file__, argv)
     sections, records = [], []
     for setting in args.settings:
+        # gradual walks severities 1..5 of each corruption; num_images is then per (corruption, severity)
+        severities = ["benchmark.severities=[1,2,3,4,5]"] if setting == "gradual" else []
         data = load_config(BASE_CONFIG, [f"stream.setting={setting}", f"stream.batch_size={args.batch_size}",
                                          f"benchmark.num_images={args.num_images}", "progress=false",
-                                         f"name=palm_{setting}_n{args.num_images}", f"output_dir={out / 'runs'}"])
+                                         f"name=palm_{setting}_n{args.num_images}", f"output_dir={out / 'runs'}",
+                                         *severities])
         data["methods"] = methods
         cfg = experiment_config(data)
         model, _ = source_model(cfg.source, "cpu")
@@ -75,8 +78,8 @@ def main(argv=None):
                         f"Parameters adapted (% of {total:,}), mean over each domain's batches:\n\n"
                         f"{share_table(results, total)}\n")
     stem = "palm" if args.num_images == 1000 else f"palm_n{args.num_images}"
-    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
-    (out / f"{stem}.md").write_text(f"Fashion-MNIST-C, severity 5. Command: `{command.strip()}`\n\n"
+    (out / f"{stem}.json").write_text(json.dumps({"command": command, "tables": records}, indent=1))
+    (out / f"{stem}.md").write_text(f"Fashion-MNIST-C, severity 5. Command: `python {' '.join(command)}`\n\n"
                                     + "\n".join(sections))
     print((out / f"{stem}.md").read_text())
 

@@ -129,3 +129,17 @@ def plot_heatmap(results: Sequence[Result], path: str | Path, title: str = "") -
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def benchmark_command(script: str | Path, argv: Sequence[str] | None) -> list[str]:
+    """The command a benchmark JSON records for `benchmarks/reproduce.py`: the script's path in
+    the repository and its arguments, without `--out` (the rerun writes elsewhere)."""
+    args, skip = [], False
+    for arg in argv or []:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            args.append(arg)
+    return [f"benchmarks/{Path(script).name}", *args]

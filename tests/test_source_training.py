@@ -94,7 +94,13 @@ def test_training_is_reproducible_for_a_seed(tmp_path, loader):
     cfg = tiny_config(tmp_path, num_train_images=128, num_test_images=100, feature_stats_images=64, epochs=1)
     a = source.train_source({**cfg, "output": str(tmp_path / "a.pt")}, loader)
     b = source.train_source({**cfg, "output": str(tmp_path / "b.pt")}, loader)
+    c = source.train_source({**cfg, "seed": 1, "output": str(tmp_path / "c.pt")}, loader)
     assert a.epoch_losses == b.epoch_losses and a.clean_test_error == b.clean_test_error
+    weights = [load_source_model(r.checkpoint).state_dict() for r in (a, b, c)]
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), f"{key} differs between two runs of one seed"
+    assert not all(torch.equal(v, weights[2][k]) for k, v in weights[0].items()), "seed 1 trained the same weights"
+    assert not torch.are_deterministic_algorithms_enabled(), "train_source must restore the global flag"
 
 
 def test_ensure_source_model_trains_once_then_reuses(tmp_path, loader, monkeypatch):

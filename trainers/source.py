@@ -198,14 +198,27 @@ def train_source(config: dict[str, Any] | SourceTrainConfig, load_split: SplitLo
     """Train the source model of `config` and write its checkpoint (see the module docstring).
 
     `load_split(dataset, split)` returns a clean split as (uint8 (N, H, W, C),
-    int64 (N,)); the default reads the dataset through `metatta.data`.
+    int64 (N,)); the default reads the dataset through `metatta.data`. The weights are
+    bit-identical across runs with the same config and `torch.get_num_threads()` (a different
+    thread count may change the order of float reductions).
     """
+    cfg = source_train_config(config)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train_source(cfg, load_split or load_clean_split)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train_source(cfg: SourceTrainConfig, load_split: SplitLoader) -> SourceTrainResult:
+    # Deterministic for a seed and thread count (the caller enables deterministic algorithms): one
+    # seeded generator draws the data order and the augmentation, no loader workers, and the model's
+    # initialisation follows torch.manual_seed(seed).
     from metatta.models import build_model
     from metatta.models.checkpoint import save_checkpoint
     from metatta.models.feature_stats import compute_feature_stats
 
-    cfg = source_train_config(config)
-    load_split = load_split or load_clean_split
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
