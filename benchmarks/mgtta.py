@@ -10,6 +10,16 @@ steps") are compared with Tent, all in one run.
 Writes benchmarks/results/mgtta.json and mgtta.md.
 
     python benchmarks/mgtta.py [--epochs 40] [--num-images 1000]
+
+Options for the issue-#9 evaluation (defaults keep the run above):
+- `--config` / `--mgg-set`: the MGG meta-training config and dotted overrides
+  (e.g. `--config configs/fmnist_c/mgg_k16.yaml`, `--mgg-set learned_step_size=true inner_lr=1e-3`);
+- `--num-images 10000 --setting continual`: the whole test set, either setting;
+- `--lr-multipliers 1 3 10 30`: Tent, SAR, EATA and MGTTA at those multiples
+  of their default lr (MGTTA: of adapt_lr), a table of mean errors;
+- `--scaling-unrolls 1 4 16`: the 1-vs-2-actor throughput at every K;
+- always: error against adaptation batches (curve in the JSON) and the
+  batches each method needs to come within `--within` points of its final error.
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ from trainers.mgg import mgg_train_config, train_mgg
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EARLY_BATCHES = 3
+LR_SWEEP_METHODS = ("tent", "sar", "eata", "mgtta")
 
 
 def early_error(result: Result, batches: int = EARLY_BATCHES) -> float:
@@ -44,6 +55,28 @@ def early_error(result: Result, batches: int = EARLY_BATCHES) -> float:
     return float(np.mean(errors))
 
 
+def error_curve(result: Result) -> list[float]:
+    """Error (%) at the b-th adaptation batch, averaged over the domains that have a b-th batch."""
+    per_domain: dict[str, list[float]] = {}
+    for domain, error in zip(result.batch_domains, result.error_over_stream):
+        per_domain.setdefault(domain, []).append(error)
+    longest = max(len(e) for e in per_domain.values())
+    return [float(np.mean([e[b] for e in per_domain.values() if len(e) > b])) for b in range(longest)]
+
+
+def batches_to_within(curve: list[float], tolerance: float = 0.2, window: int = 5) -> tuple[int, float]:
+    """(batches needed, final error): the first b whose trailing `window`-batch mean of the curve
+    is within `tolerance` points of the final error, the mean of the last `window` batches.
+
+    One batch of 64 has a standard error of several points; averaged over 15 domains and a
+    window of batches it is a fraction of a point, which the 0.2 tolerance needs."""
+    window = max(1, min(window, len(curve)))
+    smooth = np.convolve(curve, np.ones(window) / window, mode="valid")  # smooth[i]: batches i..i+window-1
+    final = float(smooth[-1])
+    first = int(np.argmax(smooth <= final + tolerance))
+    return first + window, final
+
+
 def meta_train(base: dict, run_name: str, **overrides):
     cfg = mgg_train_config({**base, **overrides, "name": run_name})
     start = time.perf_counter()
@@ -52,27 +85,79 @@ def meta_train(base: dict, run_name: str, **overrides):
     rates = [h["unroll_steps_per_second"] for h in outcome.history[len(outcome.history) // 10:]]
     return outcome, {"K": cfg.unroll_steps, "actors": cfg.num_actors, "learner_steps": outcome.steps,
                      "seconds": seconds, "unroll_steps_per_second": float(np.median(rates)),
-                     "validation_error": outcome.validation_error}
+                     "validation_error": outcome.validation_error, "skipped": outcome.skipped,
+                     "step_scale": outcome.mgg.step_scale_value()}
 
 
-def main(argv=None):
+def actor_scaling(base: dict, unrolls: list[int], epochs: int) -> list[dict]:
+    """Throughput of 1 and 2 rollout actors at every K, same config otherwise."""
+    return [meta_train(base, f"bench_scaling_k{k}_a{a}", num_actors=a, unroll_steps=k, epochs=epochs)[1]
+            for k in unrolls for a in (1, 2)]
+
+
+def scaling_ratios(scaling: list[dict]) -> dict[int, float]:
+    rate = {(s["K"], s["actors"]): s["unroll_steps_per_second"] for s in scaling}
+    return {k: rate[(k, 2)] / rate[(k, 1)] for k, a in rate if a == 1}
+
+
+def lr_sweep_specs(specs: list[MethodSpec], multipliers: list[float]) -> list[MethodSpec]:
+    """Copies of the Tent, SAR, EATA and MGTTA rows at lr x m (m != 1; x1 is the row itself)."""
+    from metatta.methods.base import method_class
+
+    out = []
+    for spec in specs:
+        base_name = spec.name
+        if base_name not in LR_SWEEP_METHODS:
+            continue
+        lr = spec.config.get("lr", method_class(base_name).Config().lr)
+        out += [dataclasses.replace(spec, label=f"{spec.label or spec.name} lr x{m:g}", config={**spec.config, "lr": lr * m})
+                for m in multipliers if m != 1]
+    return out
+
+
+def sweep_table(results: list[Result], multipliers: list[float]) -> list[str]:
+    by_label = {r.method: r.mean_error for r in results}
+    rows = [f"| method | {' | '.join(f'x{m:g}' for m in multipliers)} |", "|---|" + "---:|" * len(multipliers)]
+    for r in results:
+        if " lr x" in r.method or r.method.split(" ")[0] not in LR_SWEEP_METHODS:
+            continue
+        cells = [by_label.get(r.method if m == 1 else f"{r.method} lr x{m:g}") for m in multipliers]
+        rows.append(f"| {r.method} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    return rows
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=40, help="meta-training epochs per MGG (paper: 40)")
     parser.add_argument("--scaling-epochs", type=int, default=3, help="epochs of the 1-vs-2-actor throughput runs")
-    parser.add_argument("--num-images", type=int, default=1000, help="test images per corruption")
+    parser.add_argument("--scaling-unrolls", nargs="*", type=int, default=[1], help="K of the throughput runs")
+    parser.add_argument("--num-images", type=int, default=1000, help="test images per corruption (<= 10000)")
+    parser.add_argument("--setting", default="episodic", choices=("episodic", "continual"))
     parser.add_argument("--unrolls", nargs="*", type=int, default=[1, 2, 4])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "fmnist_c" / "mgg.yaml"),
+                        help="MGG meta-training config")
+    parser.add_argument("--mgg-set", nargs="*", default=[], help="dotted overrides of the MGG config, key=value")
+    parser.add_argument("--lr-multipliers", nargs="*", type=float, default=[],
+                        help="lr sweep of Tent, SAR, EATA and MGTTA, e.g. 1 3 10 30")
+    parser.add_argument("--within", type=float, default=0.2, help="points from the final error (batches table)")
+    parser.add_argument("--curve-window", type=int, default=5, help="batches averaged in the batches table")
     parser.add_argument("--out", default=str(HERE / "results"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     setup_logging("WARNING")
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_config(ROOT / "configs" / "fmnist_c" / "mgg.yaml",
-                       [f"checkpoint_dir={out / 'mgg_runs'}", "register_as=null", "mlflow=false"])
+    base = load_config(args.config, [*args.mgg_set, f"checkpoint_dir={out / 'mgg_runs'}", "register_as=null",
+                                     "mlflow=false"])
 
-    scaling = [meta_train(base, f"bench_scaling_a{a}", num_actors=a, epochs=args.scaling_epochs)[1] for a in (1, 2)]
+    scaling = actor_scaling(base, args.scaling_unrolls, args.scaling_epochs)
+    ratios = scaling_ratios(scaling)
     trained = {}
     for k in args.unrolls:
         outcome, stats = meta_train(base, f"bench_k{k}", unroll_steps=k, epochs=args.epochs, num_actors=2)
@@ -80,46 +165,65 @@ def main(argv=None):
     ray.shutdown()
 
     data = load_config(ROOT / "configs" / "fmnist_c" / "mgtta.yaml",
-                       [f"benchmark.num_images={args.num_images}", "progress=false", "mlflow=false",
-                        "name=bench_mgtta", f"output_dir={out / 'runs'}"])
+                       [f"benchmark.num_images={args.num_images}", f"stream.setting={args.setting}", "progress=false",
+                        "mlflow=false", "name=bench_mgtta", f"output_dir={out / 'runs'}"])
     cfg = experiment_config(data)
     baselines = [s for s in cfg.methods if s.name != "mgtta"]
     mgtta_spec = next(s for s in cfg.methods if s.name == "mgtta")
-    cfg.methods = baselines + [dataclasses.replace(mgtta_spec, label=f"mgtta (K={k})", adapter=str(o.adapter_dir))
-                               for k, (o, _) in trained.items()]
+    mgtta_rows = [dataclasses.replace(mgtta_spec, label=f"mgtta (K={k})", adapter=str(o.adapter_dir))
+                  for k, (o, _) in trained.items()]
+    cfg.methods = baselines + mgtta_rows + lr_sweep_specs(baselines + mgtta_rows, args.lr_multipliers)
     results = run_experiment(cfg)
+    main_results = [r for r in results if " lr x" not in r.method]
     tent = next(r for r in results if r.method == "tent")
     per_batch = {r.method: 64.0 / r.images_per_second * 1000 for r in results}
+    curves = {r.method: error_curve(r) for r in results}
+    to_final = {m: batches_to_within(c, args.within, args.curve_window) for m, c in curves.items()}
 
     command = benchmark_command(__file__, argv)
+    first_k = args.scaling_unrolls[0]
+    first = [s for s in scaling if s["K"] == first_k]
     record = {
         "command": command,
         "protocol": results[0].protocol,
         "meta_training": [s for _, s in trained.values()],
-        "actor_scaling": scaling,
-        "actor_scaling_ratio": scaling[1]["unroll_steps_per_second"] / scaling[0]["unroll_steps_per_second"],
+        "actor_scaling": first,
+        "actor_scaling_ratio": ratios[first_k],
+        "actor_scaling_by_K": scaling,
+        "actor_scaling_ratio_by_K": ratios,
         "results": [r.to_dict() for r in results],
         "early_error": {r.method: early_error(r) for r in results},
         "ms_per_batch": per_batch,
         "ms_per_batch_vs_tent": {m: v / per_batch["tent"] for m, v in per_batch.items()},
+        "error_curve": curves,
+        "batches_to_within": {m: {"batches": b, "final_error": f, "within": args.within, "window": args.curve_window}
+                              for m, (b, f) in to_final.items()},
+        "lr_multipliers": args.lr_multipliers,
     }
     (out / "mgtta.json").write_text(json.dumps(record, indent=1))
-    lines = [f"Fashion-MNIST-C, severity 5, batch 64, episodic, {args.num_images} images per corruption. "
-             f"Command: `python {' '.join(command)}`", "", error_table(results), "",
+    lines = [f"Fashion-MNIST-C, severity 5, batch 64, {args.setting}, {args.num_images} images per corruption. "
+             f"Command: `python {' '.join(command)}`", "", error_table(main_results), "",
              f"| method | mean error | error, first {EARLY_BATCHES} batches per corruption | ms per batch | vs Tent |",
              "|---|---:|---:|---:|---:|"]
-    for r in results:
+    for r in main_results:
         lines.append(f"| {r.method} | {r.mean_error:.1f} | {record['early_error'][r.method]:.1f} | "
                      f"{per_batch[r.method]:.1f} | {per_batch[r.method] / per_batch['tent']:.2f}x |")
-    lines += ["", "Meta-training (128 held-out images, batch 2, 2 actors):", "",
+    lines += ["", f"Batches to come within {args.within} points of the final error (mean of the last "
+              f"{args.curve_window} batches; curve averaged over corruptions, {args.curve_window}-batch window):", "",
+              "| method | final error | batches |", "|---|---:|---:|"]
+    lines += [f"| {r.method} | {to_final[r.method][1]:.1f} | {to_final[r.method][0]} |" for r in main_results]
+    if args.lr_multipliers:
+        lines += ["", "Mean error at lr x m of each method's default (MGTTA: adapt_lr):", ""]
+        lines += sweep_table(results, sorted({1.0, *args.lr_multipliers}))
+    lines += ["", f"Meta-training ({Path(args.config).name}{' ' + ' '.join(args.mgg_set) if args.mgg_set else ''}, "
+              "2 actors):", "",
               "| K | learner steps | seconds | unroll steps/s | validation error (held-out) |", "|---:|---:|---:|---:|---:|"]
     for _, s in trained.values():
         lines.append(f"| {s['K']} | {s['learner_steps']} | {s['seconds']:.0f} | {s['unroll_steps_per_second']:.1f} | "
                      f"{s['validation_error']:.1f} |")
-    lines += ["", f"Actor scaling (K=1, {args.scaling_epochs} epochs): 1 actor "
-              f"{scaling[0]['unroll_steps_per_second']:.1f} unroll steps/s, 2 actors "
-              f"{scaling[1]['unroll_steps_per_second']:.1f} ({record['actor_scaling_ratio']:.2f}x), same run, "
-              "2 CPU cores.", ""]
+    rate = {(s["K"], s["actors"]): s["unroll_steps_per_second"] for s in scaling}
+    lines += [""] + [f"Actor scaling (K={k}, {args.scaling_epochs} epochs): 1 actor {rate[(k, 1)]:.1f} unroll steps/s, "
+                     f"2 actors {rate[(k, 2)]:.1f} ({ratios[k]:.2f}x), same run, 2 CPU cores." for k in ratios] + [""]
     (out / "mgtta.md").write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"tent mean error {tent.mean_error:.2f}")

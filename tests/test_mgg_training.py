@@ -10,8 +10,8 @@ from metatta.data.types import DomainData
 from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
+from test_mgg_options import train_split_only  # noqa: F401 (a fixture)
 from trainers.mgg import (
-    LocalPool,
     RolloutWorker,
     load_checkpoint,
     mgg_train_config,
@@ -50,7 +50,7 @@ def config(tmp_path, checkpoint, **overrides):
 
 
 def test_config_errors(tmp_path, source_checkpoint):
-    with pytest.raises(ValueError, match="unroll needs"):
+    with pytest.raises(ValueError, match="unroll of train_mgg.unroll_steps=1 needs"):
         config(tmp_path, source_checkpoint, train_images=4)
     with pytest.raises(ValueError, match="unknown corruption"):
         config(tmp_path, source_checkpoint, corruptions=["fog", "nope"])
@@ -137,3 +137,48 @@ def test_ray_actors_survive_a_killed_actor(tmp_path, source_checkpoint, domains,
     assert killed == [2]
     assert outcome.steps == 3 * steps_per_epoch(split_domains(domains, cfg)[0], cfg)
     assert all(np.isfinite(h["meta_loss"]) for h in outcome.history)
+
+
+# ---- options beyond the paper (issue #9) ------------------------------------------------------------
+def test_long_unrolls_with_a_learned_step_scale_train_and_save_it(tmp_path, source_checkpoint, domains):
+    from metatta.learned.mgg import load_mgg
+
+    # 1 actor, 16 images per corruption = 8 batches: one to prime, then two truncations of K=3
+    cfg = config(tmp_path, source_checkpoint, num_actors=1, train_images=32, unroll_steps=3, learned_step_size=True,
+                 outer_reduction="sum", meta_lr=0.05)
+    assert steps_per_epoch(split_domains(domains, cfg)[0], cfg) == 4
+    outcome = train_mgg(cfg, use_ray=False, domains=domains)
+    assert [h["trajectory_steps"] for h in outcome.history] == [3.0, 6.0, 3.0, 6.0]
+    assert outcome.skipped == {"inner_updates": 0, "unrolls": 0, "meta_steps": 0}
+    assert abs(outcome.mgg.log_step_scale.item()) > 1e-3  # moved from 0 (4 Adam steps of 0.05, noisy signs)
+    assert outcome.history[-1]["step_scale"] != 1.0
+    loaded = load_mgg(outcome.adapter_dir)
+    assert loaded.learned_step_size and torch.equal(loaded.log_step_scale, outcome.mgg.log_step_scale)
+
+
+def test_non_finite_updates_are_skipped_and_counted(tmp_path, source_checkpoint, domains):
+    import json
+
+    # an infinite step scale: every MGG update would be non-finite, so every one is skipped
+    cfg = config(tmp_path, source_checkpoint, learned_step_size=True, init_log_step_scale=1000.0)
+    outcome = train_mgg(cfg, use_ray=False, domains=domains)
+    assert outcome.skipped["inner_updates"] == sum(h["skipped_inner_updates"] for h in outcome.history) > 0
+    assert all(torch.isfinite(p).all() for p in outcome.mgg.parameters())
+    info = json.loads((outcome.adapter_dir / "adapter.json").read_text())
+    assert info["skipped"] == outcome.skipped
+
+
+def test_supervised_outer_loss_reads_only_the_training_split(tmp_path, source_checkpoint, train_split_only):
+    import json
+
+    _, _, asked = train_split_only  # the test split raises
+    cfg = config(tmp_path, source_checkpoint, train_data="train_split", outer_loss="supervised", unroll_steps=1)
+    outcome = train_mgg(cfg, use_ray=False)  # no domains given: built from the clean training split
+    assert set(asked) == {"train"}
+    prov = outcome.data_provenance
+    assert prov["split"] == "train" and list(prov["corruptions"]) == CORRUPTIONS
+    assert all(len(rows) == 8 + 8 for rows in prov["corruptions"].values())  # 8 to train + 8 to validate
+    assert json.loads((outcome.adapter_dir / "adapter.json").read_text())["train_data_provenance"] == prov
+    assert 0.0 <= outcome.validation_error <= 100.0 and outcome.steps >= 1
+    with pytest.raises(ValueError, match=r"train_mgg\.train_data 'train_split'"):
+        config(tmp_path, source_checkpoint, outer_loss="supervised")

@@ -15,11 +15,27 @@ Shape (DESIGN.md, "Distributed shape"):
 
 `RolloutWorker` is a plain class and `train_mgg(..., use_ray=False)` runs the
 same loop in one process, so everything here is testable without Ray.
+
+Options beyond the paper (issue #9), every default the paper's configuration
+(configs/fmnist_c/mgg_paper.yaml pins them; none was measured better yet):
+- `learned_step_size` / `init_log_step_scale`: a meta-learned scale on the
+  update (`metatta.learned.mgg`), carried by the saved adapter;
+- `unroll_steps` K > 1 with `outer_loss_over` all | last and `outer_reduction`
+  mean | sum: longer truncations, each actor unrolling its own trajectories;
+- `outer_loss` lookahead | supervised, the latter on labelled held-out
+  corruptions of the clean *training* split (`train_data: train_split`,
+  `metatta.learned.heldout`); supervised on the -C files (test images) is refused;
+- stability: non-finite inner updates and truncations are skipped inside the
+  unroll, and a learner step whose averaged meta-gradient or resulting weights
+  are non-finite is undone; the counts are in every history entry and in
+  `TrainOutcome.skipped`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +48,7 @@ from metatta.config import build_dataclass
 from metatta.device import resolve_device
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names
 from metatta.data.types import DomainData
+from metatta.learned.unroll import BACKENDS, OUTER_LOSS_OVER, OUTER_LOSSES, REDUCTIONS
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +83,59 @@ class MGGTrainConfig:
     register_as: str | None = "mgg"  # MLflow registered model name; None: do not register
     mlflow: bool = True
     backend: str = "higher"  # unroll engine: higher | func
+    # ---- beyond the paper (defaults = the paper; see the module docstring) ----
+    learned_step_size: bool = False  # meta-learn s in theta <- theta - lr * s * d (MGG.log_step_scale)
+    init_log_step_scale: float = 0.0  # log s at the start (0: s = 1, the paper's step)
+    outer_loss: str = "lookahead"  # lookahead: TTA loss of the next batch (paper) | supervised: its cross-entropy
+    outer_loss_over: str = "all"  # all steps of an unroll | last step only
+    outer_reduction: str = "mean"  # over the steps (outer_loss_over=all): mean | sum
+    train_data: str = "benchmark"  # benchmark: the -C files (test split, as the paper) | train_split
+    dataset: str = "fashion_mnist"  # clean dataset of train_data=train_split
+    data_root: str | None = None  # where that clean dataset is (None: the loader's default places)
+    heldout_seed: int = 0  # image choice and corruption seeds of train_data=train_split
+
+
+TRAIN_DATA = ("benchmark", "train_split")
+CHOICES = {"outer_loss": OUTER_LOSSES, "outer_loss_over": OUTER_LOSS_OVER, "outer_reduction": REDUCTIONS,
+           "train_data": TRAIN_DATA, "backend": BACKENDS}
 
 
 def mgg_train_config(data: dict[str, Any]) -> MGGTrainConfig:
+    """A checked config; every error names the field (train_mgg.<field>)."""
     cfg = build_dataclass(MGGTrainConfig, data, where="train_mgg")
     check_corruption_names(cfg.corruptions)
     for field in ("train_images", "batch_size", "epochs", "unroll_steps", "num_actors", "val_images"):
         if getattr(cfg, field) < 1:
             raise ValueError(f"train_mgg.{field} must be >= 1, got {getattr(cfg, field)}")
+    for field in ("inner_lr", "meta_lr", "test_lr"):
+        if not getattr(cfg, field) > 0:
+            raise ValueError(f"train_mgg.{field} must be > 0, got {getattr(cfg, field)}")
+    for field, allowed in CHOICES.items():
+        if getattr(cfg, field) not in allowed:
+            raise ValueError(f"train_mgg.{field} {getattr(cfg, field)!r} is not one of {allowed}")
+    if cfg.init_log_step_scale != 0.0 and not cfg.learned_step_size:
+        raise ValueError("train_mgg.init_log_step_scale is set but train_mgg.learned_step_size is false")
+    if not math.isfinite(cfg.init_log_step_scale):
+        raise ValueError(f"train_mgg.init_log_step_scale must be finite, got {cfg.init_log_step_scale}")
+    if cfg.outer_loss == "supervised" and cfg.train_data != "train_split":
+        raise ValueError("train_mgg.outer_loss 'supervised' needs train_mgg.train_data 'train_split': the "
+                         "benchmark files are built from the test split, whose labels must not train anything")
     per_actor = cfg.train_images // (len(cfg.corruptions) * cfg.num_actors)
-    if per_actor < cfg.batch_size * 2:
+    needed = cfg.unroll_steps + 1  # a fresh trajectory primes on one batch, then steps K times
+    if per_actor < cfg.batch_size * needed:
         raise ValueError(
-            f"train_mgg: {cfg.train_images} training images over {len(cfg.corruptions)} corruptions and "
-            f"{cfg.num_actors} actors leave {per_actor} per actor and corruption; an unroll needs at least "
-            f"2 batches of {cfg.batch_size}"
+            f"train_mgg.train_images: {cfg.train_images} training images over {len(cfg.corruptions)} corruptions "
+            f"and {cfg.num_actors} actors leave {per_actor} per actor and corruption; an unroll of "
+            f"train_mgg.unroll_steps={cfg.unroll_steps} needs at least {needed} batches of {cfg.batch_size}"
         )
     return cfg
+
+
+def build_mgg(cfg: MGGTrainConfig):
+    """The MGG architecture this config trains (learner and actors build the same one)."""
+    from metatta.learned.mgg import MGG
+
+    return MGG(learned_step_size=cfg.learned_step_size, init_log_step_scale=cfg.init_log_step_scale)
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -131,7 +185,6 @@ class RolloutWorker:
     changes every epoch."""
 
     def __init__(self, share: list[DomainData], checkpoint: str, cfg: MGGTrainConfig, index: int):
-        from metatta.learned.mgg import MGG
         from metatta.learned.unroll import Trajectory
         from metatta.methods.common import configure_norm_adaptation
 
@@ -140,7 +193,7 @@ class RolloutWorker:
         model, stats = source_parts(checkpoint, self.device)
         configure_norm_adaptation(model)
         self.trajectory = Trajectory(model, make_loss(cfg, stats), backend=cfg.backend)
-        self.mgg = MGG().to(self.device)
+        self.mgg = build_mgg(cfg).to(self.device)
         self.domains = [(to_tensor(d.images), torch.from_numpy(np.asarray(d.labels)).long(), d.name) for d in share]
         self.epoch, self.queue = -1, []
         self._next_epoch()
@@ -178,9 +231,11 @@ class RolloutWorker:
         self.mgg.load_state_dict(mgg_state)
         start = time.perf_counter()
         batches = self._take(self.trajectory.batches_needed(self.cfg.unroll_steps))
-        result = unroll(self.mgg, self.trajectory, batches, K=self.cfg.unroll_steps, inner_lr=self.cfg.inner_lr)
+        cfg = self.cfg
+        result = unroll(self.mgg, self.trajectory, batches, K=cfg.unroll_steps, inner_lr=cfg.inner_lr,
+                        reduction=cfg.outer_reduction, outer_loss=cfg.outer_loss, outer_loss_over=cfg.outer_loss_over)
         metrics = {**result.metrics, "unroll_seconds": time.perf_counter() - start, "epoch": float(self.epoch)}
-        return {"grads": result.grads, "metrics": metrics, "steps": self.cfg.unroll_steps}
+        return {"grads": result.grads, "metrics": metrics, "steps": cfg.unroll_steps, "skipped": result.skipped}
 
 
 # ---- the learner ------------------------------------------------------------------------------
@@ -239,14 +294,54 @@ class TrainOutcome:
     promoted: bool
     history: list[dict[str, float]]
     run_id: str | None
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # see skip_totals
+    data_provenance: dict[str, Any] | None = None  # train_data=train_split: where every image came from
 
 
-def average(outputs: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    names = outputs[0]["grads"].keys()
-    grads = {n: torch.stack([o["grads"][n] for o in outputs]).mean(0) for n in names}
-    keys = set.intersection(*(set(o["metrics"]) for o in outputs))
-    metrics = {k: float(np.mean([o["metrics"][k] for o in outputs])) for k in sorted(keys)}
+SKIP_COUNTERS = {"inner_updates": "skipped_inner_updates", "unrolls": "skipped_unrolls",
+                 "meta_steps": "skipped_meta_step"}
+
+
+def average(outputs: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor] | None, dict[str, float]]:
+    """Mean meta-gradient over the actors whose unroll was not skipped (None if all were),
+    mean metrics over those (over all when all were skipped), and skip counts summed."""
+    kept = [o for o in outputs if not o.get("skipped", False)]
+    grads = None
+    if kept:
+        grads = {n: torch.stack([o["grads"][n] for o in kept]).mean(0) for n in kept[0]["grads"]}
+    pool = kept or outputs
+    keys = set.intersection(*(set(o["metrics"]) for o in pool))
+    metrics = {k: float(np.mean([o["metrics"][k] for o in pool])) for k in sorted(keys)}
+    metrics["skipped_inner_updates"] = float(sum(o["metrics"].get("skipped_inner_updates", 0.0) for o in outputs))
+    metrics["skipped_unrolls"] = float(len(outputs) - len(kept))
     return grads, metrics
+
+
+def guarded_step(mgg, optimizer, grads: dict[str, torch.Tensor] | None, grad_clip: float) -> dict[str, float]:
+    """Clip and apply the averaged meta-gradient; undo the step (weights and optimizer
+    state) when the gradient or the new weights are not finite. Returns metrics."""
+    if grads is None or not all(torch.isfinite(g).all() for g in grads.values()):
+        return {"skipped_meta_step": 1.0}
+    weights = {k: v.clone() for k, v in mgg.state_dict().items()}
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    optimizer.zero_grad(set_to_none=True)
+    for name, p in mgg.named_parameters():
+        if name in grads:
+            p.grad = grads[name].to(p.dtype)
+    norm = float(torch.nn.utils.clip_grad_norm_(mgg.parameters(), grad_clip))
+    optimizer.step()
+    if all(torch.isfinite(p).all() for p in mgg.parameters()):
+        return {"meta_grad_norm_clipped": norm, "skipped_meta_step": 0.0}
+    log.warning("meta step gave non-finite MGG weights; undone")
+    mgg.load_state_dict(weights)
+    optimizer.load_state_dict(opt_state)
+    return {"meta_grad_norm_clipped": norm, "skipped_meta_step": 1.0}
+
+
+def skip_totals(history: list[dict[str, float]]) -> dict[str, int]:
+    """What the stability guards skipped over a training: non-finite inner updates (in
+    all unrolls), unrolls (per actor) and learner steps."""
+    return {name: int(sum(h.get(key, 0.0) for h in history)) for name, key in SKIP_COUNTERS.items()}
 
 
 def steps_per_epoch(shares: list[list[DomainData]], cfg: MGGTrainConfig) -> int:
@@ -304,15 +399,17 @@ def train_mgg(
     """Meta-train the MGG; register it in MLflow and move the champion alias
     when it beats the current one on the validation stream."""
     from metatta import tracking
-    from metatta.learned.mgg import MGG, save_mgg
+    from metatta.learned.mgg import save_mgg
 
     torch.manual_seed(cfg.seed)
     checkpoint = cfg.source_checkpoint or _ensure_source(cfg)
-    domains = domains if domains is not None else _load_domains(cfg)
+    provenance = None
+    if domains is None:
+        domains, provenance = _load_domains(cfg)
     shares, val_domains = split_domains(domains, cfg)
     total_steps = cfg.epochs * steps_per_epoch(shares, cfg)
 
-    mgg = MGG()
+    mgg = build_mgg(cfg)
     optimizer = torch.optim.Adam(mgg.parameters(), lr=cfg.meta_lr)
     step, run_id, history = 0, None, []
     ckpt = checkpoint_path(cfg)
@@ -333,12 +430,7 @@ def train_mgg(
                 start = time.perf_counter()
                 outputs = pool.run({k: v.detach().cpu() for k, v in mgg.state_dict().items()})
                 grads, metrics = average(outputs)
-                optimizer.zero_grad(set_to_none=True)
-                for name, p in mgg.named_parameters():
-                    if name in grads:
-                        p.grad = grads[name].to(p.dtype)
-                metrics["meta_grad_norm_clipped"] = float(torch.nn.utils.clip_grad_norm_(mgg.parameters(), cfg.grad_clip))
-                optimizer.step()
+                metrics.update(guarded_step(mgg, optimizer, grads, cfg.grad_clip))
                 step += 1
                 seconds = time.perf_counter() - start
                 metrics["unroll_steps_per_second"] = sum(o["steps"] for o in outputs) / seconds
@@ -366,6 +458,8 @@ def train_mgg(
                 "train_config": dataclasses.asdict(cfg),
                 "validation_error": val_error,
                 "steps": step,
+                "skipped": skip_totals(history),
+                "train_data_provenance": provenance,
             })
             version, promoted = None, False
             if run is not None:
@@ -375,7 +469,8 @@ def train_mgg(
                     promoted = tracking.promote_if_better(cfg.register_as, version, val_error)
     finally:
         pool.shutdown()
-    return TrainOutcome(mgg, step, val_error, adapter_dir, version, promoted, history, run_id)
+    return TrainOutcome(mgg, step, val_error, adapter_dir, version, promoted, history, run_id,
+                        skip_totals(history), provenance)
 
 
 class _NullRun:
@@ -407,8 +502,16 @@ def _ensure_source(cfg: MGGTrainConfig) -> str:
     return str(ensure_source_model(load_config(cfg.source_config)))
 
 
-def _load_domains(cfg: MGGTrainConfig) -> list[DomainData]:
+def _load_domains(cfg: MGGTrainConfig) -> tuple[list[DomainData], dict[str, Any] | None]:
+    """The held-out-corruption domains and, for train_data=train_split, their provenance."""
+    if cfg.train_data == "train_split":
+        from metatta.learned.heldout import build_heldout_train_set
+
+        per_domain = cfg.train_images // len(cfg.corruptions) + cfg.val_images
+        held_out = build_heldout_train_set(cfg.corruptions, cfg.severity, per_domain, cfg.dataset, cfg.data_root,
+                                           cfg.heldout_seed)
+        return held_out.domains, held_out.provenance
     from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
 
     root = Path(cfg.benchmark_root) if cfg.benchmark_root else fashion_mnist_c()
-    return read_cifar_c(root, cfg.corruptions, [cfg.severity])
+    return read_cifar_c(root, cfg.corruptions, [cfg.severity]), None

@@ -6,10 +6,26 @@ Per scalar parameter coordinate (MGTTA, Deng, Niu et al., AAAI 2025):
     x      =  [m_hat / (sqrt(v_hat) + 1e-8), g / (sqrt(v_hat) + 1e-8)]   (bias-corrected)
     h      =  GML(x)                        (gradient memory layer, per-coordinate memory)
     d      =  tanh(Linear(8 -> 1, no bias)(LayerNorm(8)(h)))     in [-1, 1]
-    theta  <- theta - lr * d
+    theta  <- theta - lr * s * d        (s = exp(log_step_scale), or 1)
 
 About 160 parameters (164 with the default options). Gradient features are
 always detached: the MGG sees gradients as data, as in the paper.
+
+Learned step size (beyond the paper, `learned_step_size=True`): with d bounded
+in [-1, 1], the paper's MGG can never move a coordinate further than lr per
+batch, whatever it learns. A meta-learned scalar `log_step_scale` multiplies
+the base lr (inner_lr in meta-training, adapt_lr at test time) by
+s = exp(log_step_scale), so meta-training can make the steps larger (or
+smaller) when that lowers the outer loss. It is a relative scale, not an
+absolute lr, because (a) at its initial value 0 the MGG is exactly the paper's
+(s = 1), (b) a learning-rate sweep at test time (x3, x10 of adapt_lr) keeps its
+meaning, and (c) the same code path serves the optimizer and the unroll. Train
+with inner_lr equal to the test-time adapt_lr when the scale is learned (the
+paper trains at 1e-4 and tests at 1e-3), or the learned s is applied to a
+10x larger base at test time. The parameter lives in the MGG's state dict, so a
+saved or registered adapter carries it; `from_state_dict` reads the option off
+the weights. The exponent keeps s positive (d carries the sign) and makes the
+meta-gradient act on the order of magnitude of the step.
 
 Paper vs authors' code: the authors bias-correct with 1 - beta^(t+1) at step t
 (their batch counter is incremented before use and then offset by one);
@@ -27,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,6 +123,8 @@ class MGG(nn.Module):
         eps: float = 1e-8,
         bias_correction_offset: int = 0,
         norm_eps: float = 1e-6,
+        learned_step_size: bool = False,
+        init_log_step_scale: float = 0.0,
     ):
         super().__init__()
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
@@ -117,6 +136,24 @@ class MGG(nn.Module):
         self.gml = GradientMemoryLayer(NUM_FEATURES, width, base_lr, learnable_token_eta, eps=norm_eps)
         self.out_norm = nn.LayerNorm(width, eps=norm_eps)
         self.head = nn.Linear(width, 1, bias=False)
+        if learned_step_size:
+            if not math.isfinite(init_log_step_scale):
+                raise ValueError(f"MGG: init_log_step_scale must be finite, got {init_log_step_scale!r}")
+            self.log_step_scale = nn.Parameter(torch.tensor(float(init_log_step_scale)))
+        else:
+            self.register_parameter("log_step_scale", None)
+
+    @property
+    def learned_step_size(self) -> bool:
+        return self.log_step_scale is not None
+
+    def step_scale(self) -> torch.Tensor | float:
+        """The factor s on the base lr: exp(log_step_scale) (a tensor in the graph), or 1.0."""
+        return 1.0 if self.log_step_scale is None else self.log_step_scale.exp()
+
+    def step_scale_value(self) -> float:
+        """`step_scale()` as a plain float (no graph), for logging and the test-time optimizer."""
+        return 1.0 if self.log_step_scale is None else self.log_step_scale.detach().exp().item()
 
     # ---- the network ---------------------------------------------------------------
     def forward(self, features: torch.Tensor, memory: Memory | None = None) -> tuple[torch.Tensor, Memory]:
@@ -178,16 +215,19 @@ class MGG(nn.Module):
             "eps": self.eps,
             "bias_correction_offset": self.bias_correction_offset,
             "norm_eps": self.gml.eps,
+            "learned_step_size": self.learned_step_size,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], **hparams: Any) -> "MGG":
-        """Rebuild from weights; width and the token-eta option are read off the weights."""
+        """Rebuild from weights; width and the token-eta and step-size options are read off the weights."""
         if "gml.init_W" not in state:
             raise ValueError(f"not an MGG state dict (no 'gml.init_W'; keys: {sorted(state)[:6]}...)")
         hparams = dict(hparams)
         hparams["width"] = state["gml.init_W"].shape[0]
         hparams["learnable_token_eta"] = "gml.token_eta" in state
+        hparams["learned_step_size"] = "log_step_scale" in state
+        hparams.pop("init_log_step_scale", None)  # the weights hold the value
         mgg = cls(**hparams)
         mgg.load_state_dict(state)
         return mgg
@@ -223,6 +263,7 @@ def load_mgg(path: str | Path, map_location: str | torch.device = "cpu", **hpara
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     hparams.pop("width", None)
     hparams.pop("learnable_token_eta", None)
+    hparams.pop("learned_step_size", None)
     try:
         return MGG.from_state_dict(state, **hparams)
     except (ValueError, RuntimeError) as e:

@@ -1,6 +1,7 @@
 """`MGGOptimizer`: a trained MGG as a `torch.optim.Optimizer`.
 
-theta <- theta - lr * MGG(features of theta.grad), with the MGG's per-tensor
+theta <- theta - lr * s * MGG(features of theta.grad), s the MGG's learned step
+scale (exp(log_step_scale); 1 for an MGG without one, the paper's), with the MGG's per-tensor
 state (step, moments, GML memory) kept in `optimizer.state[p]`, so
 `state_dict()` / `load_state_dict()` save and restore it like any optimizer
 state: `TTAMethod.reset()` (which restores a deep copy of the optimizer state
@@ -61,8 +62,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         if grads[0].device != mgg_device:
             raise ValueError(f"MGGOptimizer: parameters are on {grads[0].device} but the MGG is on {mgg_device}; move the MGG")
         directions, new_states = self.mgg.directions(grads, states)
+        scale = self.mgg.step_scale_value()
         for p, d, s, lr in zip(params, directions, new_states, lrs):
-            p.add_(d, alpha=-lr)
+            p.add_(d, alpha=-lr * scale)
             self.state[p] = {
                 "step": s.step,
                 "exp_avg": s.exp_avg,

@@ -5,10 +5,11 @@ One truncation of K steps, starting from the trajectory's state
 
     for k = 1..K:
         d_k, s_k  = MGG(features(g_{k-1}), s_{k-1})          # g detached: data, not graph
-        theta_k   = theta_{k-1} - inner_lr * d_k            # graph kept into the MGG
-        L_k       = L(theta_k, x_k)                         # outer loss on the *next* batch
+        theta_k   = theta_{k-1} - inner_lr * s * d_k        # s: MGG.step_scale(); graph kept into the MGG
+        L_k       = L(theta_k, x_k)                         # test-time loss on the *next* batch
         g_k       = dL_k/dtheta_k   (detached)              # feeds the next step
-    meta_loss = mean_k L_k   (or the sum)
+        O_k       = L_k, or CE(logits(theta_k, x_k), y_k)   # outer loss: lookahead | supervised
+    meta_loss = mean_k O_k   (or the sum, or O_K alone)
 
 and the meta-gradient d meta_loss / d MGG weights. K = 1 is the paper's
 one-step lookahead (MGTTA trains exactly so: the loss of batch t+1 at the
@@ -35,6 +36,7 @@ import logging
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metatta.learned.losses import TTALoss, record_features
@@ -43,17 +45,21 @@ from metatta.learned.mgg import MGG, TensorState
 log = logging.getLogger(__name__)
 
 BACKENDS = ("higher", "func")
+OUTER_LOSSES = ("lookahead", "supervised")
+OUTER_LOSS_OVER = ("all", "last")
+REDUCTIONS = ("mean", "sum")
 
 
 @dataclasses.dataclass
 class UnrollResult:
-    """meta_loss: the (mean or summed) outer loss as a float; grads: MGG parameter
+    """meta_loss: the combined outer loss as a float; grads: MGG parameter
     name -> meta-gradient (CPU tensor, zeros where a weight was unused);
     metrics: floats for logging."""
 
     meta_loss: float
     grads: dict[str, torch.Tensor]
     metrics: dict[str, float]
+    skipped: bool = False  # non-finite meta-loss or meta-gradient: grads are zeros, do not step on them
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,6 +187,40 @@ class Trajectory:
         return metrics
 
 
+def _finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """All values of all tensors finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _states_finite(states: Sequence[TensorState]) -> bool:
+    return _finite([t for s in states for t in (s.exp_avg, s.exp_avg_sq, *(s.memory or ()))])
+
+
+def _outer_term(outer_loss: str, tta_loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """The outer loss of one unroll step: the test-time loss itself (lookahead) or the
+    cross-entropy against the batch's labels (supervised)."""
+    if outer_loss == "lookahead":
+        return tta_loss
+    return F.cross_entropy(logits, y.to(logits.device))
+
+
+def _meta_loss(terms: list[torch.Tensor], over: str, reduction: str) -> torch.Tensor:
+    """Combine the per-step outer losses: all steps (mean or sum) or the last one only."""
+    if over == "last":
+        return terms[-1]
+    stacked = torch.stack(terms)
+    return stacked.mean() if reduction == "mean" else stacked.sum()
+
+
+def _check_options(inner_lr: float, reduction: str, outer_loss: str, outer_loss_over: str) -> None:
+    for name, value, allowed in (("reduction", reduction, REDUCTIONS), ("outer_loss", outer_loss, OUTER_LOSSES),
+                                 ("outer_loss_over", outer_loss_over, OUTER_LOSS_OVER)):
+        if value not in allowed:
+            raise ValueError(f"unroll: {name} {value!r} is not one of {allowed}")
+    if not inner_lr > 0:
+        raise ValueError(f"unroll: inner_lr must be positive, got {inner_lr!r}")
+
+
 def unroll(
     mgg: MGG,
     trajectory: Trajectory,
@@ -188,19 +228,33 @@ def unroll(
     K: int | None = None,
     inner_lr: float = 1e-4,
     reduction: str = "mean",
+    outer_loss: str = "lookahead",
+    outer_loss_over: str = "all",
 ) -> UnrollResult:
     """One truncation of K MGG-driven TTA steps; returns the meta-loss and the
     meta-gradient of the MGG's weights (see the module docstring).
 
     `batches`: K batches (K + 1 for a trajectory not yet primed: the first one
-    primes it). A batch is an image tensor, (x, y) or a metatta Batch; labels,
-    when present, only feed the accuracy metric. The trajectory's state is
-    advanced and detached. The MGG's .grad fields are not touched.
+    primes it). A batch is an image tensor, (x, y) or a metatta Batch; labels
+    feed the accuracy metric, and the outer loss when `outer_loss="supervised"`.
+    The trajectory's state is advanced and detached. The MGG's .grad fields are
+    not touched. Options (defaults: the paper's, and this project's before them):
+
+    - outer_loss: "lookahead" (the test-time loss of each step's next batch,
+      unsupervised, the paper) or "supervised" (cross-entropy on that batch's
+      labels; the inner steps still see only the unsupervised gradient).
+    - outer_loss_over: "all" steps of the unroll (learned-optimizer practice:
+      every step's outcome is trained, not only the end point) or the "last".
+    - reduction over the steps for "all": "mean" (the step count does not scale
+      the meta-gradient) or "sum".
+
+    Stability: an inner update whose params or MGG state would be non-finite is
+    skipped (params and state stay; counted in metrics["skipped_inner_updates"]).
+    A truncation whose meta-loss or meta-gradient is non-finite returns zero
+    gradients with `skipped=True`, and a trajectory whose carried state is
+    non-finite restarts from the source params.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"unroll: reduction {reduction!r} is not 'mean' or 'sum'")
-    if not inner_lr > 0:
-        raise ValueError(f"unroll: inner_lr must be positive, got {inner_lr!r}")
+    _check_options(inner_lr, reduction, outer_loss, outer_loss_over)
     batches = list(batches)
     trained = [(n, p) for n, p in mgg.named_parameters() if p.requires_grad]
     if not trained:
@@ -211,28 +265,39 @@ def unroll(
     if K < 1 or len(batches) != trajectory.batches_needed(K):
         raise ValueError(f"unroll: K={K} steps need {trajectory.batches_needed(max(K, 1))} batches "
                          f"({'primed' if trajectory.primed else 'fresh'} trajectory), got {len(batches)}")
+    split = [_split_batch(b) for b in batches]
+    if outer_loss == "supervised" and any(y is None for _, y in split[-K:]):
+        raise ValueError("unroll: outer_loss 'supervised' needs labelled batches, (x, y) or metatta Batches")
     metrics: dict[str, float] = {}
     if not trajectory.primed:
-        metrics.update(trajectory.prime(batches.pop(0)))
+        metrics.update(trajectory.prime(batches[0]))
+        split = split[1:]
 
     theta, states, grads = trajectory.theta, trajectory.states, trajectory.pending_grads
     num_coords = sum(t.numel() for t in theta)
-    outer, correct, seen, abs_dir = [], 0.0, 0, 0.0
+    outer, tta_losses, correct, seen, abs_dir, skipped_inner = [], [], 0.0, 0, 0.0, 0
     with torch.enable_grad():
-        for batch in batches:
-            x, y = _split_batch(batch)
-            directions, states = mgg.directions(grads, states)
-            theta = [t - inner_lr * d for t, d in zip(theta, directions)]
+        scale = mgg.step_scale()
+        for x, y in split:
+            directions, new_states = mgg.directions(grads, states)
+            new_theta = [t - inner_lr * scale * d for t, d in zip(theta, directions)]
+            if _finite(new_theta) and _states_finite(new_states):
+                theta, states = new_theta, new_states
+            else:  # keep theta and state; the loss below still needs theta in the graph
+                skipped_inner += 1
+                theta = [t if t.requires_grad else t.detach().requires_grad_(True) for t in theta]
             loss, logits = trajectory.loss_at(theta, x)
             grads = _grads(loss, theta, retain_graph=True)
-            outer.append(loss)
+            outer.append(_outer_term(outer_loss, loss, logits, y))
+            tta_losses.append(loss.detach())
             abs_dir += torch.stack([d.detach().abs().sum() for d in directions]).sum().item() / num_coords
             if y is not None:
                 correct += (logits.detach().argmax(1) == y.to(logits.device)).float().sum().item()
                 seen += len(y)
-        stacked = torch.stack(outer)
-        meta_loss = stacked.mean() if reduction == "mean" else stacked.sum()
-        meta_grads = torch.autograd.grad(meta_loss, weights, allow_unused=True)
+        meta_loss = _meta_loss(outer, outer_loss_over, reduction)
+        skipped = not torch.isfinite(meta_loss).item()
+        meta_grads = [None] * len(weights) if skipped else torch.autograd.grad(meta_loss, weights, allow_unused=True)
+    skipped = skipped or not _finite([g for g in meta_grads if g is not None] or [meta_loss])
 
     with torch.no_grad():
         update_norm = torch.sqrt(sum(((t - t0) ** 2).sum() for t, t0 in zip(theta, trajectory.theta))).item()
@@ -241,22 +306,32 @@ def unroll(
     trajectory.states = [s.detached() for s in states]
     trajectory.pending_grads = grads
     trajectory.steps += K
+    restarted = skipped or not _finite(trajectory.theta + grads)
+    if restarted:
+        log.warning("unroll: non-finite %s; the trajectory restarts from the source params",
+                    "meta-loss or meta-gradient" if skipped else "carried state")
+        trajectory.reset()
 
     out_grads = {
-        n: (g.detach() if g is not None else torch.zeros_like(w)).to("cpu", copy=True)
+        n: (g.detach() if g is not None and not skipped else torch.zeros_like(w)).to("cpu", copy=True)
         for n, w, g in zip(names, weights, meta_grads)
     }
-    losses = stacked.detach()
+    losses = torch.stack([o.detach() for o in outer])
     metrics.update({
         "meta_loss": meta_loss.item(),
         "outer_loss_first": losses[0].item(),
         "outer_loss_last": losses[-1].item(),
+        "tta_loss_last": tta_losses[-1].item(),
         "mean_abs_direction": abs_dir / K,
+        "step_scale": mgg.step_scale_value(),
         "update_norm": update_norm,
         "drift_from_source": drift,
         "trajectory_steps": float(trajectory.steps),
         "meta_grad_norm": torch.sqrt(sum((g.double() ** 2).sum() for g in out_grads.values())).item(),
+        "skipped_inner_updates": float(skipped_inner),
+        "skipped_unroll": float(skipped),
+        "trajectory_restarted": float(restarted),
     })
     if seen:
         metrics["accuracy_after_update"] = correct / seen
-    return UnrollResult(meta_loss.item(), out_grads, metrics)
+    return UnrollResult(meta_loss.item(), out_grads, metrics, skipped)

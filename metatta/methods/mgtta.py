@@ -3,6 +3,9 @@
 Adapts the affine weight and bias of the normalization layers (BN on batch
 statistics for BN networks, LayerNorm for ViTs), everything else frozen, with
 the update theta <- theta - lr * MGG(gradient features), lr (adapt_lr) 1e-3.
+An MGG meta-trained with a learned step scale s (trainers/mgg.py,
+`learned_step_size`) steps by lr * s instead: s is part of its weights, so
+the adapter carries it, and `MGGOptimizer` applies it; lr still scales the step.
 The MGG is trained beforehand (trainers/mgg.py, on the held-out corruptions)
 and fixed at test time; its moments and memory reset when the method resets.
 

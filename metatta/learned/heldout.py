@@ -1,0 +1,113 @@
+"""The labelled meta-training set: held-out corruptions of clean *training* images.
+
+A supervised outer loss (`unroll(..., outer_loss="supervised")`) needs labels.
+The -C benchmark files are built from the clean *test* split, so training on
+their labels, even of the held-out corruptions, would let the test images'
+labels shape the learned optimizer. This set is built instead from the clean
+training split with the held-out corruptions only (speckle_noise,
+gaussian_blur, spatter, saturate), never the 15 benchmark ones, and it says
+where every image came from (`HeldOutSet.provenance`), so a test, or a reader
+of a registered adapter, can check that no test image was read.
+
+Choices:
+- Every corruption gets its own block of clean images (a seeded permutation of
+  the split, cut into disjoint blocks): the four domains share no image, so
+  validating on one corruption's later rows never revisits another's images.
+- Image i of the split under corruption c is corrupted with seed
+  `image_seeds(seed, c, severity, N)[i]` (the -C builder's seed function,
+  keyed by the index in the split): the same training image under the same
+  corruption always gets the same damage, whatever else is built.
+- Built in memory on each call (some hundred images take about a second);
+  nothing is cached on disk, so there is no stale file to trust.
+
+The source model was trained on this split, clean: the shift the MGG learns to
+undo is the corruption, as on the benchmark. Validating on these images
+measures that, not generalisation to unseen clean images.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from metatta.data import clean
+from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names, check_severities
+from metatta.data.types import DomainData
+
+SPLIT = "train"
+CORRUPT_BATCH = 500
+
+
+@dataclasses.dataclass
+class HeldOutSet:
+    """Domains (one per corruption, rows in the order of their provenance indices) and
+    provenance: {"dataset", "split", "severity", "seed", "num_clean_images",
+    "corruptions": {name: [index in the split of every row]}} (JSON-serializable)."""
+
+    domains: list[DomainData]
+    provenance: dict[str, Any]
+
+
+def _check_held_out(corruptions: Sequence[str]) -> list[str]:
+    names = check_corruption_names(corruptions)
+    benchmark = [c for c in names if c not in HELD_OUT_CORRUPTIONS]
+    if benchmark:
+        raise ValueError(f"held-out set: {benchmark} are benchmark corruptions; meta-training may use only the "
+                         f"held-out ones {list(HELD_OUT_CORRUPTIONS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"held-out set: corruptions repeat: {names}")
+    return names
+
+
+def disjoint_indices(num_clean: int, blocks: int, per_block: int, seed: int) -> list[np.ndarray]:
+    """`blocks` disjoint sets of `per_block` indices into a split of `num_clean` images (seeded)."""
+    if blocks * per_block > num_clean:
+        raise ValueError(f"held-out set: {blocks} corruptions x {per_block} images need {blocks * per_block} clean "
+                         f"images; the {SPLIT} split has {num_clean}")
+    order = np.random.default_rng(seed).permutation(num_clean)
+    return [np.sort(order[b * per_block:(b + 1) * per_block]) for b in range(blocks)]
+
+
+def corrupt_uint8(images: np.ndarray, corruption: str, severity: int, seeds: np.ndarray,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """Corrupt uint8 (N, H, W, C) images with one seed each; uint8 (N, H, W, C), rounded as the -C files are."""
+    from metatta.data.corruptions import corrupt
+
+    out = np.empty_like(images)
+    for start in range(0, len(images), CORRUPT_BATCH):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + CORRUPT_BATCH])).permute(0, 3, 1, 2)
+        y = corrupt(x.to(device).float().div_(255), corruption, severity, seeds[start:start + len(x)])
+        out[start:start + len(x)] = (y * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return out
+
+
+def build_heldout_train_set(
+    corruptions: Sequence[str] = HELD_OUT_CORRUPTIONS,
+    severity: int = 5,
+    images_per_corruption: int = 288,
+    dataset: str = "fashion_mnist",
+    root: str | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> HeldOutSet:
+    """Labelled held-out-corruption domains from the clean training split (see the module docstring).
+
+    Only `metatta.data.clean.load_clean(dataset, "train", root)` is read."""
+    from metatta.data.benchmark_files import image_seeds
+
+    names = _check_held_out(corruptions)
+    (severity,) = check_severities([severity])
+    if images_per_corruption < 1:
+        raise ValueError(f"held-out set: images_per_corruption must be >= 1, got {images_per_corruption}")
+    images, labels = clean.load_clean(dataset, SPLIT, root)
+    blocks = disjoint_indices(len(images), len(names), images_per_corruption, seed)
+    domains, provenance = [], {}
+    for name, idx in zip(names, blocks):
+        seeds = image_seeds(seed, name, severity, len(images))[idx]
+        domains.append(DomainData(name, severity, corrupt_uint8(images[idx], name, severity, seeds, device),
+                                  np.asarray(labels[idx], dtype=np.int64)))
+        provenance[name] = idx.tolist()
+    return HeldOutSet(domains, {"dataset": dataset, "split": SPLIT, "severity": severity, "seed": seed,
+                                "num_clean_images": len(images), "corruptions": provenance})
