@@ -242,11 +242,13 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
         torch.manual_seed(cfg.stream.seed)
         stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **stream_options)
         context = method_context(spec, cfg, checkpoint, device, cache)
-        method = build_method(spec.name, copy.deepcopy(model), method_config(spec), **context)
+        method = build_method(spec.name, copy.deepcopy(model), method_config(spec),
+                              batch_size=cfg.stream.batch_size, **context)  # scales lr (MethodConfig.lr_batch_size)
         label = spec.label or spec.name
         log.info("evaluating %s on %d images (%s, batch %d)", label, stream.num_images, stream.setting, stream.batch_size)
         result = evaluate(method, stream, method_name=label, device=device, progress=cfg.progress,
-                          protocol={**protocol, "method_config": dataclasses.asdict(method.config)})
+                          protocol={**protocol, "method_config": dataclasses.asdict(method.config),
+                                    "lr_scaling": method.lr_scaling})
         log.info("%s: mean error %.2f%%, %.0f img/s", label, result.mean_error, result.images_per_second)
         results.append(result)
     write_report(results, cfg)

@@ -229,7 +229,8 @@ def run_trial(
     domains = domains if domains is not None else load_domains(cfg.benchmark)
     model = load_source_model(checkpoint, device=device)
     context = _context(cfg, checkpoint, device, method_class(cfg.method).context_inputs)
-    method = build_method(cfg.method, model, trial_method_config(cfg, params), **context)
+    method = build_method(cfg.method, model, trial_method_config(cfg, params), batch_size=cfg.stream.batch_size,
+                          **context)
     options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
     stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **options)
     counts: dict[str, list[int]] = {}

@@ -33,6 +33,13 @@ Non-finite guard (every method gets it, including those that override
 `skipped_updates` counts both kinds; evaluation reports it in every Result. The
 copy costs one clone of the adapted tensors and the optimizer state per update
 (measured: about 1% of a Tent or CoTTA step on the default ResNet-8 at batch 200).
+
+Learning rate and batch size: a method's config states the batch size its
+published lr is for (`lr_batch_size`); `build_method(..., batch_size=B)` (the
+runners pass the stream's batch size) makes it lr * min(1, B / lr_batch_size),
+linear below the published batch as SAR's and EATA's code do, never scaled up
+(`scale_lr: false` keeps the lr as given). `method.lr_scaling` records the rule,
+the published and the resulting lr for the result's protocol.
 """
 from __future__ import annotations
 
@@ -69,6 +76,13 @@ class MethodConfig:
     # faster in that layout on CPU (measured: Tent 1864 -> 2106, PALM 362 -> 500,
     # LAW 416 -> 637 img/s, ResNet-8, batch 200, 2 threads). Only 4-d tensors change.
     channels_last: bool = True
+    # Learning rate and batch size (`scaled_to_batch`): `lr` is the rate published (or tuned) for
+    # batches of `lr_batch_size`; at a smaller test batch B it becomes lr * B / lr_batch_size
+    # (linear, as SAR's and EATA's code set it below their published batch), never scaled up, so
+    # a method at or above its published batch runs with the published lr. None: lr used as is.
+    lr_batch_size: int | None = None
+    scale_lr: bool = True
+    batch_size: int | None = None  # the test batch size; set by build_method(batch_size=...), not by hand
 
 
 def register(name: str):
@@ -102,15 +116,50 @@ def build_method(
     model: nn.Module,
     config: dict[str, Any] | MethodConfig | None = None,
     optimizer_factory: OptimizerFactory | None = None,
+    batch_size: int | None = None,
     **context: Any,
 ) -> "TTAMethod":
     """Build a registered method. `config` may be a dict of overrides of the
-    method's defaults; `context` carries method-specific inputs such as
-    `fisher_batches` (EATA's Fisher) or `source_stats` (MGTTA)."""
+    method's defaults; `batch_size` is the test batch size the method will see
+    (the runner's stream), which scales its learning rate (`scaled_to_batch`);
+    `context` carries method-specific inputs such as `fisher_batches` (EATA's
+    Fisher) or `source_stats` (MGTTA)."""
     cls = method_class(name)
     if config is None or isinstance(config, dict):
         config = cls.make_config(config or {})
-    return cls(model, config, optimizer_factory=optimizer_factory, **context)
+    scaling = None
+    if batch_size is not None:
+        config, scaling = scaled_to_batch(config, batch_size, where=name)
+    method = cls(model, config, optimizer_factory=optimizer_factory, **context)
+    method.lr_scaling = scaling
+    return method
+
+
+def scaled_to_batch(config: MethodConfig, batch_size: int, where: str = "method") -> tuple[MethodConfig, dict]:
+    """`config` for test batches of `batch_size`: lr * min(1, batch_size / lr_batch_size) when
+    `scale_lr` and `lr_batch_size` are set, with `lr_batch_size` then set to the batch the new lr is
+    for, so the returned config is self-consistent (scaling it again changes nothing). Also returns
+    the record of what was done, for a result's protocol.
+
+    Before building the method, because methods read `config.lr` in their constructors (MGTTA's
+    learned optimizer, PALM's rates). Down only: SAR's code uses lr * B / 32 below batch 32 and the
+    published lr above it, and scaling up would change every table at the published batch size.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be an integer >= 1, got {batch_size!r}")
+    published, per_batch = config.lr, config.lr_batch_size
+    if per_batch is not None and (not isinstance(per_batch, int) or per_batch < 1):
+        raise ValueError(f"{where}: config.lr_batch_size must be an integer >= 1 or null, got {per_batch!r}")
+    record = {"rule": "lr * min(1, batch_size / lr_batch_size)", "batch_size": batch_size,
+              "lr_batch_size": per_batch, "published_lr": published, "factor": 1.0, "lr": published}
+    if not config.scale_lr or per_batch is None or published is None:
+        record["rule"] = "none (scale_lr false)" if not config.scale_lr else "none (no lr_batch_size)"
+        return dataclasses.replace(config, batch_size=batch_size), record
+    factor = min(1.0, batch_size / per_batch)
+    record.update(factor=factor, lr=published * factor)
+    if factor == 1.0:
+        return dataclasses.replace(config, batch_size=batch_size), record
+    return dataclasses.replace(config, batch_size=batch_size, lr=published * factor, lr_batch_size=batch_size), record
 
 
 def _import_builtin_methods() -> None:
@@ -128,6 +177,8 @@ class TTAMethod(nn.Module):
     # Names of extra inputs the method needs from the experiment (e.g. EATA's
     # "fisher_batches"); runners build exactly these and pass them as context.
     context_inputs: ClassVar[tuple[str, ...]] = ()
+    # How build_method scaled the lr to the test batch size (`scaled_to_batch`); None: not asked to.
+    lr_scaling: dict[str, Any] | None = None
 
     def __init__(
         self,

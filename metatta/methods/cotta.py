@@ -50,6 +50,7 @@ from metatta.methods.common import per_view_batch_norm, use_batch_statistics
 class CoTTAConfig(MethodConfig):
     optimizer: str = "adam"
     lr: float = 1e-3
+    lr_batch_size: int | None = 200  # their CIFAR-10-C batch
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     teacher_momentum: float = 0.999  # MT: t <- m t + (1 - m) s

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 class EATAConfig(MethodConfig):
     optimizer: str = "sgd"
     lr: float = 0.005  # paper, CIFAR-10 at batch 64 (ImageNet, their code: 0.00025)
+    lr_batch_size: int | None = 64
     momentum: float = 0.9
     entropy_factor: float = 0.4  # E0 = entropy_factor * ln(num_classes)
     d_margin: float = 0.4  # paper, CIFAR-10 (ImageNet, their code: 0.05)

@@ -73,6 +73,7 @@ ADAPTED_TYPES = NORM_TYPES + (nn.Conv2d,)
 class LAWConfig(MethodConfig):
     optimizer: str = "adam"
     lr: float = 1e-3  # base learning rate (the tensor with the largest Fisher gets it)
+    lr_batch_size: int | None = 200  # their CIFAR-10-C batch
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     tau: float = 1.0  # exponent of the min-max normalised sqrt-Fisher

@@ -93,6 +93,7 @@ CONSISTENCY_SCALES = ("classes", "none")
 class PALMConfig(MethodConfig):
     optimizer: str = "adam"  # the only choice: PALM's rates scale Adam's update
     lr: float = 5e-4  # base learning rate
+    lr_batch_size: int | None = 200  # their CIFAR-10-C batch
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     variant: str = "paper"  # paper | code (see the module docstring)

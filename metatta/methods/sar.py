@@ -60,6 +60,7 @@ AUTHORS_EXCLUDED_MODULES = ("layer4", "blocks.9", "blocks.10", "blocks.11", "nor
 class SARConfig(MethodConfig):
     optimizer: str = "sgd"
     lr: float = 0.00025  # their ResNet setting for batch >= 32
+    lr_batch_size: int | None = 32  # their code: lr * B / 32 below batch 32, lr above
     momentum: float = 0.9
     rho: float = 0.05  # SAM neighbourhood radius
     adaptive: bool = False  # ASAM (their code: False)

@@ -26,6 +26,7 @@ from metatta.methods.common import configure_norm_adaptation, norm_affine_params
 class TentConfig(MethodConfig):
     optimizer: str = "adam"
     lr: float = 1e-3
+    lr_batch_size: int | None = 200  # their CIFAR-10-C batch
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
 
