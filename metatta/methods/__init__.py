@@ -20,7 +20,8 @@ from metatta.methods.base import (
     register,
 )
 
-_LATE_METHOD_MODULES = ("metatta.methods.mgtta", "metatta.methods.law", "metatta.methods.palm")
+_LATE_METHOD_MODULES = ("metatta.methods.mgtta", "metatta.methods.law", "metatta.methods.palm",
+                        "metatta.methods.nanoadapt", "metatta.methods.delta")
 
 
 def import_builtin_methods() -> None:

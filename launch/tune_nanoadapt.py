@@ -1,0 +1,104 @@
+"""Ray Tune search of NanoAdapt's settings, one search per test batch size (default 1 and 4):
+DBC's momentum m, the number of views k, the accumulation steps S and the learning rate,
+on the 4 held-out Fashion-MNIST-C corruptions only (Optuna + ASHA, trials in MLflow; the
+search trainer is trainers/tune.py, shared with the PALM search).
+
+Each batch size B gets its own search (name `<name>_n<B>`, stream batch size B, the searched
+lr fixed as the lr for batch B: `lr_batch_size: B`), and its best setting is written as YAML
+and registered as `<register_as>_n<B>` (alias `champion` = the lowest held-out error so far).
+
+On a cluster:  ray job submit --working-dir . -- python launch/tune_nanoadapt.py
+On a laptop:   python launch/tune_nanoadapt.py num_samples=8 'batch_sizes=[1]'
+Then:          python launch/evaluate.py --config configs/fmnist_c/nanoadapt.yaml stream.batch_size=1 \\
+                   --settings nanoadapt=models:/nanoadapt_settings_n1@champion
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from typing import Any
+
+from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+
+log = logging.getLogger("tune_nanoadapt")
+
+
+def batch_size_searches(data: dict[str, Any]) -> list:
+    """One checked SearchConfig per entry of `batch_sizes` (default: the stream's batch size)."""
+    from metatta.config import ConfigError
+    from trainers.tune import search_config
+
+    data = copy.deepcopy(data)
+    sizes = data.pop("batch_sizes", None) or [data.get("stream", {}).get("batch_size", 1)]
+    if not isinstance(sizes, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                                for b in sizes):
+        raise ConfigError(f"search.batch_sizes: expected a list of integers >= 1, got {sizes!r}")
+    name = data.get("name", "tune_nanoadapt")
+    register = data.get("register_as")
+    register = register if register is not None else f"{data.get('method', 'nanoadapt')}_settings"
+    out = []
+    for b in sizes:
+        d = copy.deepcopy(data)
+        d["name"] = f"{name}_n{b}"
+        d.setdefault("stream", {})["batch_size"] = b
+        d["register_as"] = f"{register}_n{b}" if register else ""
+        if "lr_batch_size" not in d.get("space", {}):
+            d.setdefault("method_config", {})["lr_batch_size"] = b  # the searched lr is the lr at batch b
+        cfg = search_config(d)
+        check_space_corners(cfg)
+        out.append(cfg)
+    return out
+
+
+def check_space_corners(cfg) -> None:
+    """The method's own value rules (NanoAdapt's `validate`: k >= 0, S >= 1, m in [0, 1]) at the
+    low and the high end of every searched field, so a bad space fails here, not in every trial."""
+    from metatta.config import ConfigError
+    from metatta.methods.base import method_class
+
+    cls = method_class(cfg.method)
+    if not hasattr(cls, "validate"):
+        return
+    for end in ("low", "high"):
+        point = {k: (p.values[0 if end == "low" else -1] if p.type == "choice" else getattr(p, end))
+                 for k, p in cfg.space.items()}
+        point = {k: int(v) if cfg.space[k].type == "int" else v for k, v in point.items()}
+        try:
+            cls.validate(cls.make_config({**cfg.method_config, **point}))
+        except ValueError as e:
+            raise ConfigError(f"search.space ({end} end): {e}") from None
+
+
+def run_searches(data: dict[str, Any]) -> dict[int, Any]:
+    """Run the search of every batch size; returns {batch size: SearchOutcome}."""
+    from trainers.tune import run_search
+
+    outcomes = {}
+    for cfg in batch_size_searches(data):
+        outcome = run_search(cfg)
+        outcomes[cfg.stream.batch_size] = outcome
+        log.info("batch %d: best %s setting %s, held-out mean error %.2f%%; wrote %s; registered %s version %s%s",
+                 cfg.stream.batch_size, cfg.method, outcome.best_params, outcome.best_error, outcome.settings_path,
+                 cfg.register_as or "(not registered)", outcome.registered_version,
+                 " (now champion)" if outcome.promoted else "")
+    return outcomes
+
+
+def main(argv=None):
+    parser = experiment_parser(__doc__, default_config="configs/fmnist_c/tune_nanoadapt.yaml")
+    args, data = parse_experiment(parser, argv)
+    searches = batch_size_searches(data)  # every search's config is checked before any runs
+    first = searches[0]
+    require_file(first.source.checkpoint, "source.checkpoint")
+    require_file(first.source.config if first.source.checkpoint is None else None, "source.config")
+    require_writable_dir(first.output_dir, "output_dir")
+    import ray
+
+    # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
+    ray.init()
+    run_searches(data)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,98 @@
+"""Tests of DELTA's test-time batch renormalization (metatta.methods.delta): the value is
+the moving averages' normalization, the gradient batch normalization's, the averages'
+update, BN and Tent as bases at batch size 1, validation, and real data at N=1."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metatta.methods import build_method
+from metatta.methods.delta import TBR_CLASSES, TBRNorm
+from metatta.methods.plugin import channel_moments, convert_batchnorms
+
+from test_methods import TinyBNNet, batches
+from test_nanoadapt import _error_at_batch_one, _real_stream, one_thread  # noqa: F401  (fixture)
+
+
+def tbr_layer(alpha: float = 0.1) -> nn.BatchNorm2d:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    holder = nn.Sequential(bn)
+    convert_batchnorms(holder, TBR_CLASSES, momentum=alpha)
+    return bn
+
+
+def test_value_is_the_moving_average_normalization_and_the_averages_take_the_batch_in():
+    layer = tbr_layer(alpha=0.1)
+    mean_ema, var_ema = layer.tbr_mean.clone(), layer.tbr_var.clone()
+    x = torch.randn(3, 4, 5, 5) * 2 + 1
+    layer.begin_session(store=True)
+    y = layer(x)
+    layer.end_session()
+    shape = (1, -1, 1, 1)
+    ref = (x - mean_ema.view(shape)) / torch.sqrt(var_ema.view(shape) + layer.eps) * layer.weight.view(shape) \
+        + layer.bias.view(shape)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    mean_b, sq_b = channel_moments(x)
+    torch.testing.assert_close(layer.tbr_mean, mean_ema + 0.1 * (mean_b - mean_ema))
+    torch.testing.assert_close(layer.tbr_var, var_ema + 0.1 * (sq_b - mean_b ** 2 - var_ema))
+
+
+def test_outside_a_session_nothing_is_stored():
+    layer = tbr_layer()
+    before = layer.tbr_mean.clone()
+    layer(torch.randn(2, 4, 3, 3))
+    assert torch.equal(layer.tbr_mean, before)
+
+
+def test_gradient_is_that_of_batch_normalization():
+    """d(loss)/d(x) of TBR equals BN's times r = sigma_b / sigma_ema (the renormalization's
+    constant scale): the batch statistics are in the graph, the moving averages are not."""
+    layer = tbr_layer()
+    x = (torch.randn(4, 4, 3, 3) * 1.5).requires_grad_(True)
+    g = torch.randn(4, 4, 3, 3)
+    layer.begin_session(store=False)
+    (layer(x) * g).sum().backward()
+    layer.end_session()
+    tbr_grad = x.grad.clone()
+    x.grad = None
+    w, b = layer.weight.detach(), layer.bias.detach()
+    mean_b, sq_b = channel_moments(x.detach())
+    std_b = torch.sqrt(sq_b - mean_b ** 2 + layer.eps)
+    r = std_b / torch.sqrt(layer.tbr_var + layer.eps)
+    (F.batch_norm(x, None, None, w * r, b, training=True, eps=layer.eps) * g).sum().backward()
+    torch.testing.assert_close(tbr_grad, x.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("base", ["bn", "tent", "eta"])
+def test_a_batch_of_one_runs_with_bn_and_tent(base):
+    method = build_method("delta", TinyBNNet(), {"base": base}, batch_size=1)
+    before = copy.deepcopy(method.model.state_dict())
+    for x in batches(4, batch_size=1):
+        out = method(x)
+        assert out.shape == (1, 10) and bool(torch.isfinite(out).all())
+    changed = [k for k, v in method.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("tbr_mean") for k in changed)
+    assert all(isinstance(m, TBRNorm) for m in method.model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_bad_momentum_is_refused_naming_the_field(value):
+    with pytest.raises(ValueError, match=rf"delta: config\.tbr_momentum must be in \[0, 1\], got {value}"):
+        build_method("delta", TinyBNNet(), {"tbr_momentum": value})
+
+
+def test_bn_with_tbr_beats_plain_bn_at_batch_size_one_on_real_data(one_thread):
+    model, x, y = _real_stream()
+    bn = _error_at_batch_one(build_method("bn", copy.deepcopy(model), batch_size=1), x, y)
+    delta = _error_at_batch_one(build_method("delta", copy.deepcopy(model), {"base": "bn"}, batch_size=1), x, y)
+    assert delta < bn - 20, (delta, bn)
