@@ -108,6 +108,12 @@ def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+def required_inputs(spec: MethodSpec) -> tuple[str, ...]:
+    """The context inputs of the method a spec builds (a plug-in such as NanoAdapt: its base's)."""
+    cls = method_class(spec.name)
+    return cls.inputs_for(cls.make_config(method_config(spec)))
+
+
 def method_config(spec: MethodSpec) -> dict[str, Any]:
     """The spec's method config: its tuned `settings` (if any), overridden by its explicit `config`."""
     if spec.settings is None:
@@ -170,9 +176,9 @@ def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Modu
 
 def method_context(spec: MethodSpec, cfg: ExperimentConfig, checkpoint: Path, device: torch.device,
                    cache: dict[str, Any]) -> dict[str, Any]:
-    """The inputs a method class declares in `context_inputs`; shared ones are built once."""
+    """The inputs a method declares (`TTAMethod.inputs_for`); shared ones are built once."""
     context = {}
-    for key in method_class(spec.name).context_inputs:
+    for key in required_inputs(spec):
         if key == "mgg":
             context[key] = load_adapter_mgg(spec, checkpoint)
             continue
@@ -275,7 +281,7 @@ def write_report(results: list[Result], cfg: ExperimentConfig) -> Path:
 def with_adapter(cfg: ExperimentConfig, adapter: str, method: str = "mgtta") -> ExperimentConfig:
     """Point every method that takes a trained MGG at `adapter`; add an MGTTA row if none does."""
     cfg = copy.deepcopy(cfg)
-    takers = [s for s in cfg.methods if "mgg" in method_class(s.name).context_inputs]
+    takers = [s for s in cfg.methods if "mgg" in required_inputs(s)]
     for spec in takers:
         spec.adapter = adapter
     if not takers:

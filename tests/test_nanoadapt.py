@@ -471,3 +471,12 @@ def test_launcher_refuses_bad_settings_as_a_user_error(capsys):
     assert "search.batch_sizes" in capsys.readouterr().err
     assert run_main(module.main, ["--config", config, "space.num_views.low=-1"]) == USER_ERROR_STATUS
     assert "search.space (low end): nanoadapt: config.num_views must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_the_runner_builds_the_inputs_of_the_wrapped_base():
+    from metatta.experiment import MethodSpec, required_inputs
+
+    assert required_inputs(MethodSpec(name="nanoadapt", config={"base": "eata"})) == ("fisher_batches",)
+    assert "mgg" in required_inputs(MethodSpec(name="nanoadapt", config={"base": "mgtta"}))
+    assert required_inputs(MethodSpec(name="nanoadapt")) == ()  # tent needs nothing
+    assert required_inputs(MethodSpec(name="eata")) == ("fisher_batches",)

@@ -210,6 +210,11 @@ class TTAMethod(nn.Module):
             self.optimizer = factory(params)
         self._source_state = self._snapshot()
 
+    @classmethod
+    def inputs_for(cls, config: MethodConfig) -> tuple[str, ...]:
+        """The context inputs a method built from `config` needs (a wrapper: its base's)."""
+        return cls.context_inputs
+
     # ---- what a method specifies -------------------------------------------------
     def configure_model(self) -> None:
         """Put the model in the mode the method adapts in (default: untouched)."""

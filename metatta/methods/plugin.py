@@ -210,6 +210,12 @@ class BNPlugin(TTAMethod):
 
     # ---- configuration -------------------------------------------------------------------------
     @classmethod
+    def inputs_for(cls, config: PluginConfig) -> tuple[str, ...]:
+        """The wrapped base's inputs (EATA's Fisher batches, MGTTA's MGG), which it is built with."""
+        base = method_class(config.base)
+        return base.inputs_for(base.make_config(config.base_config))
+
+    @classmethod
     def validate(cls, config: PluginConfig) -> None:
         """Refuse bad values naming the field; a classmethod, so a search can check its space up front."""
         method_class(config.base)  # unknown names fail with the list of known ones
