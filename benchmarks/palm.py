@@ -104,7 +104,8 @@ def main(argv=None):
                         f"({seconds:.0f} s)\n\nError (%):\n\n{error_table(results)}\n\n"
                         f"Parameters adapted (% of {total:,}), mean over each domain's batches:\n\n"
                         f"{share_table(results, total)}\n")
-    stem = "palm" if args.num_images == 1000 else f"palm_n{args.num_images}"
+    stem = "palm" + ("" if args.num_images == 1000 else f"_n{args.num_images}") + \
+        ("" if args.settings == ["continual", "gradual"] else "_" + "_".join(args.settings))
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "tables": records}, indent=1))
     (out / f"{stem}.md").write_text(f"Fashion-MNIST-C, severity 5. Command: `python {' '.join(command)}`\n\n"
                                     + "\n".join(sections))

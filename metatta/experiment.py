@@ -174,6 +174,12 @@ def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Modu
     return load_source_model(path, device=device), Path(path)
 
 
+# Context inputs that hold a trained adapter, by the adapter kind (adapter.json "kind") they take;
+# `with_adapter` adds a row of the default method when a config has none taking that kind.
+ADAPTER_INPUTS = {"mgg": "mgg", "cta_model": "cta", "ttt_model": "ttt"}
+DEFAULT_ADAPTER_METHODS = {"mgg": "mgtta", "cta": "cta", "ttt": "ttt"}
+
+
 def method_context(spec: MethodSpec, cfg: ExperimentConfig, checkpoint: Path, device: torch.device,
                    cache: dict[str, Any]) -> dict[str, Any]:
     """The inputs a method declares (`TTAMethod.inputs_for`); shared ones are built once."""
@@ -182,29 +188,46 @@ def method_context(spec: MethodSpec, cfg: ExperimentConfig, checkpoint: Path, de
         if key == "mgg":
             context[key] = load_adapter_mgg(spec, checkpoint)
             continue
+        if key in ADAPTER_INPUTS:
+            context[key] = load_adapter_network(spec, checkpoint, ADAPTER_INPUTS[key], device)
+            continue
         if key not in cache:
             cache[key] = _build_context(key, cfg, checkpoint, device)
         context[key] = cache[key]
     return context
 
 
-def load_adapter_mgg(spec: MethodSpec, checkpoint: Path):
-    """The trained MGG a method spec names, checked against the source model it was trained for."""
-    import json
-
+def checked_adapter(spec: MethodSpec, checkpoint: Path, kind: str) -> Path:
+    """The local directory of the adapter a method spec names, refused when its adapter.json
+    says it was trained for another source checkpoint (sha256) than `checkpoint`."""
     from metatta import tracking
-    from metatta.learned.mgg import load_mgg
     from metatta.models.checkpoint import checkpoint_hash
 
     if spec.adapter is None:
-        raise ValueError(f"method {spec.name}: needs a trained adapter (set `adapter: models:/mgg@champion` or a path)")
-    path = tracking.download_adapter(spec.adapter) if spec.adapter.startswith("models:/") else Path(spec.adapter)
-    info = json.loads((path / tracking.ADAPTER_CONFIG).read_text()) if (path / tracking.ADAPTER_CONFIG).is_file() else {}
+        raise ValueError(f"method {spec.name}: needs a trained adapter "
+                         f"(set `adapter: models:/{kind}@champion` or a path)")
+    path = tracking.adapter_directory(spec.adapter)
+    info = tracking.adapter_info(path)
     trained_for = info.get("source_checkpoint_sha256")
     if trained_for and trained_for != checkpoint_hash(checkpoint):
         raise ValueError(f"adapter {spec.adapter} was trained for source checkpoint {info.get('source_checkpoint')} "
                          f"(sha256 {trained_for[:12]}), not {checkpoint} ({checkpoint_hash(checkpoint)[:12]})")
-    return load_mgg(path)
+    return path
+
+
+def load_adapter_mgg(spec: MethodSpec, checkpoint: Path):
+    """The trained MGG a method spec names, checked against the source model it was trained for."""
+    from metatta.learned.mgg import load_mgg
+
+    return load_mgg(checked_adapter(spec, checkpoint, "mgg"))
+
+
+def load_adapter_network(spec: MethodSpec, checkpoint: Path, kind: str, device: torch.device):
+    """The trained CTA/TTT network (`metatta.ssl.networks`) a method spec names, checked likewise."""
+    from metatta.ssl.networks import load_network
+
+    net, _ = load_network(checked_adapter(spec, checkpoint, kind), kind=kind)
+    return net.to(device)
 
 
 def _build_context(key: str, cfg: ExperimentConfig, checkpoint: Path, device: torch.device) -> Any:
@@ -278,12 +301,19 @@ def write_report(results: list[Result], cfg: ExperimentConfig) -> Path:
     return out
 
 
-def with_adapter(cfg: ExperimentConfig, adapter: str, method: str = "mgtta") -> ExperimentConfig:
-    """Point every method that takes a trained MGG at `adapter`; add an MGTTA row if none does."""
+def with_adapter(cfg: ExperimentConfig, adapter: str, method: str | None = None) -> ExperimentConfig:
+    """Point every method that takes this adapter's kind (adapter.json "kind": an MGG, a CTA or
+    a TTT network; anything else counts as an MGG) at `adapter`; add a row of `method` (default:
+    the kind's method, e.g. mgtta, cta) if none does."""
+    from metatta import tracking
+
+    kind = tracking.adapter_info(tracking.adapter_directory(adapter)).get("kind")
+    kind = kind if kind in DEFAULT_ADAPTER_METHODS else "mgg"
+    inputs = {key for key, k in ADAPTER_INPUTS.items() if k == kind}
     cfg = copy.deepcopy(cfg)
-    takers = [s for s in cfg.methods if "mgg" in required_inputs(s)]
+    takers = [s for s in cfg.methods if inputs & set(required_inputs(s))]
     for spec in takers:
         spec.adapter = adapter
     if not takers:
-        cfg.methods.append(MethodSpec(name=method, adapter=adapter))
+        cfg.methods.append(MethodSpec(name=method or DEFAULT_ADAPTER_METHODS[kind], adapter=adapter))
     return cfg

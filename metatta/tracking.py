@@ -207,6 +207,24 @@ def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
     return path
 
 
+def adapter_directory(ref: str | Path) -> Path:
+    """The local directory of an adapter named by models:/<name>@<alias>, models:/<name>/<N>
+    (downloaded) or a path."""
+    text = str(ref)
+    if text.startswith("models:/"):
+        return download_adapter(text)
+    path = Path(text)
+    if not path.is_file() and not (path / ADAPTER_CONFIG).is_file() and not (path / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"adapter {text}: not an adapter directory (no {ADAPTER_WEIGHTS} / {ADAPTER_CONFIG})")
+    return path
+
+
+def adapter_info(path: str | Path) -> dict[str, Any]:
+    """An adapter directory's adapter.json ({} when it has none: a bare MGG weights directory)."""
+    config = Path(path) / ADAPTER_CONFIG
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
 def load_adapter_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state dict, config) from an adapter directory, without unpickling objects."""
     import torch

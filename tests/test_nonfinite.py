@@ -17,7 +17,8 @@ NO_UPDATES = {"source", "bn"}
 
 
 def _context(name: str) -> dict:
-    builders = {"fisher_batches": fisher_batches, "mgg": MGG, "source_stats": lambda: None}
+    builders = {"fisher_batches": fisher_batches, "mgg": MGG, "source_stats": lambda: None,
+                "cta_model": lambda: None, "ttt_model": lambda: None}  # None: CTA/TTT wrap the given model
     inputs = method_class(name).context_inputs
     unknown = set(inputs) - set(builders)
     assert not unknown, f"teach this test to build {name}'s context inputs {sorted(unknown)}"

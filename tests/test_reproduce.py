@@ -94,4 +94,4 @@ def test_a_real_table_reproduces(tmp_path):
 
     subprocess.run([sys.executable, "benchmarks/palm.py", "--num-images", "40", "--settings", "continual",
                     "--methods", "bn", "tent", "palm", "--out", str(tmp_path)], cwd=ROOT, check=True)
-    assert reproduce.main([str(tmp_path / "palm_n40.json")]) == 0
+    assert reproduce.main([str(tmp_path / "palm_n40_continual.json")]) == 0

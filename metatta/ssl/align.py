@@ -1,0 +1,45 @@
+"""Cross-encoder alignment (CTA's stage 2): a CLIP-style symmetric InfoNCE.
+
+Row i of `f_ssl` and row i of `f_sup` are one image through the SSL encoder and
+through the frozen supervised encoder: the positive pair. Every other row of
+the other encoder's batch is a negative. Features are L2-normalised; the
+logits are their cosine similarities over a fixed temperature; the loss is the
+mean of the two cross-entropies (SSL -> supervised and supervised -> SSL), as
+in CLIP.
+
+Choices the paper leaves open: the loss acts on the encoders' pooled features
+directly (no projection heads), because at test time the frozen supervised
+classifier reads the SSL encoder's features, so those features themselves must
+land where the supervised ones are; the temperature is fixed (config, default
+0.03; see trainers/cta.py for why it is low), not learned as in CLIP.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_pair(f_ssl: torch.Tensor, f_sup: torch.Tensor, where: str) -> None:
+    if f_ssl.shape != f_sup.shape or f_ssl.ndim != 2:
+        raise ValueError(f"{where}: f_ssl and f_sup must be (N, D) tensors of one shape, got "
+                         f"{tuple(f_ssl.shape)} and {tuple(f_sup.shape)}")
+
+
+def alignment_loss(f_ssl: torch.Tensor, f_sup: torch.Tensor, temperature: float = 0.03) -> torch.Tensor:
+    """Symmetric InfoNCE between (N, D) SSL-encoder and supervised-encoder features of the same N images."""
+    _check_pair(f_ssl, f_sup, "alignment_loss")
+    if temperature <= 0:
+        raise ValueError(f"alignment_loss: temperature must be > 0, got {temperature}")
+    logits = F.normalize(f_ssl, dim=1) @ F.normalize(f_sup, dim=1).T / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+@torch.no_grad()
+def feature_agreement(f_ssl: torch.Tensor, f_sup: torch.Tensor) -> dict[str, float]:
+    """How well two encoders agree: mean cosine of the positive pairs, and the share of
+    images whose nearest supervised feature (by cosine) is their own."""
+    _check_pair(f_ssl, f_sup, "feature_agreement")
+    sim = F.normalize(f_ssl.float(), dim=1) @ F.normalize(f_sup.float(), dim=1).T
+    target = torch.arange(len(sim), device=sim.device)
+    return {"cosine": float(sim.diagonal().mean()), "retrieval": float((sim.argmax(1) == target).float().mean())}
