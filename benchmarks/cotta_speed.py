@@ -57,6 +57,41 @@ def forward_floor(augmented_fraction: float, views: int = NUM_VIEWS) -> dict[str
             "forward_calls_batched": 3.0, "forward_calls_loop": 2 + augmented_fraction * views + (1 - augmented_fraction)}
 
 
+# The loop row is the code path before batching (a Python loop of 32 augment + teacher calls, NCHW);
+# the batched row is the default (views folded into one batch with per-view BN statistics, NHWC).
+LOOP = {"batched_views": False, "channels_last": False}
+BATCHED = {"batched_views": True}
+
+
+def run_interleaved(args) -> list[dict]:
+    """Loop and batched CoTTA alternated over the same `--interleaved` real batches for
+    `--rounds` rounds, CPU and wall seconds per batch: a ratio that holds on a shared machine,
+    where two runs one after the other see different loads."""
+    import copy
+
+    from metatta.config import load_config
+    from metatta.experiment import experiment_config, load_domains, source_model
+    from metatta.methods import build_method
+
+    cfg = experiment_config(load_config(BASE_CONFIG, [f"benchmark.num_images={args.num_images}"]))
+    model, _ = source_model(cfg.source, "cpu")
+    batches = []
+    for domain in load_domains(cfg.benchmark):
+        images = torch.from_numpy(domain.images[: args.batch_size]).permute(0, 3, 1, 2).float().div(255)
+        batches.append(images)
+    batches = batches[: args.interleaved]
+    timings = {"cotta_loop": [], "cotta_batched": []}
+    for _ in range(args.rounds):
+        for label, config in (("cotta_loop", LOOP), ("cotta_batched", BATCHED)):
+            method = build_method("cotta", copy.deepcopy(model), config)
+            cpu, wall = time.process_time(), time.perf_counter()
+            for x in batches:
+                method(x)
+            timings[label].append(((time.process_time() - cpu) / len(batches), (time.perf_counter() - wall) / len(batches)))
+    return [{"method": k, "cpu_s_per_batch": [c for c, _ in v], "wall_s_per_batch": [w for _, w in v]}
+            for k, v in timings.items()]
+
+
 def run_stream(args) -> list[dict]:
     from metatta.cli import setup_logging
     from metatta.config import load_config
@@ -71,8 +106,8 @@ def run_stream(args) -> list[dict]:
     if args.corruptions:
         data["benchmark"]["corruptions"] = list(args.corruptions)
     rows = []
-    for label, name, config in [("tent", "tent", {}), ("cotta_loop", "cotta", {"batched_views": False}),
-                                ("cotta_batched", "cotta", {"batched_views": True})]:
+    for label, name, config in [("tent", "tent", {}), ("cotta_loop", "cotta", LOOP),
+                                ("cotta_batched", "cotta", BATCHED)]:
         data["methods"] = [{"name": name, "label": label, "config": config}]
         with count_augmentation() as counts:
             (result,) = run_experiment(experiment_config(data))
@@ -94,8 +129,8 @@ def run_synthetic(args) -> list[dict]:
     model = build_model("resnet_fmnist", num_classes=10, in_channels=1).to(device).eval()
     stream = [torch.rand(args.batch_size, 1, 28, 28, device=device) for _ in range(args.num_images // args.batch_size)]
     rows = []
-    for label, name, config in [("tent", "tent", {}), ("cotta_loop", "cotta", {"batched_views": False}),
-                                ("cotta_batched", "cotta", {"batched_views": True})]:
+    for label, name, config in [("tent", "tent", {}), ("cotta_loop", "cotta", LOOP),
+                                ("cotta_batched", "cotta", BATCHED)]:
         method = build_method(name, __import__("copy").deepcopy(model), config)
         with count_augmentation() as counts:
             method(stream[0])  # warm-up, not timed
@@ -123,7 +158,20 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--synthetic", action="store_true", help="no data/checkpoint needed (speed only)")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--interleaved", type=int, default=0,
+                        help="K > 0: alternate loop and batched over K real batches (one per corruption)")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.interleaved:
+        rows = run_interleaved(args)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        loop, batched = (min(r["wall_s_per_batch"]) for r in rows)
+        loop_cpu, batched_cpu = (min(r["cpu_s_per_batch"]) for r in rows)
+        (out / "cotta_interleaved.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        print(json.dumps(rows, indent=1))
+        print(f"batched / loop speed-up (best round): wall {loop / batched:.2f}x, CPU time {loop_cpu / batched_cpu:.2f}x")
+        return
     rows = run_synthetic(args) if args.synthetic else run_stream(args)
     by = {r["method"]: r for r in rows}
     loop, batched, tent = by["cotta_loop"], by["cotta_batched"], by["tent"]

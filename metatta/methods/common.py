@@ -1,9 +1,6 @@
 """Pieces many methods share: normalization-layer handling and entropy."""
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 from torch import nn
 
@@ -53,37 +50,3 @@ def configure_norm_adaptation(model: nn.Module) -> list[nn.Parameter]:
     freeze_all(model)
     use_batch_statistics(model)
     return norm_affine_params(model)
-
-
-
-
-@contextlib.contextmanager
-def per_view_batch_norm(model: nn.Module, views: int):
-    """Within the block, `model` takes V views folded into its batch, (V * B, ...), and every BN
-    layer that normalizes with batch statistics normalizes each view with its own, as V separate
-    calls would: the convolutions then run once on V * B images (fast in any memory layout;
-    `torch.func.vmap` over the views ran 1.5x slower in NHWC). Other layers are per sample and
-    unchanged. Only for BN layers without running buffers (`use_batch_statistics`): nothing is
-    tracked."""
-    layers = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.running_mean is None]
-    for m in layers:
-        m.forward = functools.partial(_per_view_batch_norm, m, views)
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m.forward
-
-
-def _per_view_batch_norm(bn: nn.Module, views: int, x: torch.Tensor) -> torch.Tensor:
-    xv = x.unflatten(0, (views, -1))  # (V, B, C, ...)
-    dims = (1,) + tuple(range(3, xv.dim()))
-    shape = (1, 1, -1) + (1,) * (xv.dim() - 3)
-    var, mean = torch.var_mean(xv, dim=dims, correction=0, keepdim=True)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.view(shape)
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.view(shape)
-    return (xv * scale + shift).flatten(0, 1)

@@ -21,8 +21,8 @@ anchor (their code: train mode; here eval mode without running buffers, the
 same without dropout). With `batched_views` (default) the 32 views are drawn and
 transformed in batched tensor ops (`cotta_augment_views`: same per-view
 distribution as `cotta_augment`, one parameter set per view shared by the batch's
-images) and the teacher runs once over all of them, folded into its batch with
-per-view BN statistics (equal to the loop); `batched_views:
+images) and the teacher runs over them view by view (BN statistics per view);
+`batched_views:
 false` keeps the loop of 32 augment + forward calls. Their code runs the 32
 augmented teacher passes on every batch and then may discard them; here they run
 only when used (same result, different random-number consumption). `reset()` restores student, optimizer and
@@ -43,7 +43,7 @@ from torch import nn
 
 from metatta.methods.augment import CoTTAAugment
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import per_view_batch_norm, use_batch_statistics
+from metatta.methods.common import use_batch_statistics
 
 
 @dataclasses.dataclass
@@ -119,15 +119,12 @@ class CoTTA(TTAMethod):
         return self.teacher(x)
 
     def views_forward(self, model: nn.Module, views: torch.Tensor) -> torch.Tensor:
-        """`model` on each of V views (V, B, ...) -> (V, B, K), in one call: the views are folded
-        into the batch and every BN layer keeps per-view batch statistics (`per_view_batch_norm`;
-        BN here has no running buffers), so the result equals `torch.stack([model(v) for v in
-        views])` up to float rounding."""
-        flat = views.flatten(0, 1)
-        if self.config.channels_last and flat.dim() == 4:
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        with per_view_batch_norm(model, len(views)):
-            return model(flat).unflatten(0, tuple(views.shape[:2]))
+        """`model` on each of V views (V, B, ...) -> (V, B, K): one native forward per view, so BN's
+        batch statistics are per view. Measured on 32 views of 200 Fashion-MNIST images (NHWC,
+        2 threads): 1.3 s, against 4.1 s with the views folded into one batch of 6,400 (per-view
+        BN; its activations overflow the caches) and 7.1 s under torch.func.vmap."""
+        layout = torch.channels_last if self.config.channels_last and views.dim() == 5 else torch.contiguous_format
+        return torch.stack([model(v.contiguous(memory_format=layout)) for v in views])
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         teacher_logits = self.teacher_prediction(x)
