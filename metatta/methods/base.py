@@ -232,9 +232,14 @@ class TTAMethod(nn.Module):
         return None
 
     # ---- the update loop -----------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def in_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A test batch in the model's memory layout (`config.channels_last`)."""
         if self.config.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_layout(x)
         if self.config.episodic:
             self.reset()
         if self.optimizer is None:

@@ -185,8 +185,7 @@ class BNPlugin(TTAMethod):
     ):
         config = config if config is not None else self.Config()
         self.validate(config)
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        # The base, built with this channels_last (base_config), moves the model to its layout.
         layers = convert_batchnorms(model, self.layer_classes, **self.layer_options(config))
         if not layers:
             raise ValueError(f"{self.name}: the model has no BatchNorm layer to take the statistics of")
@@ -264,8 +263,7 @@ class BNPlugin(TTAMethod):
         if self.optimizer is not None:
             return super().forward(x)
         # A base without gradients (BN): the only adaptation is the statistics' update.
-        if self.config.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.in_layout(x)
         if self.config.episodic:
             self.reset()
         if not bool(torch.isfinite(x).all()):
