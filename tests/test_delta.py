@@ -18,7 +18,7 @@ from test_methods import TinyBNNet, batches
 from test_nanoadapt import _error_at_batch_one, _real_stream, one_thread  # noqa: F401  (fixture)
 
 
-def tbr_layer(alpha: float = 0.1) -> nn.BatchNorm2d:
+def tbr_layer(alpha: float = 0.1, init: str = "source") -> nn.BatchNorm2d:
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(4)
     with torch.no_grad():
@@ -27,24 +27,53 @@ def tbr_layer(alpha: float = 0.1) -> nn.BatchNorm2d:
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
     holder = nn.Sequential(bn)
-    convert_batchnorms(holder, TBR_CLASSES, momentum=alpha)
+    convert_batchnorms(holder, TBR_CLASSES, momentum=alpha, init=init)
     return bn
 
 
 def test_value_is_the_moving_average_normalization_and_the_averages_take_the_batch_in():
     layer = tbr_layer(alpha=0.1)
-    mean_ema, var_ema = layer.tbr_mean.clone(), layer.tbr_var.clone()
+    mean_ema, std_ema = layer.tbr_mean.clone(), layer.tbr_std.clone()
+    torch.testing.assert_close(std_ema, torch.sqrt(layer.running_var + layer.eps))
     x = torch.randn(3, 4, 5, 5) * 2 + 1
     layer.begin_session(store=True)
     y = layer(x)
     layer.end_session()
     shape = (1, -1, 1, 1)
-    ref = (x - mean_ema.view(shape)) / torch.sqrt(var_ema.view(shape) + layer.eps) * layer.weight.view(shape) \
-        + layer.bias.view(shape)
+    ref = (x - mean_ema.view(shape)) / std_ema.view(shape) * layer.weight.view(shape) + layer.bias.view(shape)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     mean_b, sq_b = channel_moments(x)
+    std_b = torch.sqrt(sq_b - mean_b ** 2 + layer.eps)
     torch.testing.assert_close(layer.tbr_mean, mean_ema + 0.1 * (mean_b - mean_ema))
-    torch.testing.assert_close(layer.tbr_var, var_ema + 0.1 * (sq_b - mean_b ** 2 - var_ema))
+    torch.testing.assert_close(layer.tbr_std, std_ema + 0.1 * (std_b - std_ema))
+
+
+def test_by_default_the_averages_start_from_the_first_test_batch():
+    """The authors' code: the first batch is normalized by its own statistics (plain BN) and
+    becomes the averages; the source statistics are never used."""
+    layer = tbr_layer(alpha=0.1, init="first_batch")
+    x = torch.randn(3, 4, 5, 5) * 2 + 1
+    layer.begin_session(store=True)
+    y = layer(x)
+    layer.end_session()
+    w, b = layer.weight.detach(), layer.bias.detach()
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, w, b, training=True, eps=layer.eps),
+                               rtol=1e-4, atol=1e-5)
+    mean_b, sq_b = channel_moments(x)
+    torch.testing.assert_close(layer.tbr_mean, mean_b)
+    torch.testing.assert_close(layer.tbr_std, torch.sqrt(sq_b - mean_b ** 2 + layer.eps))
+    assert float(layer.tbr_started) == 1.0
+
+
+def test_reset_starts_again_from_the_next_first_batch():
+    method = build_method("delta", TinyBNNet(), {"base": "bn"}, batch_size=2)
+    layer = method.norms[0]
+    method(torch.randn(2, 3, 8, 8))
+    assert float(layer.tbr_started) == 1.0
+    method.reset()
+    assert float(layer.tbr_started) == 0.0
+    x = torch.randn(2, 3, 8, 8) * 3
+    torch.testing.assert_close(method(x), build_method("delta", TinyBNNet(), {"base": "bn"}, batch_size=2)(x))
 
 
 def test_outside_a_session_nothing_is_stored():
@@ -68,7 +97,7 @@ def test_gradient_is_that_of_batch_normalization():
     w, b = layer.weight.detach(), layer.bias.detach()
     mean_b, sq_b = channel_moments(x.detach())
     std_b = torch.sqrt(sq_b - mean_b ** 2 + layer.eps)
-    r = std_b / torch.sqrt(layer.tbr_var + layer.eps)
+    r = std_b / layer.tbr_std
     (F.batch_norm(x, None, None, w * r, b, training=True, eps=layer.eps) * g).sum().backward()
     torch.testing.assert_close(tbr_grad, x.grad, rtol=1e-4, atol=1e-5)
 
@@ -89,6 +118,11 @@ def test_a_batch_of_one_runs_with_bn_and_tent(base):
 def test_bad_momentum_is_refused_naming_the_field(value):
     with pytest.raises(ValueError, match=rf"delta: config\.tbr_momentum must be in \[0, 1\], got {value}"):
         build_method("delta", TinyBNNet(), {"tbr_momentum": value})
+
+
+def test_unknown_init_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"delta: config\.tbr_init must be one of first_batch, source, got 'zero'"):
+        build_method("delta", TinyBNNet(), {"tbr_init": "zero"})
 
 
 def test_bn_with_tbr_beats_plain_bn_at_batch_size_one_on_real_data(one_thread):

@@ -2,9 +2,8 @@
 small-batch method NanoAdapt compares with, as a plug-in for any BN-based method
 (`metatta.methods.plugin`: BN, Tent, EATA, SAR, ...).
 
-Every BN layer keeps moving averages mu_ema, var_ema of its input's statistics,
-starting from the source statistics, and normalizes as batch renormalization
-does at test time:
+Every BN layer keeps moving averages mu_ema, sigma_ema of its input's mean and
+standard deviation and normalizes as batch renormalization does at test time:
 
     x_hat = (x - mu_b) / sigma_b * r + d,  r = sg(sigma_b / sigma_ema),
     d = sg((mu_b - mu_ema) / sigma_ema),
@@ -12,9 +11,13 @@ does at test time:
 whose value is (x - mu_ema) / sigma_ema while the gradient is that of plain batch
 normalization (through mu_b, sigma_b; sg = stop-gradient). The moving averages
 use the statistics before the batch (as batch renormalization) and then take it
-in: mu_ema <- mu_ema + alpha (mu_b - mu_ema), likewise var_ema, alpha =
-`tbr_momentum`, the share of the new batch (0.05 here: batch renormalization's
-usual rate; we had no copy of the DELTA authors' code to read theirs from).
+in: mu_ema <- mu_ema + alpha (mu_b - mu_ema), likewise sigma_ema, alpha =
+`tbr_momentum`, the share of the new batch.
+
+As in the authors' code (bwbwzhao/DELTA, `TBR`): the averages start from the
+first test batch's statistics (`tbr_init: first_batch`; its commented-out
+alternative, the source statistics, is `tbr_init: source`), the average is of the
+standard deviation, not the variance, and alpha is 1 - their `old_prior` 0.95.
 
 Not implemented: DELTA's second component, dynamic online re-weighting (DOT),
 which weights each sample's loss by its predicted class's inverse frequency; it
@@ -35,28 +38,37 @@ from metatta.methods.plugin import BNPlugin, PluginConfig, PluginNorm, per_chann
 @dataclasses.dataclass
 class DELTAConfig(PluginConfig):
     tbr_momentum: float = 0.05  # alpha: ema <- ema + alpha * (batch - ema)
+    tbr_init: str = "first_batch"  # where the averages start: first_batch (authors' code) | source
+
+
+TBR_INITS = ("first_batch", "source")
 
 
 class TBRNorm(PluginNorm):
-    stat_buffers = ("tbr_mean", "tbr_var")
+    # tbr_started: 0 until the averages hold statistics (first_batch), a buffer so that
+    # reset and rollback restore it with the averages.
+    stat_buffers = ("tbr_mean", "tbr_std", "tbr_started")
 
-    def setup_statistics(self, momentum: float = 0.05) -> None:
+    def setup_statistics(self, momentum: float = 0.05, init: str = "first_batch") -> None:
         mean, var = self.source_statistics()
         device = self.weight.device if self.weight is not None else mean.device
         self.register_buffer("tbr_mean", mean.to(device))
-        self.register_buffer("tbr_var", var.to(device))
+        self.register_buffer("tbr_std", torch.sqrt(var + self.eps).to(device))
+        self.register_buffer("tbr_started", torch.tensor(float(init == "source"), device=device))
         self.tbr_momentum = momentum
 
     def plugin_forward(self, x: torch.Tensor) -> torch.Tensor:
         mean_b, sq_b = channel_moments(self.real_rows(x))
         var_b = (sq_b - mean_b * mean_b).clamp_min(0.0)
-        mean_ema, var_ema = self.prior()
         std_b = torch.sqrt(var_b + self.eps)
-        std_ema = torch.sqrt(var_ema + self.eps)
+        mean_ema, std_ema, started = self.prior()
+        if not bool(started):
+            mean_ema, std_ema = mean_b.detach(), std_b.detach()
         r = (std_b / std_ema).detach()
         d = ((mean_b - mean_ema) / std_ema).detach()
         alpha = self.tbr_momentum
-        self.store(mean_ema + alpha * (mean_b - mean_ema), var_ema + alpha * (var_b - var_ema))
+        self.store(mean_ema + alpha * (mean_b.detach() - mean_ema), std_ema + alpha * (std_b.detach() - std_ema),
+                   torch.ones_like(started))
         scale = r / std_b
         if self.weight is not None:
             scale = scale * self.weight
@@ -92,7 +104,10 @@ class DELTA(BNPlugin):
     def validate(cls, config: DELTAConfig) -> None:
         if not 0.0 <= config.tbr_momentum <= 1.0:
             raise ValueError(f"{cls.name}: config.tbr_momentum must be in [0, 1], got {config.tbr_momentum!r}")
+        if config.tbr_init not in TBR_INITS:
+            raise ValueError(f"{cls.name}: config.tbr_init must be one of {', '.join(TBR_INITS)}, "
+                             f"got {config.tbr_init!r}")
         super().validate(config)
 
     def layer_options(self, config: DELTAConfig) -> dict[str, Any]:
-        return {"momentum": config.tbr_momentum}
+        return {"momentum": config.tbr_momentum, "init": config.tbr_init}
