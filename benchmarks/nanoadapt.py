@@ -1,6 +1,6 @@
 """NanoAdapt benchmark: continual Fashion-MNIST-C, the 15 benchmark corruptions at
 severity 5, at batch sizes 200, 16, 4, 2 and 1: BN, Tent, BN+DELTA, Tent+DELTA,
-BN+NanoAdapt, Tent+NanoAdapt (default settings, or tuned ones with `--tuned`), and at
+BN+NanoAdapt, Tent+NanoAdapt (default settings, and tuned ones per batch size with `--tuned`), and at
 batch size 1 the ablation rows on Tent (DBC, EWGA, DBC+EWGA; all three is
 Tent+NanoAdapt) and Source (for speed). Learning rates follow the batch size
 (MethodConfig.lr_batch_size).
@@ -10,7 +10,7 @@ speed of Tent+NanoAdapt against Tent and Source (the target: at most (k + 1) tim
 Tent's time per image, k the number of views). Writes benchmarks/results/nanoadapt.json
 and nanoadapt.md (nanoadapt_n<images>.* for other image counts).
 
-    python benchmarks/nanoadapt.py [--num-images 1000] [--batch-sizes 200 16 4 2 1] [--tuned PATH_OR_URI] [--threads 1]
+    python benchmarks/nanoadapt.py [--num-images 1000] [--batch-sizes 200 16 4 2 1] [--tuned 1=models:/nanoadapt_settings_n1@champion ...] [--threads 1]
 """
 from __future__ import annotations
 
@@ -44,12 +44,23 @@ ABLATION_ROWS = [  # at batch size 1, on Tent; all three components = tent+nanoa
 
 
 def rows_for(batch_size: int, tuned: str | None) -> list[dict]:
-    rows = [dict(r) for r in MAIN_ROWS] + ([dict(r) for r in ABLATION_ROWS] if batch_size == 1 else [])
+    """The table's rows at `batch_size`; with `tuned` settings (searched at this batch size),
+    a `tent+nanoadapt (tuned)` row beside the default one."""
+    rows = [dict(r) for r in MAIN_ROWS]
     if tuned:
-        for row in rows:
-            if row.get("label") == "tent+nanoadapt":
-                row["settings"] = tuned
-    return rows
+        rows.append({"name": "nanoadapt", "label": "tent+nanoadapt (tuned)", "settings": tuned})
+    return rows + ([dict(r) for r in ABLATION_ROWS] if batch_size == 1 else [])
+
+
+def parse_tuned(entries: list[str]) -> dict[int, str]:
+    """`B=URI` entries (settings tuned at batch size B) -> {B: URI}."""
+    tuned = {}
+    for entry in entries:
+        size, sep, uri = entry.partition("=")
+        if not sep or not size.isdigit() or not uri:
+            raise SystemExit(f"error: --tuned expects BATCH_SIZE=PATH_OR_URI, got {entry!r}")
+        tuned[int(size)] = uri
+    return tuned
 
 
 def error_table(runs: dict[int, list[Result]]) -> str:
@@ -83,13 +94,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=1000, help="test images per corruption (10000: all)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[200, 16, 4, 2, 1])
-    parser.add_argument("--tuned", default=None, help="tuned NanoAdapt settings: YAML path or models:/ URI")
+    parser.add_argument("--tuned", nargs="*", default=[], metavar="B=URI",
+                        help="NanoAdapt settings tuned at batch size B (YAML path or models:/ URI), e.g. "
+                             "1=models:/nanoadapt_settings_n1@champion: an extra row at that batch size")
     parser.add_argument("--setting", default="continual")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); batch-1 steps are latency-bound and "
                              "measured several times faster on 1 thread than on 2 busy ones")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
+    tuned = parse_tuned(args.tuned)
     if args.threads:
         import torch
 
@@ -106,7 +120,7 @@ def main(argv=None):
                                          f"benchmark.num_images={args.num_images}", "progress=false",
                                          f"name=nanoadapt_n{batch_size}_i{args.num_images}",
                                          f"output_dir={out / 'runs'}"])
-        data["methods"] = rows_for(batch_size, args.tuned)
+        data["methods"] = rows_for(batch_size, tuned.get(batch_size))
         start = time.perf_counter()
         runs[batch_size] = run_experiment(experiment_config(data))
         records.append({"batch_size": batch_size, "num_images": args.num_images, "setting": args.setting,

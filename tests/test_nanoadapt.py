@@ -5,6 +5,7 @@ optimizer underneath, validation, reset, and error at N=1 on real Fashion-MNIST-
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from pathlib import Path
 
@@ -407,13 +408,15 @@ def test_experiment_config_parses():
 
 
 # ---- the Ray Tune search, per batch size -----------------------------------------------------------------------
-def _tune_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("launch_tune_nanoadapt", ROOT / "launch" / "tune_nanoadapt.py")
+def _load_script(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _tune_module():
+    return _load_script("launch_tune_nanoadapt", ROOT / "launch" / "tune_nanoadapt.py")
 
 
 def test_default_search_config_gives_one_search_per_batch_size_on_held_out_corruptions():
@@ -480,3 +483,26 @@ def test_the_runner_builds_the_inputs_of_the_wrapped_base():
     assert "mgg" in required_inputs(MethodSpec(name="nanoadapt", config={"base": "mgtta"}))
     assert required_inputs(MethodSpec(name="nanoadapt")) == ()  # tent needs nothing
     assert required_inputs(MethodSpec(name="eata")) == ("fisher_batches",)
+
+
+# ---- benchmarks/nanoadapt.py: tuned rows per batch size ------------------------------------------
+def _nanoadapt_benchmark():
+    return _load_script("bench_nanoadapt", ROOT / "benchmarks" / "nanoadapt.py")
+
+
+def test_benchmark_adds_a_tuned_row_only_at_the_batch_size_it_was_tuned_for():
+    bench = _nanoadapt_benchmark()
+    tuned = bench.parse_tuned(["1=models:/nanoadapt_settings_n1@champion", "4=/tmp/best.yaml"])
+    assert tuned == {1: "models:/nanoadapt_settings_n1@champion", 4: "/tmp/best.yaml"}
+    at_one = bench.rows_for(1, tuned.get(1))
+    tuned_rows = [r for r in at_one if r.get("label") == "tent+nanoadapt (tuned)"]
+    assert tuned_rows == [{"name": "nanoadapt", "label": "tent+nanoadapt (tuned)",
+                           "settings": "models:/nanoadapt_settings_n1@champion"}]
+    assert any(r.get("label") == "tent+nanoadapt" and "settings" not in r for r in at_one)
+    assert not any("(tuned)" in r.get("label", "") for r in bench.rows_for(16, tuned.get(16)))
+
+
+@pytest.mark.parametrize("entry", ["models:/x@champion", "one=/tmp/x.yaml", "4="])
+def test_benchmark_refuses_a_tuned_entry_without_its_batch_size(entry):
+    with pytest.raises(SystemExit, match="--tuned expects BATCH_SIZE=PATH_OR_URI"):
+        _nanoadapt_benchmark().parse_tuned([entry])
