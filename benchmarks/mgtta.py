@@ -7,7 +7,8 @@ second) is measured with 1 and 2 rollout actors. Adaptation time per batch
 and the error on the first batches of every corruption ("fewer adaptation
 steps") are compared with Tent, all in one run.
 
-Writes benchmarks/results/mgtta.json and mgtta.md.
+Writes benchmarks/results/mgtta.json and mgtta.md (other runs: named by what they change,
+e.g. mgtta_n10000_continual.*, mgtta_lr_sweep.*).
 
     python benchmarks/mgtta.py [--epochs 40] [--num-images 1000]
 
@@ -145,6 +146,23 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def result_stem(args) -> str:
+    """`mgtta` for the README's default run; other runs are named by what they change, so that
+    they sit beside it instead of overwriting it."""
+    parts = ["mgtta"]
+    if args.num_images != 1000:
+        parts.append(f"n{args.num_images}")
+    if args.setting != "episodic":
+        parts.append(args.setting)
+    if Path(args.config).name != "mgg.yaml":
+        parts.append(Path(args.config).stem)
+    if args.mgg_set:
+        parts.append("set")
+    if args.lr_multipliers:
+        parts.append("lr_sweep")
+    return "_".join(parts)
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging("WARNING")
@@ -200,7 +218,8 @@ def main(argv=None):
                               for m, (b, f) in to_final.items()},
         "lr_multipliers": args.lr_multipliers,
     }
-    (out / "mgtta.json").write_text(json.dumps(record, indent=1))
+    stem = result_stem(args)
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     lines = [f"Fashion-MNIST-C, severity 5, batch 64, {args.setting}, {args.num_images} images per corruption. "
              f"Command: `python {' '.join(command)}`", "", error_table(main_results), "",
              f"| method | mean error | error, first {EARLY_BATCHES} batches per corruption | ms per batch | vs Tent |",
@@ -224,7 +243,7 @@ def main(argv=None):
     rate = {(s["K"], s["actors"]): s["unroll_steps_per_second"] for s in scaling}
     lines += [""] + [f"Actor scaling (K={k}, {args.scaling_epochs} epochs): 1 actor {rate[(k, 1)]:.1f} unroll steps/s, "
                      f"2 actors {rate[(k, 2)]:.1f} ({ratios[k]:.2f}x), same run, 2 CPU cores." for k in ratios] + [""]
-    (out / "mgtta.md").write_text("\n".join(lines))
+    (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"tent mean error {tent.mean_error:.2f}")
 

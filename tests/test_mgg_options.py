@@ -333,3 +333,8 @@ def test_benchmark_batches_to_within_and_lr_sweep_rows():
                                                                                   config={"lr": 2e-3})], [1, 10])
     assert [(r.label, r.config["lr"]) for r in rows] == [("tent lr x10", pytest.approx(1e-2)),
                                                          ("mgtta (K=1) lr x10", pytest.approx(2e-2))]
+    assert bench.result_stem(bench.parse_args([])) == "mgtta"  # the README's run
+    assert bench.result_stem(bench.parse_args(["--num-images", "10000", "--setting", "continual"])) == \
+        "mgtta_n10000_continual"
+    assert bench.result_stem(bench.parse_args(["--config", "configs/fmnist_c/mgg_k16.yaml",
+                                               "--lr-multipliers", "1", "10"])) == "mgtta_mgg_k16_lr_sweep"
