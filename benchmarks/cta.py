@@ -28,7 +28,7 @@ from pathlib import Path
 from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.experiment import MethodSpec, experiment_config, run_experiment
-from metatta.reporting import error_table
+from metatta.reporting import benchmark_command, error_table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -80,7 +80,7 @@ def method_rows(cta: Path, ttt: Path, steps: list[int]) -> list[MethodSpec]:
     return rows
 
 
-def write_report(out: Path, results, scale: list[dict], steps: list[int], args, command: str) -> dict:
+def write_report(out: Path, results, scale: list[dict], steps: list[int], args, command: list[str]) -> dict:
     by = {r.method: r for r in results}
     batch = min(BATCH, args.num_images)
     seconds = {r.method: batch / r.images_per_second for r in results}
@@ -91,11 +91,11 @@ def write_report(out: Path, results, scale: list[dict], steps: list[int], args, 
         "cta_beats_ttt": {k: by[f"cta ({k} steps)"].mean_error < by[f"ttt ({k} steps)"].mean_error for k in steps},
         "cta_error_range_over_steps": max(cta_errors) - min(cta_errors),
     }
-    record = {"protocol": results[0].protocol, "results": [r.to_dict() for r in results], "seconds_per_batch": seconds,
+    record = {"command": command, "protocol": results[0].protocol, "results": [r.to_dict() for r in results], "seconds_per_batch": seconds,
               "ray_train_scaling": scale, "claims": claims}
     (out / "cta.json").write_text(json.dumps(record, indent=1))
     lines = [f"Fashion-MNIST-C, 15 corruptions, severity 5, batch {batch}, reset per corruption and (TTT, CTA) per "
-             f"batch, {args.num_images} images per corruption. Command: `{command}`", "",
+             f"batch, {args.num_images} images per corruption. Command: `python {' '.join(command)}`", "",
              "| method | mean error (%) | s per batch |", "|---|---:|---:|"]
     lines += [f"| {r.method} | {r.mean_error:.2f} | {seconds[r.method]:.3f} |" for r in results]
     lines += ["", "Per corruption:", "", error_table(results), ""]
@@ -142,7 +142,7 @@ def main(argv=None):
         f"output_dir={work / 'runs'}", f"stream.batch_size={min(BATCH, args.num_images)}"]))
     cfg.methods = method_rows(cta, ttt, args.steps)
     results = run_experiment(cfg)
-    write_report(out, results, scale, args.steps, args, "python benchmarks/cta.py " + " ".join(argv or []))
+    write_report(out, results, scale, args.steps, args, benchmark_command(__file__, argv))
 
 
 if __name__ == "__main__":
