@@ -62,8 +62,10 @@ class TBRNorm(PluginNorm):
         var_b = (sq_b - mean_b * mean_b).clamp_min(0.0)
         std_b = torch.sqrt(var_b + self.eps)
         mean_ema, std_ema, started = self.prior()
-        if not bool(started):
-            mean_ema, std_ema = mean_b.detach(), std_b.detach()
+        # Before the first batch the averages are that batch's own statistics (first_batch);
+        # torch.where keeps the choice on the device (no host sync per layer and batch).
+        mean_ema = torch.where(started > 0, mean_ema, mean_b.detach())
+        std_ema = torch.where(started > 0, std_ema, std_b.detach())
         r = (std_b / std_ema).detach()
         d = ((mean_b - mean_ema) / std_ema).detach()
         alpha = self.tbr_momentum
