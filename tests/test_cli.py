@@ -8,7 +8,6 @@ through `run_main`, so torch is imported once.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 
 from metatta.cli import USER_ERROR_STATUS, UserError, experiment_parser, parse_experiment, run_main
 from metatta.config import ConfigError, load_config
+from repo_scripts import load_script
 
 ROOT = Path(__file__).parents[1]
 SCRIPTS = ["evaluate", "train_source", "train_mgg", "eval_worker", "demo"]
@@ -44,19 +44,12 @@ def assert_user_error(proc, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_in_process(name, argv, capsys, monkeypatch, tmp_path):
     for key, value in _env(tmp_path).items():
         if key in ("METATTA_CACHE", "MLFLOW_TRACKING_URI"):
             monkeypatch.setenv(key, value)
     monkeypatch.delenv("METATTA_DEBUG", raising=False)
-    status = run_main(load_script(name).main, [str(a) for a in argv])
+    status = run_main(load_script(f"launch/{name}.py").main, [str(a) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     err = [line for line in err if line.startswith("error: ")]
     return status, err

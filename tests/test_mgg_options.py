@@ -311,16 +311,11 @@ def test_paper_config_pins_todays_defaults():
 
 # ---- the benchmark's batches-to-final and lr-sweep helpers ----------------------------------------
 def test_benchmark_batches_to_within_and_lr_sweep_rows():
-    import importlib.util
-    from pathlib import Path
-
     from metatta.evaluation import Result
     from metatta.experiment import MethodSpec
+    from repo_scripts import load_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mgtta.py"
-    spec = importlib.util.spec_from_file_location("bench_mgtta", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/mgtta.py")
 
     errors = [30.0, 20.0, 10.0, 10.0, 10.0, 40.0, 20.0, 10.0, 10.0, 10.0]  # two domains of 5 batches
     result = Result.__new__(Result)

@@ -5,7 +5,6 @@ optimizer underneath, validation, reset, and error at N=1 on real Fashion-MNIST-
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from metatta.methods.nanoadapt import (
 from metatta.methods.plugin import channel_moments, convert_batchnorms
 from metatta.paths import cache_root
 
+from repo_scripts import load_script
 from test_methods import TinyBNNet, assert_same_state, batches, fisher_batches
 from test_tune import HELD_OUT, held_out_root, source_checkpoint  # noqa: F401  (fixtures)
 
@@ -408,15 +408,8 @@ def test_experiment_config_parses():
 
 
 # ---- the Ray Tune search, per batch size -----------------------------------------------------------------------
-def _load_script(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _tune_module():
-    return _load_script("launch_tune_nanoadapt", ROOT / "launch" / "tune_nanoadapt.py")
+    return load_script("launch/tune_nanoadapt.py")
 
 
 def test_default_search_config_gives_one_search_per_batch_size_on_held_out_corruptions():
@@ -487,7 +480,7 @@ def test_the_runner_builds_the_inputs_of_the_wrapped_base():
 
 # ---- benchmarks/nanoadapt.py: tuned rows per batch size ------------------------------------------
 def _nanoadapt_benchmark():
-    return _load_script("bench_nanoadapt", ROOT / "benchmarks" / "nanoadapt.py")
+    return load_script("benchmarks/nanoadapt.py")
 
 
 def test_benchmark_adds_a_tuned_row_only_at_the_batch_size_it_was_tuned_for():

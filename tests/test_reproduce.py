@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from metatta.reporting import benchmark_command
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-reproduce = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reproduce)
+reproduce = load_script("benchmarks/reproduce.py")
 
 
 def result(method: str, mean: float, setting="continual", batch=200, images=1000, sha="abc") -> dict:

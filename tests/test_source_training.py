@@ -168,11 +168,9 @@ def test_augment_batch_crops_and_flips_per_image():
 
 
 def test_cli_trains_from_the_yaml_with_overrides(tmp_path, fmnist):  # fmnist: skip without data
-    import importlib.util as iu
+    from repo_scripts import load_script
 
-    spec = iu.spec_from_file_location("launch_train_source", Path(__file__).parents[1] / "launch" / "train_source.py")
-    cli = iu.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("launch/train_source.py")
     out = tmp_path / "cli.pt"
     config = Path(__file__).parents[1] / "configs" / "fmnist_c" / "source.yaml"
     cli.main(["--config", str(config), "--device", "cpu", "epochs=1", "num_train_images=128", "num_test_images=100",
