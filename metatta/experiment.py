@@ -35,6 +35,7 @@ class BenchmarkConfig:
     corruptions: str | list[str] = "benchmark"  # benchmark | held_out | all | explicit list
     severities: list[int] = dataclasses.field(default_factory=lambda: [5])
     num_images: int | None = None  # per domain; None for all
+    first_image: int = 0  # per domain, images before it are skipped (e.g. an adapter's training images)
 
     def corruption_names(self) -> list[str]:
         if isinstance(self.corruptions, str):
@@ -157,7 +158,8 @@ def benchmark_root(cfg: BenchmarkConfig) -> Path:
 def load_domains(cfg: BenchmarkConfig):
     from metatta.data.benchmark_files import read_cifar_c
 
-    return read_cifar_c(benchmark_root(cfg), cfg.corruption_names(), cfg.severities, num_images=cfg.num_images)
+    return read_cifar_c(benchmark_root(cfg), cfg.corruption_names(), cfg.severities, num_images=cfg.num_images,
+                        first_image=cfg.first_image)
 
 
 def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Module, Path]:
@@ -261,6 +263,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
         "severities": cfg.benchmark.severities,
         "batch_size": cfg.stream.batch_size,
         "num_images_per_domain": cfg.benchmark.num_images,
+        "first_image": cfg.benchmark.first_image,
         "seed": cfg.stream.seed,
         "source_checkpoint": str(checkpoint),
         "source_checkpoint_sha256": checkpoint_hash(checkpoint),

@@ -260,6 +260,19 @@ def test_reader_round_trip(built, clean):
     assert len(bf.read_cifar_c(built, ["fog"], [3])[0]) == N
 
 
+def test_reader_first_image_skips_the_leading_images(built, clean):
+    _, labels = clean
+    fog = np.load(built / "fog.npy")
+    (d,) = bf.read_cifar_c(built, ["fog"], [5], num_images=5, first_image=3)
+    assert np.array_equal(d.images, fog[4 * N + 3: 4 * N + 8]) and np.array_equal(d.labels, labels[3:8])
+    (rest,) = bf.read_cifar_c(built, ["fog"], [1], first_image=N - 2)
+    assert len(rest) == 2
+    for kwargs, match in [({"first_image": -1}, "first_image"), ({"first_image": N}, "first_image"),
+                          ({"first_image": True}, "first_image"), ({"first_image": 2, "num_images": N - 1}, "exceeds")]:
+        with pytest.raises(ValueError, match=match):
+            bf.read_cifar_c(built, ["fog"], [5], **kwargs)
+
+
 def test_reader_accepts_cifar10c_uint8_labels(tmp_path):
     n = 4
     np.save(tmp_path / "labels.npy", np.tile(np.arange(n, dtype=np.uint8), 5))

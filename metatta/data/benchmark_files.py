@@ -361,11 +361,13 @@ def read_cifar_c(
     corruptions: Sequence[str],
     severities: Sequence[int],
     num_images: int | None = None,
+    first_image: int = 0,
 ) -> list[DomainData]:
     """Domains (for each corruption, for each severity, in the order given) of a CIFAR-10-C style directory.
 
     Images are read-only memory maps (uint8 (N, H, W, C)); labels are int64 in memory.
-    num_images: the first N images of each severity block (None: all)."""
+    num_images: N images of each severity block (None: all from first_image on), starting at
+    first_image (to keep clear of images an adapter was trained or validated on)."""
     root = Path(root)
     corruptions = check_corruption_names(corruptions)
     severities = check_severities(severities)
@@ -384,7 +386,11 @@ def read_cifar_c(
     if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer))
                                    or not 1 <= num_images <= n):
         raise ValueError(f"num_images must be an integer in [1, {n}] for {root}, got {num_images!r}")
-    take = n if num_images is None else int(num_images)
+    if isinstance(first_image, bool) or not isinstance(first_image, (int, np.integer)) or not 0 <= first_image < n:
+        raise ValueError(f"first_image must be an integer in [0, {n}) for {root}, got {first_image!r}")
+    take = n - first_image if num_images is None else int(num_images)
+    if first_image + take > n:
+        raise ValueError(f"first_image {first_image} + num_images {take} exceeds the {n} images per severity of {root}")
     domains = []
     for corruption in corruptions:
         path = root / f"{corruption}.npy"
@@ -398,7 +404,7 @@ def read_cifar_c(
         if len(data) != len(labels):
             raise ValueError(f"{path}: {len(data)} images but {labels_path} has {len(labels)} labels")
         for s in severities:
-            rows = slice((s - 1) * n, (s - 1) * n + take)
+            rows = slice((s - 1) * n + first_image, (s - 1) * n + first_image + take)
             domains.append(DomainData(corruption, s, data[rows], labels[rows].copy()))
     return domains
 
