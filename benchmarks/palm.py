@@ -9,11 +9,18 @@ parameters each method adapted per domain (mean over the domain's batches). Writ
 benchmarks/results/palm.json and palm.md.
 
     python benchmarks/palm.py [--num-images 1000] [--settings continual gradual] [--tuned PATH_OR_URI]
+                              [--seeds 0 1 2]
+
+`--seeds`: the stream seed (image order within each domain and the augmentation draws) of
+each repetition of the continual setting; with more than one, a table of the mean error per
+seed, their mean and standard deviation follows the per-domain table of the first seed, so a
+difference between two methods can be read against the spread of one method over seeds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -57,6 +64,18 @@ def corruption_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(runs: dict[int, list[Result]]) -> str:
+    """Mean error per seed, and over seeds (mean, sample standard deviation), per method."""
+    seeds = list(runs)
+    header = ["method"] + [f"seed {s}" for s in seeds] + ["mean", "std"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for i, first in enumerate(runs[seeds[0]]):
+        errors = [runs[s][i].mean_error for s in seeds]
+        lines.append("| " + " | ".join([first.method] + [f"{e:.2f}" for e in errors]
+                                       + [f"{statistics.mean(errors):.2f}", f"{statistics.stdev(errors):.2f}"]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=1000, help="test images per corruption (10000: all)")
@@ -67,6 +86,8 @@ def main(argv=None):
                         help=f"rows, of {list(ROWS)}")
     parser.add_argument("--tuned", default=None, help="tuned PALM settings: YAML path or models:/ URI")
     parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="stream seeds of the continual setting (more than one: a table over seeds)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     setup_logging("WARNING")
@@ -81,31 +102,41 @@ def main(argv=None):
         # gradual walks severities 1..5 of each corruption; num_images is then per (corruption, severity)
         gradual = setting == "gradual"
         num_images = args.gradual_images if gradual else args.num_images
-        data = load_config(BASE_CONFIG, [f"stream.setting={setting}", f"stream.batch_size={args.batch_size}",
-                                         f"benchmark.num_images={num_images}", "progress=false",
-                                         f"name=palm_{setting}_n{num_images}", f"output_dir={out / 'runs'}",
-                                         *(["benchmark.severities=[1,2,3,4,5]"] if gradual else [])])
-        data["methods"] = methods
-        cfg = experiment_config(data)
-        model, _ = source_model(cfg.source, "cpu")
-        total = sum(p.numel() for p in model.parameters())
-        start = time.perf_counter()
-        results = run_experiment(cfg)
-        seconds = time.perf_counter() - start
-        records.append({"setting": setting, "num_images": num_images, "batch_size": args.batch_size,
-                        "seconds": seconds, "model_parameters": total, "results": [r.to_dict() for r in results]})
+        runs: dict[int, list[Result]] = {}
+        for seed in ([args.seeds[0]] if gradual else args.seeds):
+            data = load_config(BASE_CONFIG, [f"stream.setting={setting}", f"stream.batch_size={args.batch_size}",
+                                             f"benchmark.num_images={num_images}", "progress=false",
+                                             f"stream.seed={seed}", f"name=palm_{setting}_n{num_images}_s{seed}",
+                                             f"output_dir={out / 'runs'}",
+                                             *(["benchmark.severities=[1,2,3,4,5]"] if gradual else [])])
+            data["methods"] = methods
+            cfg = experiment_config(data)
+            model, _ = source_model(cfg.source, "cpu")
+            total = sum(p.numel() for p in model.parameters())
+            start = time.perf_counter()
+            runs[seed] = results = run_experiment(cfg)
+            seconds = time.perf_counter() - start
+            records.append({"setting": setting, "num_images": num_images, "batch_size": args.batch_size,
+                            "seed": seed, "seconds": seconds, "model_parameters": total,
+                            "results": [r.to_dict() for r in results]})
+        first = next(iter(runs))
+        results, seconds = runs[first], records[-len(runs)]["seconds"]
         if gradual:
             sections.append(f"#### gradual, batch size {args.batch_size}, {num_images} images per (corruption, "
                             f"severity) step, severities 5-1 then 1-5-1 ({seconds:.0f} s)\n\n"
                             f"Error (%) per corruption (all its steps; mean: over the 75 corruption-severity "
                             f"domains):\n\n{corruption_table(results)}\n")
             continue
-        sections.append(f"#### {setting}, batch size {args.batch_size}, {num_images} images per corruption "
-                        f"({seconds:.0f} s)\n\nError (%):\n\n{error_table(results)}\n\n"
+        sections.append(f"#### {setting}, batch size {args.batch_size}, {num_images} images per corruption, "
+                        f"seed {first} ({seconds:.0f} s)\n\nError (%):\n\n{error_table(results)}\n\n"
                         f"Parameters adapted (% of {total:,}), mean over each domain's batches:\n\n"
                         f"{share_table(results, total)}\n")
+        if len(runs) > 1:
+            sections.append(f"Mean error (%) over the stream seeds (image order and augmentation draws):\n\n"
+                            f"{seeds_table(runs)}\n")
     stem = "palm" + ("" if args.num_images == 1000 else f"_n{args.num_images}") + \
-        ("" if args.settings == ["continual", "gradual"] else "_" + "_".join(args.settings))
+        ("" if args.settings == ["continual", "gradual"] else "_" + "_".join(args.settings)) + \
+        ("" if "gradual" not in args.settings or args.gradual_images == 200 else f"_g{args.gradual_images}")
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "tables": records}, indent=1))
     (out / f"{stem}.md").write_text(f"Fashion-MNIST-C, severity 5. Command: `python {' '.join(command)}`\n\n"
                                     + "\n".join(sections))

@@ -43,7 +43,7 @@ def iter_results(data: Any) -> Iterator[dict[str, Any]]:
 
 def result_key(result: dict[str, Any]) -> tuple:
     p = result["protocol"]
-    return (p.get("setting"), p.get("batch_size"), p.get("num_images_per_domain"), result["method"])
+    return (p.get("setting"), p.get("batch_size"), p.get("num_images_per_domain"), p.get("seed"), result["method"])
 
 
 def indexed(data: Any) -> dict[tuple, dict[str, Any]]:

@@ -93,3 +93,17 @@ def test_a_real_table_reproduces(tmp_path):
     subprocess.run([sys.executable, "benchmarks/palm.py", "--num-images", "40", "--settings", "continual",
                     "--methods", "bn", "tent", "palm", "--out", str(tmp_path)], cwd=ROOT, check=True)
     assert reproduce.main([str(tmp_path / "palm_n40_continual.json")]) == 0
+
+
+def test_results_of_different_stream_seeds_are_paired_by_seed():
+    def seeded(seed: int, mean: float) -> dict:
+        r = result("palm", mean)
+        r["protocol"]["seed"] = seed
+        return r
+
+    recorded = {"tables": [{"results": [seeded(0, 21.0), seeded(1, 21.4)]}]}
+    assert len(reproduce.indexed(recorded)) == 2
+    _, failures = reproduce.compare(recorded, {"tables": [{"results": [seeded(1, 21.4), seeded(0, 21.0)]}]}, 0.1)
+    assert failures == []
+    _, failures = reproduce.compare(recorded, {"tables": [{"results": [seeded(0, 21.4), seeded(1, 21.0)]}]}, 0.1)
+    assert len(failures) == 2
