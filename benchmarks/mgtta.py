@@ -1,8 +1,9 @@
 """MGTTA benchmark: the learned optimizer against Tent, SAR and EATA.
 
 Fashion-MNIST-C, severity 5, batch 64, episodic (reset per corruption, as the
-paper does). The MGG is meta-trained on 128 held-out-corruption images for
-each unroll length K in {1, 2, 4}; meta-training throughput (unroll steps per
+paper does). The MGG is meta-trained on the held-out corruptions by
+`--config` (default configs/fmnist_c/mgg.yaml, with its K and epochs unless
+`--unrolls` / `--epochs` say otherwise); meta-training throughput (unroll steps per
 second) is measured with 1 and 2 rollout actors. Adaptation time per batch
 and the error on the first batches of every corruption ("fewer adaptation
 steps") are compared with Tent, all in one run.
@@ -10,7 +11,7 @@ steps") are compared with Tent, all in one run.
 Writes benchmarks/results/mgtta.json and mgtta.md (other runs: named by what they change,
 e.g. mgtta_n10000_continual.*, mgtta_lr_sweep.*).
 
-    python benchmarks/mgtta.py [--epochs 40] [--num-images 1000]
+    python benchmarks/mgtta.py [--num-images 1000] [--unrolls 1 2 4] [--epochs 40]
 
 Options for the issue-#9 evaluation (defaults keep the run above):
 - `--config` / `--mgg-set`: the MGG meta-training config and dotted overrides
@@ -29,6 +30,8 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +81,15 @@ def batches_to_within(curve: list[float], tolerance: float = 0.2, window: int = 
     return first + window, final
 
 
+def batches_to_reach(curve: list[float], target: float, window: int = 5) -> int | None:
+    """The first b whose trailing `window`-batch mean of the curve is at or below `target`
+    (e.g. Tent's final error); None when the curve never gets there."""
+    window = max(1, min(window, len(curve)))
+    smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
+    hits = np.flatnonzero(smooth <= target)
+    return int(hits[0]) + window if len(hits) else None
+
+
 def meta_train(base: dict, run_name: str, **overrides):
     cfg = mgg_train_config({**base, **overrides, "name": run_name})
     start = time.perf_counter()
@@ -90,9 +102,29 @@ def meta_train(base: dict, run_name: str, **overrides):
                      "step_scale": outcome.mgg.step_scale_value()}
 
 
+def images_for(base: dict, k: int, actors: int = 2) -> int:
+    """Training images an unroll of K needs (K + 1 batches per actor and corruption), at least the config's."""
+    corruptions = len(base.get("corruptions", [None] * 4))
+    return max(base.get("train_images", 128), (k + 1) * base.get("batch_size", 2) * actors * corruptions)
+
+
+def reused_adapter(directory: str) -> tuple[int, tuple[Any, dict]]:
+    """(K, (outcome-like, meta-training stats)) of an MGG adapter an earlier run trained
+    (`--adapter`: e.g. the lr sweep on the README run's MGG instead of training another)."""
+    info = json.loads((Path(directory) / "adapter.json").read_text())
+    train = info.get("train_config", {})
+    k = int(train.get("unroll_steps", 1))
+    stats = {"K": k, "actors": train.get("num_actors"), "learner_steps": info.get("steps", 0),
+             "seconds": float("nan"), "unroll_steps_per_second": float("nan"),
+             "validation_error": info.get("validation_error", float("nan")), "reused_adapter": str(directory)}
+    return k, (SimpleNamespace(adapter_dir=Path(directory)), stats)
+
+
 def actor_scaling(base: dict, unrolls: list[int], epochs: int) -> list[dict]:
-    """Throughput of 1 and 2 rollout actors at every K, same config otherwise."""
-    return [meta_train(base, f"bench_scaling_k{k}_a{a}", num_actors=a, unroll_steps=k, epochs=epochs)[1]
+    """Throughput of 1 and 2 rollout actors at every K, same config otherwise (with more training
+    images where K needs them: both actor counts get the same images)."""
+    return [meta_train(base, f"bench_scaling_k{k}_a{a}", num_actors=a, unroll_steps=k, epochs=epochs,
+                       train_images=images_for(base, k))[1]
             for k in unrolls for a in (1, 2)]
 
 
@@ -129,14 +161,18 @@ def sweep_table(results: list[Result], multipliers: list[float]) -> list[str]:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=40, help="meta-training epochs per MGG (paper: 40)")
+    parser.add_argument("--epochs", type=int, default=None, help="meta-training epochs per MGG (default: the config's)")
     parser.add_argument("--scaling-epochs", type=int, default=3, help="epochs of the 1-vs-2-actor throughput runs")
-    parser.add_argument("--scaling-unrolls", nargs="*", type=int, default=[1], help="K of the throughput runs")
+    parser.add_argument("--scaling-unrolls", nargs="*", type=int, default=[1],
+                        help="K of the throughput runs (none given: skip them)")
     parser.add_argument("--num-images", type=int, default=1000, help="test images per corruption (<= 10000)")
     parser.add_argument("--setting", default="episodic", choices=("episodic", "continual"))
-    parser.add_argument("--unrolls", nargs="*", type=int, default=[1, 2, 4])
+    parser.add_argument("--unrolls", nargs="*", type=int, default=None,
+                        help="unroll lengths K, one MGG each (default: the config's K)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "fmnist_c" / "mgg.yaml"),
                         help="MGG meta-training config")
+    parser.add_argument("--adapter", default=None,
+                        help="an MGG adapter directory an earlier run trained: evaluate it instead of meta-training")
     parser.add_argument("--mgg-set", nargs="*", default=[], help="dotted overrides of the MGG config, key=value")
     parser.add_argument("--lr-multipliers", nargs="*", type=float, default=[],
                         help="lr sweep of Tent, SAR, EATA and MGTTA, e.g. 1 3 10 30")
@@ -177,8 +213,12 @@ def main(argv=None):
     scaling = actor_scaling(base, args.scaling_unrolls, args.scaling_epochs)
     ratios = scaling_ratios(scaling)
     trained = {}
-    for k in args.unrolls:
-        outcome, stats = meta_train(base, f"bench_k{k}", unroll_steps=k, epochs=args.epochs, num_actors=2)
+    epochs = base.get("epochs", 40) if args.epochs is None else args.epochs
+    if args.adapter:
+        k, reused = reused_adapter(args.adapter)
+        trained[k] = reused
+    for k in [] if args.adapter else args.unrolls or [base.get("unroll_steps", 1)]:
+        outcome, stats = meta_train(base, f"bench_k{k}", unroll_steps=k, epochs=epochs, num_actors=2)
         trained[k] = (outcome, stats)
     ray.shutdown()
 
@@ -188,7 +228,9 @@ def main(argv=None):
     cfg = experiment_config(data)
     baselines = [s for s in cfg.methods if s.name != "mgtta"]
     mgtta_spec = next(s for s in cfg.methods if s.name == "mgtta")
-    mgtta_rows = [dataclasses.replace(mgtta_spec, label=f"mgtta (K={k})", adapter=str(o.adapter_dir))
+    test_lr = {"lr": base["test_lr"]} if "test_lr" in base else {}  # the adapt_lr the MGG was validated at
+    mgtta_rows = [dataclasses.replace(mgtta_spec, label=f"mgtta (K={k})", adapter=str(o.adapter_dir),
+                                      config={**mgtta_spec.config, **test_lr})
                   for k, (o, _) in trained.items()]
     cfg.methods = baselines + mgtta_rows + lr_sweep_specs(baselines + mgtta_rows, args.lr_multipliers)
     results = run_experiment(cfg)
@@ -197,16 +239,18 @@ def main(argv=None):
     per_batch = {r.method: 64.0 / r.images_per_second * 1000 for r in results}
     curves = {r.method: error_curve(r) for r in results}
     to_final = {m: batches_to_within(c, args.within, args.curve_window) for m, c in curves.items()}
+    tent_final = to_final["tent"][1]
+    to_tent = {m: batches_to_reach(c, tent_final, args.curve_window) for m, c in curves.items()}
 
     command = benchmark_command(__file__, argv)
-    first_k = args.scaling_unrolls[0]
+    first_k = args.scaling_unrolls[0] if args.scaling_unrolls else None
     first = [s for s in scaling if s["K"] == first_k]
     record = {
         "command": command,
         "protocol": results[0].protocol,
         "meta_training": [s for _, s in trained.values()],
         "actor_scaling": first,
-        "actor_scaling_ratio": ratios[first_k],
+        "actor_scaling_ratio": ratios.get(first_k),
         "actor_scaling_by_K": scaling,
         "actor_scaling_ratio_by_K": ratios,
         "results": [r.to_dict() for r in results],
@@ -216,6 +260,7 @@ def main(argv=None):
         "error_curve": curves,
         "batches_to_within": {m: {"batches": b, "final_error": f, "within": args.within, "window": args.curve_window}
                               for m, (b, f) in to_final.items()},
+        "batches_to_tent_final": {"tent_final_error": tent_final, "window": args.curve_window, "batches": to_tent},
         "lr_multipliers": args.lr_multipliers,
     }
     stem = result_stem(args)
@@ -229,8 +274,10 @@ def main(argv=None):
                      f"{per_batch[r.method]:.1f} | {per_batch[r.method] / per_batch['tent']:.2f}x |")
     lines += ["", f"Batches to come within {args.within} points of the final error (mean of the last "
               f"{args.curve_window} batches; curve averaged over corruptions, {args.curve_window}-batch window):", "",
-              "| method | final error | batches |", "|---|---:|---:|"]
-    lines += [f"| {r.method} | {to_final[r.method][1]:.1f} | {to_final[r.method][0]} |" for r in main_results]
+              f"| method | final error | batches | batches to Tent's final error ({tent_final:.1f}) |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {r.method} | {to_final[r.method][1]:.1f} | {to_final[r.method][0]} | "
+              f"{'never' if to_tent[r.method] is None else to_tent[r.method]} |" for r in main_results]
     if args.lr_multipliers:
         lines += ["", "Mean error at lr x m of each method's default (MGTTA: adapt_lr):", ""]
         lines += sweep_table(results, sorted({1.0, *args.lr_multipliers}))
