@@ -16,6 +16,7 @@ Writes benchmarks/results/cta.json and cta.md.
 
     python benchmarks/cta.py                                   # full: trains CTA and TTT first
     python benchmarks/cta.py --num-images 200 --epochs 1       # a short run
+    python benchmarks/cta.py --train-images 10000 --cta-set simclr.epochs=20 align.epochs=10   # config overrides
     python benchmarks/cta.py --cta-adapter outputs/cta/cta_fmnist/adapter --ttt-adapter outputs/ttt/ttt_fmnist/adapter
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ ROOT = HERE.parent
 BATCH = 200
 
 
-def train(method: str, work: Path, epochs: int | None, train_images: int | None) -> Path:
-    """Train CTA or TTT with its config (registry off); returns the adapter directory."""
+def train(method: str, work: Path, epochs: int | None, train_images: int | None, extra: list[str] = ()) -> Path:
+    """Train CTA or TTT with its config (registry off) and `extra` overrides; returns the adapter directory."""
     from trainers.cta import cta_train_config, train_cta
 
     overrides = [f"checkpoint_dir={work}", "register_as=null", "mlflow=false", "progress=false"]
@@ -44,6 +45,7 @@ def train(method: str, work: Path, epochs: int | None, train_images: int | None)
         overrides.append(f"train_images={train_images}")
     if epochs:
         overrides += [f"{stage}.epochs={epochs}" for stage in (("simclr", "align") if method == "cta" else ("joint",))]
+    overrides += list(extra)
     cfg = cta_train_config(load_config(ROOT / "configs" / "fmnist_c" / f"{method}.yaml", overrides))
     start = time.perf_counter()
     outcome = train_cta(cfg, use_ray=True)
@@ -120,6 +122,10 @@ def main(argv=None):
     parser.add_argument("--train-images", type=int, default=None, help="clean training images (default: all)")
     parser.add_argument("--steps", nargs="*", type=int, default=[0, 1, 5, 20])
     parser.add_argument("--scaling-images", type=int, default=4096, help="images of the 1-vs-2-worker runs; 0: skip")
+    parser.add_argument("--cta-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of configs/fmnist_c/cta.yaml for training, e.g. simclr.epochs=20")
+    parser.add_argument("--ttt-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of configs/fmnist_c/ttt.yaml for training")
     parser.add_argument("--cta-adapter", help="a trained CTA adapter directory (skips training)")
     parser.add_argument("--ttt-adapter", help="a trained TTT adapter directory (skips training)")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -133,8 +139,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     scale = scaling(work, args.scaling_images) if args.scaling_images else []
-    cta = Path(args.cta_adapter) if args.cta_adapter else train("cta", work, args.epochs, args.train_images)
-    ttt = Path(args.ttt_adapter) if args.ttt_adapter else train("ttt", work, args.epochs, args.train_images)
+    cta = Path(args.cta_adapter) if args.cta_adapter else train("cta", work, args.epochs, args.train_images,
+                                                                args.cta_set)
+    ttt = Path(args.ttt_adapter) if args.ttt_adapter else train("ttt", work, args.epochs, args.train_images,
+                                                                args.ttt_set)
     ray.shutdown()
 
     cfg = experiment_config(load_config(ROOT / "configs" / "fmnist_c" / "cta_eval.yaml", [

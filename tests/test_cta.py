@@ -75,6 +75,45 @@ def test_alignment_stage_lowers_its_loss_and_raises_agreement(tmp_path, source_c
     assert 0 <= outcome.validation_error <= 100 and 0 <= outcome.unadapted_validation_error <= 100
 
 
+@pytest.mark.parametrize("align", [{"feature_weight": 1.0}, {"simclr_weight": 1.0}])
+def test_alignment_options_train_what_they_say(tmp_path, source_checkpoint, data, domains, align):
+    """feature_weight adds the norm-aware term (the projector stays frozen); simclr_weight trains the
+    projector on SimCLR views alongside the alignment."""
+    cfg = config(tmp_path, source_checkpoint, align={"epochs": 2, "batch_size": 16, "lr": 3e-3, **align})
+    outcome = train_cta(cfg, use_ray=False, data=data, domains=domains)
+    simclr_net = torch.load(stage_files(cfg)["simclr"], weights_only=True)["model"]
+    projector = {k: v for k, v in outcome.network.state_dict().items() if k.startswith("heads.projector")}
+    changed = any(not torch.equal(v, simclr_net[k]) for k, v in projector.items())
+    epoch = outcome.history["align"][-1]
+    assert changed == ("simclr_weight" in align) and ("simclr" in epoch) == ("simclr_weight" in align)
+    assert {"infonce", "feature_matching", "norm_ratio", "cosine"} <= set(epoch)
+    if "feature_weight" in align:
+        assert epoch["loss"] == pytest.approx(epoch["infonce"] + epoch["feature_matching"], rel=1e-5)
+
+
+def test_alignment_option_errors(tmp_path, source_checkpoint):
+    for bad in ({"feature_weight": -1.0}, {"simclr_weight": -0.5}):
+        with pytest.raises(ValueError, match="feature_weight and simclr_weight"):
+            config(tmp_path, source_checkpoint, align=bad)
+    with pytest.raises(ValueError, match="align.augment"):
+        config(tmp_path, source_checkpoint, align={"augment": "strong"})
+
+
+def test_alignment_inputs_follow_the_augment_option(tmp_path, source_checkpoint):
+    from trainers.cta import stage_inputs
+
+    x = torch.rand(4, 1, 28, 28)
+    for augment, simclr_weight, count in (("light", 0.0, 1), ("simclr", 0.0, 1), ("light", 1.0, 3)):
+        cfg = config(tmp_path, source_checkpoint, align={"augment": augment, "simclr_weight": simclr_weight})
+        inputs = stage_inputs("align", x, torch.zeros(4, dtype=torch.long), cfg, torch.Generator().manual_seed(0))
+        assert len(inputs) == count and all(t.shape == x.shape for t in inputs)
+    # the same random stream, another augmentation
+    light, = stage_inputs("align", x, None, config(tmp_path, source_checkpoint), torch.Generator().manual_seed(0))
+    strong, = stage_inputs("align", x, None, config(tmp_path, source_checkpoint, align={"augment": "simclr"}),
+                           torch.Generator().manual_seed(0))
+    assert not torch.equal(light, strong)
+
+
 def test_two_worker_ray_train_run(tmp_path, source_checkpoint, data, ray_session):
     """One stage as a Ray Train TorchTrainer with 2 workers (gloo, DDP) on a few steps."""
     cfg = config(tmp_path, source_checkpoint, num_workers=2)

@@ -11,6 +11,7 @@ from metatta.ssl import (
     alignment_loss,
     build_network,
     feature_agreement,
+    feature_matching_loss,
     load_network,
     nt_xent,
     rotate_batch,
@@ -62,10 +63,24 @@ def test_alignment_loss_matches_hand_computed_values():
 
 def test_feature_agreement():
     f = torch.tensor([E1, E2])
-    assert feature_agreement(f, 2 * f) == {"cosine": pytest.approx(1.0), "retrieval": 1.0}
-    assert feature_agreement(f, f.flip(0)) == {"cosine": pytest.approx(0.0), "retrieval": 0.0}
+    assert feature_agreement(f, 2 * f) == {"cosine": pytest.approx(1.0), "retrieval": 1.0, "norm_ratio": 0.5}
+    assert feature_agreement(f, f.flip(0)) == {"cosine": pytest.approx(0.0), "retrieval": 0.0, "norm_ratio": 1.0}
     with pytest.raises(ValueError, match="one shape"):
         alignment_loss(torch.randn(3, 2), torch.randn(2, 2))
+
+
+def test_feature_matching_loss_by_hand():
+    f_sup = torch.tensor([[3.0, 4.0], [0.0, 0.0]])  # mean squared norm 12.5
+    f_ssl = torch.tensor([[3.0, 4.0], [1.0, 2.0]])  # squared errors 0 and 5
+    assert feature_matching_loss(f_ssl, f_sup).item() == pytest.approx(2.5 / 12.5)
+    assert feature_matching_loss(3 * f_sup, 3 * f_sup).item() == 0.0
+    # Scale-free: the same relative mismatch gives the same loss at any feature size.
+    assert feature_matching_loss(10 * f_ssl, 10 * f_sup).item() == pytest.approx(0.2)
+    # InfoNCE ignores the norm, this term does not.
+    assert alignment_loss(2 * f_sup[:1], f_sup[:1]).item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_matching_loss(2 * f_sup[:1], f_sup[:1]).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        feature_matching_loss(torch.randn(3, 2), torch.randn(2, 2))
 
 
 def _tiny_encoder(seed: int) -> nn.Module:

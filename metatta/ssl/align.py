@@ -35,11 +35,24 @@ def alignment_loss(f_ssl: torch.Tensor, f_sup: torch.Tensor, temperature: float 
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def feature_matching_loss(f_ssl: torch.Tensor, f_sup: torch.Tensor) -> torch.Tensor:
+    """Relative squared error of the raw (unnormalised) features: mean_i ||f_ssl_i - f_sup_i||^2 over
+    mean_i ||f_sup_i||^2. InfoNCE sees only directions, so the SSL features' norm is free; the frozen
+    classifier reads norms too (its bias does not scale with them). Scale-free, so a weight of 1 puts
+    it next to InfoNCE whatever the feature sizes."""
+    _check_pair(f_ssl, f_sup, "feature_matching_loss")
+    return (f_ssl - f_sup).pow(2).sum(1).mean() / f_sup.pow(2).sum(1).mean().clamp_min(1e-12)
+
+
 @torch.no_grad()
 def feature_agreement(f_ssl: torch.Tensor, f_sup: torch.Tensor) -> dict[str, float]:
-    """How well two encoders agree: mean cosine of the positive pairs, and the share of
-    images whose nearest supervised feature (by cosine) is their own."""
+    """How well two encoders agree: mean cosine of the positive pairs, the share of images
+    whose nearest supervised feature (by cosine) is their own, and the ratio of mean feature
+    norms (SSL over supervised; 1 when the scales match)."""
     _check_pair(f_ssl, f_sup, "feature_agreement")
-    sim = F.normalize(f_ssl.float(), dim=1) @ F.normalize(f_sup.float(), dim=1).T
+    f_ssl, f_sup = f_ssl.float(), f_sup.float()
+    sim = F.normalize(f_ssl, dim=1) @ F.normalize(f_sup, dim=1).T
     target = torch.arange(len(sim), device=sim.device)
-    return {"cosine": float(sim.diagonal().mean()), "retrieval": float((sim.argmax(1) == target).float().mean())}
+    norm_ratio = f_ssl.norm(dim=1).mean() / f_sup.norm(dim=1).mean().clamp_min(1e-12)
+    return {"cosine": float(sim.diagonal().mean()), "retrieval": float((sim.argmax(1) == target).float().mean()),
+            "norm_ratio": float(norm_ratio)}
