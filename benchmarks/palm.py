@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from metatta.cli import setup_logging
-from metatta.config import load_config
+from metatta.config import ConfigError, apply_override, load_config
 from metatta.evaluation import Result
 from metatta.experiment import experiment_config, run_experiment, source_model
 from metatta.reporting import _short, benchmark_command, error_table
@@ -64,6 +64,17 @@ def corruption_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def palm_row(label: str, fields: list[str], parser: argparse.ArgumentParser) -> dict:
+    """An experiment row of PALM with the given config fields (FIELD=VALUE, as config overrides)."""
+    config: dict = {}
+    for field in fields:
+        try:
+            apply_override(config, field)
+        except ConfigError as e:
+            parser.error(f"--palm-row {label!r}: {e}")
+    return {"name": "palm", "label": label, "config": config}
+
+
 def seeds_table(runs: dict[int, list[Result]]) -> str:
     """Mean error per seed, and over seeds (mean, sample standard deviation), per method."""
     seeds = list(runs)
@@ -85,6 +96,9 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="*", default=list(ROWS), choices=list(ROWS), metavar="ROW",
                         help=f"rows, of {list(ROWS)}")
     parser.add_argument("--tuned", default=None, help="tuned PALM settings: YAML path or models:/ URI")
+    parser.add_argument("--palm-row", nargs="+", action="append", default=[], metavar=("LABEL", "FIELD=VALUE"),
+                        help="an extra PALM row: its label, then PALMConfig fields (values in YAML), "
+                             "e.g. --palm-row 'palm (H0 0.4)' entropy_margin_scale=absolute")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="stream seeds of the continual setting (more than one: a table over seeds)")
@@ -96,6 +110,7 @@ def main(argv=None):
     methods = [ROWS[m] for m in args.methods]
     if args.tuned:
         methods.append({"name": "palm", "label": "palm (tuned)", "settings": args.tuned})
+    methods += [palm_row(label, fields, parser) for label, *fields in args.palm_row]
     command = benchmark_command(__file__, argv)
     sections, records = [], []
     for setting in args.settings:

@@ -28,3 +28,14 @@ def test_seeds_table_gives_each_seed_then_mean_and_sample_std():
 def test_seeds_must_be_integers():
     with pytest.raises(SystemExit):
         palm_benchmark.main(["--seeds", "one"])
+
+
+def test_palm_row_parses_fields_as_yaml_and_refuses_a_field_without_a_value():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    row = palm_benchmark.palm_row("palm (x)", ["lr=1e-3", "entropy_margin_scale=absolute", "betas=[0.8, 0.9]"], parser)
+    assert row == {"name": "palm", "label": "palm (x)",
+                   "config": {"lr": 1e-3, "entropy_margin_scale": "absolute", "betas": [0.8, 0.9]}}
+    with pytest.raises(SystemExit):
+        palm_benchmark.palm_row("palm (x)", ["lr"], parser)
