@@ -17,7 +17,9 @@ log = logging.getLogger("demo")
 
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/mgtta.yaml")
-    parser.add_argument("--mgg-config", default="configs/fmnist_c/mgg.yaml")
+    # The paper's setup: meta-trains in ~30 s on 2 CPU cores; mgg.yaml (the held-out-chosen
+    # variant) takes ~20 min there and is no better on the benchmark (README, MGTTA section).
+    parser.add_argument("--mgg-config", default="configs/fmnist_c/mgg_paper.yaml")
     parser.add_argument("--mgg-epochs", type=int, default=40, help="meta-training epochs (paper: 40)")
     args, eval_data = parse_experiment(parser, argv)
     start = time.perf_counter()
