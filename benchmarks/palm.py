@@ -97,7 +97,7 @@ def main(argv=None):
                         help=f"rows, of {list(ROWS)}")
     parser.add_argument("--tuned", default=None, help="tuned PALM settings: YAML path or models:/ URI")
     parser.add_argument("--palm-row", nargs="+", action="append", default=[], metavar=("LABEL", "FIELD=VALUE"),
-                        help="an extra PALM row: its label, then PALMConfig fields (values in YAML), "
+                        help="an extra PALM row: its label, then PALMConfig fields as config overrides, "
                              "e.g. --palm-row 'palm (H0 0.4)' entropy_margin_scale=absolute")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
