@@ -68,26 +68,28 @@ def error_curve(result: Result) -> list[float]:
     return [float(np.mean([e[b] for e in per_domain.values() if len(e) > b])) for b in range(longest)]
 
 
+def trailing_means(curve: list[float], window: int) -> np.ndarray:
+    """means[i]: the mean of batches i..i+window-1 (window clipped to the curve's length)."""
+    window = max(1, min(window, len(curve)))
+    return np.convolve(curve, np.ones(window) / window, mode="valid")
+
+
+def batches_to_reach(curve: list[float], target: float, window: int = 5) -> int | None:
+    """The first b whose trailing `window`-batch mean of the curve is at or below `target`
+    (e.g. Tent's final error); None when the curve never gets there."""
+    smooth = trailing_means(curve, window)
+    hits = np.flatnonzero(smooth <= target)
+    return int(hits[0]) + len(curve) - len(smooth) + 1 if len(hits) else None
+
+
 def batches_to_within(curve: list[float], tolerance: float = 0.2, window: int = 5) -> tuple[int, float]:
     """(batches needed, final error): the first b whose trailing `window`-batch mean of the curve
     is within `tolerance` points of the final error, the mean of the last `window` batches.
 
     One batch of 64 has a standard error of several points; averaged over 15 domains and a
     window of batches it is a fraction of a point, which the 0.2 tolerance needs."""
-    window = max(1, min(window, len(curve)))
-    smooth = np.convolve(curve, np.ones(window) / window, mode="valid")  # smooth[i]: batches i..i+window-1
-    final = float(smooth[-1])
-    first = int(np.argmax(smooth <= final + tolerance))
-    return first + window, final
-
-
-def batches_to_reach(curve: list[float], target: float, window: int = 5) -> int | None:
-    """The first b whose trailing `window`-batch mean of the curve is at or below `target`
-    (e.g. Tent's final error); None when the curve never gets there."""
-    window = max(1, min(window, len(curve)))
-    smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
-    hits = np.flatnonzero(smooth <= target)
-    return int(hits[0]) + window if len(hits) else None
+    final = float(trailing_means(curve, window)[-1])
+    return batches_to_reach(curve, final + tolerance, window), final
 
 
 def meta_train(base: dict, run_name: str, **overrides):
