@@ -64,16 +64,10 @@ def train_stage(cfg, stage: str, checkpoint: str) -> list[dict]:
 def export_adapter(net, cfg, checkpoint: str) -> Path:
     """The variant's network as an adapter directory (`<work>/<name>/adapter`), usable with
     `benchmarks/cta.py --cta-adapter` and `launch/evaluate.py --adapter`."""
-    import dataclasses
+    from metatta.models.checkpoint import checkpoint_hash
+    from trainers.cta import save_adapter
 
-    from metatta.models.checkpoint import checkpoint_hash, read_header
-    from metatta.ssl.networks import save_network, source_model_info
-    from trainers.cta import stage_files
-
-    return save_network(net, stage_files(cfg)["align"].parent / "adapter", "cta",
-                        source_model_info(read_header(checkpoint)),
-                        extra={"source_checkpoint": checkpoint, "source_checkpoint_sha256": checkpoint_hash(checkpoint),
-                               "train_config": dataclasses.asdict(cfg), "trained_by": "benchmarks/cta_sweep.py"})
+    return save_adapter(net, cfg, checkpoint, checkpoint_hash(checkpoint), trained_by="benchmarks/cta_sweep.py")
 
 
 @torch.no_grad()

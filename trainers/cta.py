@@ -626,10 +626,20 @@ def trained_network(cfg: CTATrainConfig, checkpoint: str, files: dict[str, Path]
     return net.eval()
 
 
-def _finish(cfg, checkpoint: str, source_sha256: str, files, domains, run_id) -> TrainOutcome:
-    from metatta import tracking
+def save_adapter(net, cfg: CTATrainConfig, checkpoint: str, source_sha256: str, **extra: Any) -> Path:
+    """The network as an adapter directory (`<checkpoint_dir>/<name>/adapter`: weights, the source
+    model it was built for, the training config and `extra`), usable with `--adapter`."""
     from metatta.models.checkpoint import read_header
     from metatta.ssl.networks import save_network, source_model_info
+
+    return save_network(net, Path(cfg.checkpoint_dir) / cfg.name / "adapter", cfg.method,
+                        source_model_info(read_header(checkpoint)), extra={
+                            "source_checkpoint": checkpoint, "source_checkpoint_sha256": source_sha256,
+                            "train_config": dataclasses.asdict(cfg), **extra})
+
+
+def _finish(cfg, checkpoint: str, source_sha256: str, files, domains, run_id) -> TrainOutcome:
+    from metatta import tracking
 
     net = trained_network(cfg, checkpoint, files)
     domains = domains if domains is not None else _load_val_domains(cfg)
@@ -637,12 +647,9 @@ def _finish(cfg, checkpoint: str, source_sha256: str, files, domains, run_id) ->
     unadapted = validation_error(net, cfg, domains, steps=0)
     log.info("%s: held-out validation error %.2f%% (%.2f%% before adaptation)", cfg.method, val_error, unadapted)
     history = {stage: list(load_stage_state(path)["history"]) for stage, path in files.items()}
-    adapter_dir = save_network(net, Path(cfg.checkpoint_dir) / cfg.name / "adapter", cfg.method,
-                               source_model_info(read_header(checkpoint)), extra={
-                                   "source_checkpoint": checkpoint, "source_checkpoint_sha256": source_sha256,
-                                   "train_config": dataclasses.asdict(cfg), "validation_error": val_error,
-                                   "unadapted_validation_error": unadapted,
-                                   "epochs": {stage: len(h) for stage, h in history.items()}})
+    adapter_dir = save_adapter(net, cfg, checkpoint, source_sha256, validation_error=val_error,
+                               unadapted_validation_error=unadapted,
+                               epochs={stage: len(h) for stage, h in history.items()})
     version, promoted = None, False
     if run_id:
         tracking.log_metrics({"final_validation_error": val_error, "final_unadapted_validation_error": unadapted})
