@@ -20,6 +20,8 @@ Options for the issue-#9 evaluation (defaults keep the run above):
 - `--lr-multipliers 1 3 10 30`: Tent, SAR, EATA and MGTTA at those multiples
   of their default lr (MGTTA: of adapt_lr), a table of mean errors;
 - `--scaling-unrolls 1 4 16`: the 1-vs-2-actor throughput at every K;
+- `--mgg-under eata sar`: those methods with the MGG as their optimizer (`optimizer: mgg`),
+  the learned optimizer against SGD on the very same loss;
 - always: error against adaptation batches (curve in the JSON) and the
   batches each method needs to come within `--within` points of its final error.
 """
@@ -150,11 +152,18 @@ def lr_sweep_specs(specs: list[MethodSpec], multipliers: list[float]) -> list[Me
     return out
 
 
+def mgg_under(spec: MethodSpec, k: int, adapter: Path, lr: float) -> MethodSpec:
+    """`spec`'s method with the MGG as its optimizer (its own loss, sample selection and
+    regularizer unchanged), at the adapt_lr the MGG was validated at."""
+    return dataclasses.replace(spec, label=f"{spec.label or spec.name}+mgg (K={k})", adapter=str(adapter),
+                               config={**spec.config, "optimizer": "mgg", "lr": lr})
+
+
 def sweep_table(results: list[Result], multipliers: list[float]) -> list[str]:
     by_label = {r.method: r.mean_error for r in results}
     rows = [f"| method | {' | '.join(f'x{m:g}' for m in multipliers)} |", "|---|" + "---:|" * len(multipliers)]
     for r in results:
-        if " lr x" in r.method or r.method.split(" ")[0] not in LR_SWEEP_METHODS:
+        if " lr x" in r.method or r.method.split(" ")[0].split("+")[0] not in LR_SWEEP_METHODS:
             continue
         cells = [by_label.get(r.method if m == 1 else f"{r.method} lr x{m:g}") for m in multipliers]
         rows.append(f"| {r.method} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
@@ -178,6 +187,9 @@ def parse_args(argv):
     parser.add_argument("--mgg-set", nargs="*", default=[], help="dotted overrides of the MGG config, key=value")
     parser.add_argument("--lr-multipliers", nargs="*", type=float, default=[],
                         help="lr sweep of Tent, SAR, EATA and MGTTA, e.g. 1 3 10 30")
+    parser.add_argument("--mgg-under", nargs="*", default=[], choices=("tent", "sar", "eata"),
+                        help="also these methods stepped by the MGG (`optimizer: mgg` at the MGG's adapt_lr): "
+                             "the same loss, the learned optimizer instead of SGD")
     parser.add_argument("--within", type=float, default=0.2, help="points from the final error (batches table)")
     parser.add_argument("--curve-window", type=int, default=5, help="batches averaged in the batches table")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -198,6 +210,8 @@ def result_stem(args) -> str:
         parts.append("set")
     if args.lr_multipliers:
         parts.append("lr_sweep")
+    if args.mgg_under:
+        parts.append("mgg_under")
     return "_".join(parts)
 
 
@@ -234,6 +248,8 @@ def main(argv=None):
     mgtta_rows = [dataclasses.replace(mgtta_spec, label=f"mgtta (K={k})", adapter=str(o.adapter_dir),
                                       config={**mgtta_spec.config, **test_lr})
                   for k, (o, _) in trained.items()]
+    mgtta_rows += [mgg_under(spec, k, o.adapter_dir, base.get("test_lr", 1e-3))
+                   for spec in baselines if spec.name in args.mgg_under for k, (o, _) in trained.items()]
     cfg.methods = baselines + mgtta_rows + lr_sweep_specs(baselines + mgtta_rows, args.lr_multipliers)
     results = run_experiment(cfg)
     main_results = [r for r in results if " lr x" not in r.method]

@@ -298,7 +298,8 @@ class _EntropyOnNormAffines(TTAMethod):
         return softmax_entropy(logits).mean()
 
 
-def _check_only_norm_affines_change_and_reset_restores(method: TTAMethod, model: nn.Module):
+def _check_only_norm_affines_change_and_reset_restores(method: TTAMethod, model: nn.Module | None):
+    model = method.model if model is None else model
     before = copy.deepcopy(model.state_dict())
     norm_keys = {n for n, p in model.named_parameters() if p.requires_grad}
     for x in tiny_batches(3):
@@ -325,6 +326,49 @@ def test_mgg_optimizer_under_tent():
     model = tiny_model()
     method = build_method("tent", model, optimizer_factory=mgg_optimizer_factory(random_mgg(), lr=0.05))
     _check_only_norm_affines_change_and_reset_restores(method, model)
+
+
+def test_optimizer_mgg_in_a_config_steps_any_method_like_the_factory():
+    """`optimizer: mgg` (config) = `mgg_optimizer_factory` (code): the same updates, bit for bit,
+    and the method declares the context input "mgg" so an experiment loads the adapter for it."""
+    from metatta.methods.base import build_method, method_class
+
+    mgg = random_mgg()
+    by_config = build_method("tent", tiny_model(), {"optimizer": "mgg", "lr": 0.05}, mgg=mgg)
+    by_factory = build_method("tent", tiny_model(), {"lr": 0.05}, optimizer_factory=mgg_optimizer_factory(mgg, 0.05))
+    for x in tiny_batches(3):
+        torch.testing.assert_close(by_config(x), by_factory(x), rtol=0, atol=0)
+    torch.testing.assert_close(adapted(by_config.model), adapted(by_factory.model), rtol=0, atol=0)
+    assert by_config.optimizer.mgg is not mgg  # a private frozen copy: adapting never trains the caller's MGG
+    _check_only_norm_affines_change_and_reset_restores(
+        build_method("eata", tiny_model(), {"optimizer": "mgg", "lr": 0.05, "use_fisher": False,
+                                    "entropy_factor": 1.01, "d_margin": 2.0}, mgg=mgg),  # every sample selected
+        None)
+
+    eata = method_class("eata")
+    assert eata.inputs_for(eata.make_config({"optimizer": "mgg"})) == ("fisher_batches", "mgg")
+    assert eata.inputs_for(eata.make_config({})) == ("fisher_batches",)
+    mgtta = method_class("mgtta")
+    assert mgtta.inputs_for(mgtta.make_config({})).count("mgg") == 1
+    with pytest.raises(ValueError, match="optimizer 'mgg' needs a trained MGG"):
+        build_method("tent", tiny_model(), {"optimizer": "mgg"})
+    with pytest.raises(ValueError, match="'sgd', 'adam' or 'mgg'"):
+        build_method("tent", tiny_model(), {"optimizer": "lion"})
+    with pytest.raises(TypeError, match="must be an MGG"):
+        build_method("tent", tiny_model(), {"optimizer": "mgg"}, mgg=nn.Linear(2, 1))
+
+
+def test_experiment_gives_the_adapter_to_rows_with_optimizer_mgg(tmp_path):
+    from pathlib import Path
+
+    from metatta.experiment import ExperimentConfig, MethodSpec, method_context, with_adapter
+
+    save_mgg(random_mgg(), tmp_path / "mgg")
+    cfg = ExperimentConfig(methods=[MethodSpec("tent"), MethodSpec("tent", label="tent+mgg", config={"optimizer": "mgg"})])
+    marked = with_adapter(cfg, str(tmp_path / "mgg"))
+    assert [(s.label or s.name, s.adapter) for s in marked.methods] == [("tent", None), ("tent+mgg", str(tmp_path / "mgg"))]
+    context = method_context(marked.methods[1], marked, Path("unused.pt"), torch.device("cpu"), {})
+    assert isinstance(context["mgg"], MGG) and set(context) == {"mgg"}
 
 
 # ---- losses --------------------------------------------------------------------------------

@@ -285,6 +285,7 @@ BASE = dict(source_checkpoint="unused.pt", corruptions=["speckle_noise", "gaussi
     ({"outer_loss": "supervised"}, "train_mgg.train_data"),
     ({"unroll_steps": 2}, "train_mgg.unroll_steps"),  # 4 images per actor and corruption: 2 batches, not 3
     ({"learned_step_size": "yes"}, "train_mgg.learned_step_size"),
+    ({"inner_lr": 1e-3, "inner_lr_max": 1e-4}, "train_mgg.inner_lr_max"),
 ])
 def test_config_errors_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -321,7 +322,9 @@ def test_default_config_is_the_variant_the_held_out_comparison_chose():
     record = json.loads((repo / "benchmarks" / "results" / "mgg_heldout.json").read_text())
     best = load_script("benchmarks/mgg_heldout.py").best_variant(record["variants"])
     assert best == record["best"]
-    measured = next(r["config"] for r in record["variants"] if r["variant"] == best)
+    # through today's config class: options added after the measurement take their defaults,
+    # which keep the behaviour it was measured with
+    measured = vars(mgg_train_config(next(r["config"] for r in record["variants"] if r["variant"] == best)))
     default = vars(mgg_train_config(load_config(repo / "configs" / "fmnist_c" / "mgg.yaml")))
     ignored = {"name", "checkpoint_dir", "register_as", "mlflow", "seed"}
     assert {k: v for k, v in default.items() if k not in ignored} == \
@@ -352,6 +355,22 @@ def test_benchmark_batches_to_within_and_lr_sweep_rows():
         "mgtta_n10000_continual"
     assert bench.result_stem(bench.parse_args(["--config", "configs/fmnist_c/mgg_k16.yaml",
                                                "--lr-multipliers", "1", "10"])) == "mgtta_mgg_k16_lr_sweep"
+
+
+def test_benchmark_mgg_under_rows_step_the_baseline_with_the_mgg(tmp_path):
+    from metatta.experiment import MethodSpec
+    from repo_scripts import load_script
+
+    bench = load_script("benchmarks/mgtta.py")
+    row = bench.mgg_under(MethodSpec("eata", config={"d_margin": 0.3}), 4, tmp_path / "adapter", 1e-3)
+    assert (row.name, row.label, row.adapter) == ("eata", "eata+mgg (K=4)", str(tmp_path / "adapter"))
+    assert row.config == {"d_margin": 0.3, "optimizer": "mgg", "lr": 1e-3}
+    swept = bench.lr_sweep_specs([row], [1, 10])
+    assert [(r.label, r.config["lr"], r.config["optimizer"]) for r in swept] == \
+        [("eata+mgg (K=4) lr x10", pytest.approx(1e-2), "mgg")]
+    assert bench.result_stem(bench.parse_args(["--mgg-under", "eata", "sar"])) == "mgtta_mgg_under"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--mgg-under", "cotta"])
 
 
 def test_benchmark_batches_to_reach_a_target_error():

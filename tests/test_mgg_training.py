@@ -84,6 +84,21 @@ def test_worker_walks_domains_and_returns_meta_gradients(tmp_path, source_checkp
     assert outputs[2]["metrics"]["epoch"] == 1.0  # wrapped into a new epoch after 2 domains
 
 
+def test_lr_randomization_draws_an_inner_lr_per_trajectory(tmp_path, source_checkpoint, domains):
+    fixed = config(tmp_path, source_checkpoint, inner_lr=1e-4)
+    randomized = dataclasses.replace(fixed, inner_lr_max=1e-2)
+    shares, _ = split_domains(domains, fixed)
+    lrs = {}
+    for name, cfg in (("fixed", fixed), ("randomized", randomized)):
+        worker = RolloutWorker(shares[0], str(source_checkpoint), cfg, index=0)
+        state = {k: v.clone() for k, v in worker.mgg.state_dict().items()}
+        lrs[name] = [worker.run(state)["metrics"]["inner_lr"] for _ in range(6)]  # a fresh trajectory each
+    assert lrs["fixed"] == [1e-4] * 6
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs["randomized"]) and len(set(lrs["randomized"])) == 6
+    again = RolloutWorker(shares[0], str(source_checkpoint), randomized, index=0)  # seeded: reproducible
+    assert [again.run(state)["metrics"]["inner_lr"] for _ in range(6)] == lrs["randomized"]
+
+
 def test_local_training_checkpoints_and_resumes(tmp_path, source_checkpoint, domains):
     cfg = config(tmp_path, source_checkpoint, epochs=2)
     assert steps_per_epoch(split_domains(domains, cfg)[0], cfg) == 2

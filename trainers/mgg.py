@@ -25,6 +25,9 @@ Options beyond the paper (issue #9), every default the paper's configuration
 - `outer_loss` lookahead | supervised, the latter on labelled held-out
   corruptions of the clean *training* split (`train_data: train_split`,
   `metatta.learned.heldout`); supervised on the -C files (test images) is refused;
+- `inner_lr_max`: lr randomization, each trajectory at an inner lr drawn
+  log-uniformly from [inner_lr, inner_lr_max] (an MGG that must work at any
+  step size it meets, as learned optimizers are trained for robustness);
 - stability: non-finite inner updates and truncations are skipped inside the
   unroll, and a learner step whose averaged meta-gradient or resulting weights
   are non-finite is undone; the counts are in every history entry and in
@@ -67,6 +70,9 @@ class MGGTrainConfig:
     epochs: int = 40  # paper: 40
     unroll_steps: int = 1  # K; 1 is the paper's one-step lookahead
     inner_lr: float = 1e-4  # paper: adapt_lr during training
+    # lr randomization: each trajectory draws its inner lr log-uniformly from [inner_lr, inner_lr_max],
+    # so the MGG meets (and must stay useful at) the step sizes a user may set; None: inner_lr always
+    inner_lr_max: float | None = None
     meta_lr: float = 1e-2  # paper: Adam lr on the MGG
     grad_clip: float = 1.0  # max global norm of the averaged meta-gradient
     loss: str = "entropy+stats"  # entropy | entropy+stats
@@ -110,6 +116,8 @@ def mgg_train_config(data: dict[str, Any]) -> MGGTrainConfig:
     for field in ("inner_lr", "meta_lr", "test_lr"):
         if not getattr(cfg, field) > 0:
             raise ValueError(f"train_mgg.{field} must be > 0, got {getattr(cfg, field)}")
+    if cfg.inner_lr_max is not None and not cfg.inner_lr_max >= cfg.inner_lr:
+        raise ValueError(f"train_mgg.inner_lr_max must be >= train_mgg.inner_lr ({cfg.inner_lr}), got {cfg.inner_lr_max}")
     for field, allowed in CHOICES.items():
         if getattr(cfg, field) not in allowed:
             raise ValueError(f"train_mgg.{field} {getattr(cfg, field)!r} is not one of {allowed}")
@@ -196,7 +204,17 @@ class RolloutWorker:
         self.mgg = build_mgg(cfg).to(self.device)
         self.domains = [(to_tensor(d.images), torch.from_numpy(np.asarray(d.labels)).long(), d.name) for d in share]
         self.epoch, self.queue = -1, []
+        self.lr_generator = torch.Generator().manual_seed(cfg.seed * 100_003 + index * 1009 + 7)
+        self.inner_lr = cfg.inner_lr
         self._next_epoch()
+
+    def _new_trajectory(self) -> None:
+        """Start a fresh trajectory, with a fresh inner lr when `inner_lr_max` is set."""
+        self.trajectory.reset()
+        if self.cfg.inner_lr_max is not None:
+            u = float(torch.rand((), generator=self.lr_generator))
+            low, high = math.log(self.cfg.inner_lr), math.log(self.cfg.inner_lr_max)
+            self.inner_lr = math.exp(low + u * (high - low))
 
     def _next_epoch(self) -> None:
         self.epoch += 1
@@ -208,7 +226,7 @@ class RolloutWorker:
             batches = [(x[order[i:i + self.cfg.batch_size]], y[order[i:i + self.cfg.batch_size]])
                        for i in range(0, len(y) - self.cfg.batch_size + 1, self.cfg.batch_size)]
             self.queue.append((name, batches))
-        self.trajectory.reset()
+        self._new_trajectory()
 
     def _take(self, count: int) -> list:
         """`count` batches of the current domain, moving on (and resetting the
@@ -221,7 +239,7 @@ class RolloutWorker:
                 taken, self.queue[0] = batches[:count], (name, batches[count:])
                 return [(x.to(self.device), y.to(self.device)) for x, y in taken]
             self.queue.pop(0)
-            self.trajectory.reset()
+            self._new_trajectory()
             count = self.trajectory.batches_needed(self.cfg.unroll_steps)
 
     def run(self, mgg_state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -232,9 +250,10 @@ class RolloutWorker:
         start = time.perf_counter()
         batches = self._take(self.trajectory.batches_needed(self.cfg.unroll_steps))
         cfg = self.cfg
-        result = unroll(self.mgg, self.trajectory, batches, K=cfg.unroll_steps, inner_lr=cfg.inner_lr,
+        result = unroll(self.mgg, self.trajectory, batches, K=cfg.unroll_steps, inner_lr=self.inner_lr,
                         reduction=cfg.outer_reduction, outer_loss=cfg.outer_loss, outer_loss_over=cfg.outer_loss_over)
-        metrics = {**result.metrics, "unroll_seconds": time.perf_counter() - start, "epoch": float(self.epoch)}
+        metrics = {**result.metrics, "unroll_seconds": time.perf_counter() - start, "epoch": float(self.epoch),
+                   "inner_lr": self.inner_lr}
         return {"grads": result.grads, "metrics": metrics, "steps": cfg.unroll_steps, "skipped": result.skipped}
 
 

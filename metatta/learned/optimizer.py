@@ -10,6 +10,7 @@ can use it through `optimizer_factory=mgg_optimizer_factory(mgg, lr)`.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable
 
 import torch
@@ -96,3 +97,11 @@ def mgg_optimizer_factory(mgg: MGG, lr: float = 1e-3) -> Callable[[list], MGGOpt
         return MGGOptimizer(params, mgg, lr=lr)
 
     return factory
+
+
+def frozen_mgg(mgg: MGG, device: torch.device | str) -> MGG:
+    """A private copy of a trained MGG on `device`, in eval mode and without gradients: what a
+    method steps with, so adapting never touches (or trains) the caller's MGG."""
+    if not isinstance(mgg, MGG):
+        raise TypeError(f"mgg must be an MGG, got {type(mgg).__name__}")
+    return copy.deepcopy(mgg).to(device).eval().requires_grad_(False)

@@ -13,8 +13,10 @@ restoring the source state). A method supplies only what is specific to it:
   forward -> loss -> backward -> step (SAR's SAM, CoTTA's teacher).
 
 The optimizer is built by `build_optimizer` from the method's config, unless an
-`optimizer_factory` is given: that is how a learned optimizer (the MGG) replaces
-SGD/Adam under any gradient method.
+`optimizer_factory` is given. A learned optimizer (the MGG) replaces SGD/Adam under
+any gradient method either way: `optimizer: mgg` in the config makes the method
+declare the context input "mgg" (a trained MGG; the experiment loads it from the
+row's `adapter`) and step with it at `lr`, or pass `mgg_optimizer_factory(mgg, lr)`.
 
 Non-finite guard (every method gets it, including those that override
 `forward_and_adapt`):
@@ -66,7 +68,7 @@ class MethodConfig:
 
     steps: int = 1  # adaptation steps per test batch
     episodic: bool = False  # reset to the source state before every batch
-    optimizer: str = "sgd"  # sgd | adam
+    optimizer: str = "sgd"  # sgd | adam | mgg (a trained MGG, context input "mgg": the learned optimizer)
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -185,9 +187,11 @@ class TTAMethod(nn.Module):
         model: nn.Module,
         config: MethodConfig | None = None,
         optimizer_factory: OptimizerFactory | None = None,
+        mgg: Any = None,
         **context: Any,
     ):
         super().__init__()
+        self._mgg = mgg  # the learned optimizer of `optimizer: mgg`
         if context:
             raise TypeError(f"{type(self).__name__} takes no extra inputs, got {sorted(context)}")
         self.config = config if config is not None else self.Config()
@@ -213,6 +217,8 @@ class TTAMethod(nn.Module):
     @classmethod
     def inputs_for(cls, config: MethodConfig) -> tuple[str, ...]:
         """The context inputs a method built from `config` needs (a wrapper: its base's)."""
+        if config.optimizer == "mgg" and "mgg" not in cls.context_inputs:
+            return (*cls.context_inputs, "mgg")
         return cls.context_inputs
 
     # ---- what a method specifies -------------------------------------------------
@@ -334,7 +340,14 @@ class TTAMethod(nn.Module):
             return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         if cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        raise ValueError(f"{self.name}: unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adam'")
+        if cfg.optimizer == "mgg":
+            from metatta.learned.optimizer import MGGOptimizer, frozen_mgg
+
+            if self._mgg is None:
+                raise ValueError(f"{self.name}: optimizer 'mgg' needs a trained MGG (context input mgg=, "
+                                 "or the experiment row's `adapter: models:/mgg@champion`)")
+            return MGGOptimizer(params, frozen_mgg(self._mgg, _params_device(params)), lr=cfg.lr)
+        raise ValueError(f"{self.name}: unknown optimizer {cfg.optimizer!r}; use 'sgd', 'adam' or 'mgg'")
 
     # ---- state -----------------------------------------------------------------------
     def reset(self) -> None:
@@ -376,3 +389,8 @@ class TTAMethod(nn.Module):
 
 def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return [p for p in params if p.requires_grad]
+
+
+def _params_device(params: list) -> torch.device:
+    first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
+    return first.device

@@ -22,7 +22,6 @@ and LayerNorm networks without dropout.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Mapping
 
@@ -31,7 +30,7 @@ from torch import nn
 
 from metatta.learned.losses import LOSS_KINDS, STATS_REDUCTIONS, TTALoss, record_features
 from metatta.learned.mgg import MGG, load_mgg
-from metatta.learned.optimizer import mgg_optimizer_factory
+from metatta.learned.optimizer import frozen_mgg, mgg_optimizer_factory
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
 from metatta.methods.common import configure_norm_adaptation, norm_affine_params
 
@@ -103,6 +102,4 @@ def _resolve_mgg(mgg: MGG | None, path: str | None, device: torch.device) -> MGG
         if path is None:
             raise ValueError("mgtta needs a trained MGG: pass mgg=<MGG> or mgg_path=<adapter dir or weights file>")
         mgg = load_mgg(path)
-    elif not isinstance(mgg, MGG):
-        raise TypeError(f"mgtta: mgg must be an MGG, got {type(mgg).__name__}")
-    return copy.deepcopy(mgg).to(device).eval().requires_grad_(False)
+    return frozen_mgg(mgg, device)

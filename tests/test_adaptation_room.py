@@ -1,0 +1,52 @@
+"""benchmarks/adaptation_room.py: the labelled oracles that bound what an optimizer of the norm
+affines can add on the MGTTA benchmark's stream."""
+import numpy as np
+import torch
+from torch import nn
+
+from metatta.data.streams import build_stream
+from metatta.data.types import DomainData
+from repo_scripts import load_script
+
+
+def tiny_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+
+
+def tiny_stream(setting: str = "episodic"):
+    """Two domains of 48 images whose class sets the brightness of a corner: learnable from labels."""
+    rng = np.random.default_rng(0)
+    domains = []
+    for name in ("noise", "blur"):
+        labels = rng.integers(0, 3, 48)
+        images = rng.integers(0, 60, (48, 8, 8, 1))
+        images[:, :4, :4, 0] += 90 * labels[:, None, None]
+        domains.append(DomainData(name, 5, images.astype(np.uint8), labels))
+    return build_stream(domains, setting, 8, seed=0)
+
+
+def test_bn_row_is_the_unadapted_error_and_the_oracles_use_labels():
+    bench = load_script("benchmarks/adaptation_room.py")
+    model, stream = tiny_classifier(), tiny_stream()
+    bn = bench.online_errors(model, stream, None)
+    assert list(bn) == ["noise-5", "blur-5"]
+    with torch.no_grad():  # BN on batch statistics, no update: the same as predicting each batch afresh
+        net, _ = bench.norm_adapted(model)
+        wrong = {d: 0 for d in bn}
+        for x, y, d in stream:
+            wrong[d] += int((net(x).argmax(1) != y).sum())
+    assert bn == {d: 100.0 * w / 48 for d, w in wrong.items()}
+    assert np.mean(list(bn.values())) > 40  # the source model has not learnt the task
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    online = bench.online_errors(model, stream, 0.3)
+    floor = bench.floor_errors(model, stream, epochs=30, lr=0.1, seed=0)
+    assert np.mean(list(floor.values())) < np.mean(list(online.values())) < np.mean(list(bn.values()))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the source model is untouched
+
+
+def test_parse_args_defaults():
+    bench = load_script("benchmarks/adaptation_room.py")
+    args = bench.parse_args([])
+    assert (args.num_images, args.lrs, args.floor_epochs) == (1000, [1e-3, 1e-2, 3e-2], 20)
