@@ -12,7 +12,12 @@ SSL encoder has lower corrupted-data error than the supervised encoder (CTA at
 0 steps vs BN, the same supervised model with the same batch statistics);
 (2) CTA beats TTT; (3) CTA's error stays stable as steps grow to 20.
 
-Writes benchmarks/results/cta.json and cta.md.
+Also the frozen classifier on the aligned SSL encoder and on the supervised
+encoder with each BN mode ("batch": each test batch's statistics, as CTA and BN
+predict; "source": each encoder's own running buffers, the supervised one being
+the Source baseline), so that claim (1) can be read for every pairing.
+
+Writes benchmarks/results/<--tag>.json and .md (default cta).
 
     python benchmarks/cta.py                                   # full: trains CTA and TTT first
     python benchmarks/cta.py --num-images 200 --epochs 1       # a short run
@@ -82,7 +87,28 @@ def method_rows(cta: Path, ttt: Path, steps: list[int]) -> list[MethodSpec]:
     return rows
 
 
-def write_report(out: Path, results, scale: list[dict], steps: list[int], args, command: list[str]) -> dict:
+def encoder_modes(cta: Path, domains) -> dict[str, float]:
+    """Mean error over `domains` (the benchmark: the 15 corruptions) of the frozen classifier on the CTA adapter's SSL encoder and
+    on the supervised encoder, each with batch and with source (running) BN statistics, no adaptation."""
+    import importlib.util
+
+    from metatta.models import load_source_model
+    from metatta.ssl.networks import load_network, split_classifier
+
+    spec = importlib.util.spec_from_file_location("benchmarks_cta_sweep", HERE / "cta_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    net, info = load_network(cta, kind="cta")
+    supervised = split_classifier(load_source_model(info["source_checkpoint"]))[0]
+    out = {}
+    for statistics in sweep.STATISTICS:
+        d = sweep.domains_diagnostics(net, supervised, domains, statistics=statistics)
+        out[f"ssl_{statistics}"], out[f"sup_{statistics}"] = d["ssl_error"], d["sup_error"]
+    return out
+
+
+def write_report(out: Path, results, scale: list[dict], steps: list[int], args, command: list[str],
+                 modes: dict[str, float] | None = None) -> dict:
     by = {r.method: r for r in results}
     batch = min(BATCH, args.num_images)
     seconds = {r.method: batch / r.images_per_second for r in results}
@@ -94,8 +120,8 @@ def write_report(out: Path, results, scale: list[dict], steps: list[int], args, 
         "cta_error_range_over_steps": max(cta_errors) - min(cta_errors),
     }
     record = {"command": command, "protocol": results[0].protocol, "results": [r.to_dict() for r in results], "seconds_per_batch": seconds,
-              "ray_train_scaling": scale, "claims": claims}
-    (out / "cta.json").write_text(json.dumps(record, indent=1))
+              "ray_train_scaling": scale, "claims": claims, "encoder_modes": modes}
+    (out / f"{args.tag}.json").write_text(json.dumps(record, indent=1))
     lines = [f"Fashion-MNIST-C, 15 corruptions, severity 5, batch {batch}, reset per corruption and (TTT, CTA) per "
              f"batch, {args.num_images} images per corruption. Command: `python {' '.join(command)}`", "",
              "| method | mean error (%) | s per batch |", "|---|---:|---:|"]
@@ -110,12 +136,18 @@ def write_report(out: Path, results, scale: list[dict], steps: list[int], args, 
               f"{claims['aligned_ssl_encoder_beats_supervised_before_adaptation']}; CTA beats TTT at "
               f"{', '.join(f'{k}: {v}' for k, v in claims['cta_beats_ttt'].items())} steps; CTA's error varies by "
               f"{claims['cta_error_range_over_steps']:.2f} points over {steps} steps.", ""]
-    (out / "cta.md").write_text("\n".join(lines))
+    if modes:
+        lines += ["Frozen classifier without adaptation, by BN statistics (batch: each test batch's; source: the "
+                  "encoder's running buffers), mean error (%):", "",
+                  "| encoder | batch statistics | source statistics |", "|---|---:|---:|",
+                  f"| aligned SSL (CTA) | {modes['ssl_batch']:.2f} | {modes['ssl_source']:.2f} |",
+                  f"| supervised (BN / Source) | {modes['sup_batch']:.2f} | {modes['sup_source']:.2f} |", ""]
+    (out / f"{args.tag}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return record
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=1000, help="test images per corruption")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every training stage (default: configs)")
@@ -129,8 +161,13 @@ def main(argv=None):
     parser.add_argument("--cta-adapter", help="a trained CTA adapter directory (skips training)")
     parser.add_argument("--ttt-adapter", help="a trained TTT adapter directory (skips training)")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--tag", default="cta", help="result files <out>/<tag>.json and .md")
     parser.add_argument("--work", default=str(ROOT / "outputs" / "bench_cta"), help="training checkpoints and runs")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     setup_logging("WARNING")
     import ray
 
@@ -150,7 +187,11 @@ def main(argv=None):
         f"output_dir={work / 'runs'}", f"stream.batch_size={min(BATCH, args.num_images)}"]))
     cfg.methods = method_rows(cta, ttt, args.steps)
     results = run_experiment(cfg)
-    write_report(out, results, scale, args.steps, args, benchmark_command(__file__, argv))
+    from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
+    from metatta.data.domains import BENCHMARK_CORRUPTIONS
+
+    modes = encoder_modes(cta, read_cifar_c(fashion_mnist_c(), BENCHMARK_CORRUPTIONS, [5], num_images=args.num_images))
+    write_report(out, results, scale, args.steps, args, benchmark_command(__file__, argv), modes)
 
 
 if __name__ == "__main__":

@@ -70,17 +70,27 @@ def export_adapter(net, cfg, checkpoint: str) -> Path:
     return save_adapter(net, cfg, checkpoint, checkpoint_hash(checkpoint), trained_by="benchmarks/cta_sweep.py")
 
 
+STATISTICS = ("batch", "source")
+
+
 @torch.no_grad()
 def encoder_diagnostics(net, supervised: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
-                        scale: float = 1.0) -> dict:
-    """Frozen classifier on the SSL encoder (its features times `scale`) vs the supervised encoder,
-    both with batch statistics."""
+                        scale: float = 1.0, statistics: str = "batch") -> dict:
+    """Frozen classifier on the SSL encoder (its features times `scale`) vs the supervised encoder.
+
+    `statistics`: what both encoders' BN layers normalize with: "batch", the statistics of each test
+    batch (as CTA predicts, and the BN baseline); "source", each encoder's own running buffers from
+    training (the supervised encoder's are the source model's: the Source baseline; the SSL encoder's
+    were accumulated during SimCLR and alignment on clean training images)."""
     from metatta.methods.common import use_batch_statistics
     from metatta.ssl.align import feature_agreement
 
+    if statistics not in STATISTICS:
+        raise ValueError(f"encoder_diagnostics: statistics must be one of {STATISTICS}, got {statistics!r}")
     ssl_enc, sup_enc = copy.deepcopy(net.encoder).eval(), copy.deepcopy(supervised).eval()
-    use_batch_statistics(ssl_enc)
-    use_batch_statistics(sup_enc)
+    if statistics == "batch":
+        use_batch_statistics(ssl_enc)
+        use_batch_statistics(sup_enc)
     f_ssl, f_sup = [], []
     for start in range(0, len(images), BATCH):
         x = torch.from_numpy(images[start:start + BATCH]).permute(0, 3, 1, 2).float().div_(255)
@@ -96,9 +106,9 @@ def encoder_diagnostics(net, supervised: torch.nn.Module, images: np.ndarray, la
     return out
 
 
-def domains_diagnostics(net, supervised, domains, scale: float = 1.0) -> dict:
+def domains_diagnostics(net, supervised, domains, scale: float = 1.0, statistics: str = "batch") -> dict:
     """encoder_diagnostics per domain, averaged over the domains."""
-    per = [encoder_diagnostics(net, supervised, d.images, d.labels, scale) for d in domains]
+    per = [encoder_diagnostics(net, supervised, d.images, d.labels, scale, statistics) for d in domains]
     return {k: float(np.mean([p[k] for p in per])) for k in per[0]}
 
 
@@ -126,6 +136,9 @@ def run_variant(args, name: str, overrides: list[str], checkpoint: str, simclr_f
     # fitted on the clean images (mean supervised norm over mean SSL norm), then read on held-out data.
     row["rescale"] = 1 / row["clean"]["norm_ratio"]
     row["held_out_rescaled"] = domains_diagnostics(net, supervised, data["held_out"], row["rescale"])
+    # Both encoders on their own running BN statistics: the supervised one is then the Source baseline.
+    row["clean_source_stats"] = encoder_diagnostics(net, supervised, clean_x, clean_y, statistics="source")
+    row["held_out_source_stats"] = domains_diagnostics(net, supervised, data["held_out"], statistics="source")
     for i, lr in enumerate(args.lrs):
         for steps in args.steps:
             if steps == 0 and i > 0:
@@ -154,6 +167,17 @@ def write_report(out: Path, tag: str, record: dict) -> None:
                      f"{c['ssl_error']:.2f} / {c['sup_error']:.2f} | {h['cosine']:.3f} | {h['norm_ratio']:.2f} | "
                      f"{h['ssl_confidence']:.1f} / {h['sup_confidence']:.1f} | "
                      f"{r['held_out_rescaled']['ssl_error']:.2f} (x{r['rescale']:.2f}) |")
+    lines += ["", "Error (%) of the frozen classifier by BN statistics (batch: each test batch's, as CTA and BN; "
+              "source: each encoder's running buffers from training, the supervised one = Source):", "",
+              "| variant | held-out SSL batch | held-out SSL source | held-out sup batch (BN) | held-out sup source "
+              "(Source) | clean SSL batch / source | clean sup batch / source |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in record["variants"]:
+        if "held_out_source_stats" not in r:
+            continue
+        h, hs, c, cs = r["held_out"], r["held_out_source_stats"], r["clean"], r["clean_source_stats"]
+        lines.append(f"| {r['name']} | {h['ssl_error']:.2f} | {hs['ssl_error']:.2f} | {h['sup_error']:.2f} | "
+                     f"{hs['sup_error']:.2f} | {c['ssl_error']:.2f} / {cs['ssl_error']:.2f} | "
+                     f"{c['sup_error']:.2f} / {cs['sup_error']:.2f} |")
     keys = list(dict.fromkeys(k for r in record["variants"] for k in r["cta"]))
     lines += ["", "CTA held-out mean error (%), reset per batch:", "", "| variant | " + " | ".join(keys) + " |",
               "|---|" + "---:|" * len(keys)]
