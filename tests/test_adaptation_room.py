@@ -1,6 +1,7 @@
 """benchmarks/adaptation_room.py: the labelled oracles that bound what an optimizer of the norm
 affines can add on the MGTTA benchmark's stream."""
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -44,6 +45,31 @@ def test_bn_row_is_the_unadapted_error_and_the_oracles_use_labels():
     floor = bench.floor_errors(model, stream, epochs=30, lr=0.1, seed=0)
     assert np.mean(list(floor.values())) < np.mean(list(online.values())) < np.mean(list(bn.values()))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the source model is untouched
+
+
+def test_gradient_agreement_per_domain_means_of_per_batch_values():
+    import torch.nn.functional as F
+
+    from metatta.methods.common import softmax_entropy
+
+    bench = load_script("benchmarks/adaptation_room.py")
+    model, stream = tiny_classifier(), tiny_stream()
+    agreement = bench.gradient_agreement(model, stream)
+    assert list(agreement) == ["noise-5", "blur-5"]
+    x, y, domain = next(iter(stream))  # by hand, the first batch: one of the six the mean is over
+    net, params = bench.norm_adapted(model)
+    flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])  # noqa: E731
+    g_entropy, g_ce = flat(softmax_entropy(net(x)).mean()), flat(F.cross_entropy(net(x), y))
+    first = float(g_entropy @ g_ce / (g_entropy.norm() * g_ce.norm()))
+    assert -1.0 <= first <= 1.0
+    per_batch = []
+    for xb, yb, d in stream:
+        if d == domain:
+            ge, gc = flat(softmax_entropy(net(xb)).mean()), flat(F.cross_entropy(net(xb), yb))
+            per_batch.append(float(ge @ gc / (ge.norm() * gc.norm())))
+    assert per_batch[0] == pytest.approx(first)
+    assert agreement[domain]["cosine"] == pytest.approx(np.mean(per_batch), abs=1e-6)
+    assert all(0.0 <= a["sign_agreement"] <= 1.0 for a in agreement.values())
 
 
 def test_parse_args_defaults():
