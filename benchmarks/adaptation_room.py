@@ -14,8 +14,8 @@ corruption), what *labels* could get out of those parameters:
   affines can reach on these very images (fitted on them, so no method can go below it).
 
 - `gradient agreement`: at the unadapted (BN) state of every batch, the cosine between the
-  gradient of the label-free loss (mean entropy: Tent's and the MGG's input) and that of the
-  labelled cross-entropy, over all norm affines, and the share of coordinates where their
+  gradient of a label-free loss (mean entropy: Tent's and the MGG's input; EATA's weighted entropy
+  of its reliable samples) and that of the labelled cross-entropy, over all norm affines, and the share of coordinates where their
   signs agree: what a per-coordinate optimizer (the MGG sees one coordinate's gradient
   history at a time) has to turn into the oracle's step.
 
@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -98,23 +100,42 @@ def floor_errors(model: torch.nn.Module, stream, epochs: int, lr: float, seed: i
     return errors
 
 
-def gradient_agreement(model: torch.nn.Module, stream) -> dict[str, dict[str, float]]:
-    """Per domain, means over its batches of cos(grad entropy, grad CE) and of the share of
-    coordinates with the same sign, both at the unadapted state (BN on the batch)."""
+def label_free_losses(num_classes: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor | None]]:
+    """The label-free losses whose gradients are compared with the labelled one: Tent's (and the
+    MGG's input) mean entropy, and EATA's entropy term on its reliable samples (H < 0.4 ln C, weighted
+    by 1 / exp(H - E0); its redundancy filter and Fisher term left out). None: no reliable sample."""
     from metatta.methods.common import softmax_entropy
+    from metatta.methods.eata import EATAConfig, weighted_entropy
 
+    margin = EATAConfig().entropy_factor * math.log(num_classes)
+
+    def reliable(logits: torch.Tensor) -> torch.Tensor | None:
+        entropy = softmax_entropy(logits)
+        selected = entropy < margin
+        return weighted_entropy(entropy, selected, margin) if bool(selected.any()) else None
+
+    return {"entropy": lambda logits: softmax_entropy(logits).mean(), "eata_reliable": reliable}
+
+
+def gradient_agreement(model: torch.nn.Module, stream) -> dict[str, dict[str, dict[str, float]]]:
+    """Per label-free loss and domain, means over the domain's batches of cos(grad loss, grad CE)
+    and of the share of coordinates with the same sign, at the unadapted state (BN on the batch)."""
     net, params = norm_adapted(model)
-    sums: dict[str, list[float]] = {}
+    sums: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for x, y, domain in stream:
         logits = net(x)
-        entropy = torch.cat([g.flatten() for g in torch.autograd.grad(softmax_entropy(logits).mean(), params,
-                                                                      retain_graph=True)])
-        ce = torch.cat([g.flatten() for g in torch.autograd.grad(F.cross_entropy(logits, y), params)])
-        cosine = float(F.cosine_similarity(entropy, ce, dim=0))
-        signs = float((torch.sign(entropy) == torch.sign(ce)).float().mean())
-        sums.setdefault(domain, []).append((cosine, signs))
-    return {d: {"cosine": float(np.mean([c for c, _ in v])), "sign_agreement": float(np.mean([s for _, s in v]))}
-            for d, v in sums.items()}
+        flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])  # noqa: E731
+        ce = flat(F.cross_entropy(logits, y))
+        for name, loss_fn in label_free_losses(logits.shape[1]).items():
+            loss = loss_fn(logits)
+            if loss is None:
+                continue
+            g = flat(loss)
+            sums.setdefault(name, {}).setdefault(domain, []).append(
+                (float(F.cosine_similarity(g, ce, dim=0)), float((torch.sign(g) == torch.sign(ce)).float().mean())))
+    return {name: {d: {"cosine": float(np.mean([c for c, _ in v])), "sign_agreement": float(np.mean([a for _, a in v])),
+                       "batches": len(v)} for d, v in by_domain.items()}
+            for name, by_domain in sums.items()}
 
 
 def _domain_size(stream, domain: str) -> int:
@@ -176,10 +197,13 @@ def main(argv=None):
              "|---|" + "---:|" * (len(names) + 2)]
     lines += [f"| {k} | " + " | ".join(f"{v[n]:.1f}" for n in names) + f" | {means[k]:.2f} | {seconds[k]:.0f} |"
               for k, v in rows.items()]
-    lines += [f"| grad. cosine, entropy vs CE | " + " | ".join(f"{agreement[n]['cosine']:.2f}" for n in names)
-              + f" | {np.mean([a['cosine'] for a in agreement.values()]):.2f} | |",
-              f"| grad. sign agreement | " + " | ".join(f"{agreement[n]['sign_agreement']:.2f}" for n in names)
-              + f" | {np.mean([a['sign_agreement'] for a in agreement.values()]):.2f} | |"]
+    for loss, by_domain in agreement.items():
+        cosine = [by_domain[n]["cosine"] if n in by_domain else float("nan") for n in names]
+        signs = [by_domain[n]["sign_agreement"] if n in by_domain else float("nan") for n in names]
+        lines += [f"| grad. cosine, {loss} vs CE | " + " | ".join(f"{c:.2f}" for c in cosine)
+                  + f" | {np.nanmean(cosine):.2f} | |",
+                  f"| grad. sign agreement, {loss} vs CE | " + " | ".join(f"{a:.2f}" for a in signs)
+                  + f" | {np.nanmean(signs):.2f} | |"]
     if best_online:
         lines += ["", f"Room an optimizer could use with perfect feedback: BN {means['bn']:.2f} -> best online oracle "
                       f"{means[best_online]:.2f} ({best_online}): {record['room_bn_to_online_oracle']:.2f} points."]

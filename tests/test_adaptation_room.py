@@ -54,7 +54,7 @@ def test_gradient_agreement_per_domain_means_of_per_batch_values():
 
     bench = load_script("benchmarks/adaptation_room.py")
     model, stream = tiny_classifier(), tiny_stream()
-    agreement = bench.gradient_agreement(model, stream)
+    agreement = bench.gradient_agreement(model, stream)["entropy"]
     assert list(agreement) == ["noise-5", "blur-5"]
     x, y, domain = next(iter(stream))  # by hand, the first batch: one of the six the mean is over
     net, params = bench.norm_adapted(model)
@@ -69,7 +69,20 @@ def test_gradient_agreement_per_domain_means_of_per_batch_values():
             per_batch.append(float(ge @ gc / (ge.norm() * gc.norm())))
     assert per_batch[0] == pytest.approx(first)
     assert agreement[domain]["cosine"] == pytest.approx(np.mean(per_batch), abs=1e-6)
-    assert all(0.0 <= a["sign_agreement"] <= 1.0 for a in agreement.values())
+    assert all(0.0 <= a["sign_agreement"] <= 1.0 and a["batches"] == 6 for a in agreement.values())
+
+
+def test_eata_reliable_loss_is_eatas_term_and_none_without_a_reliable_sample():
+    from metatta.methods.common import softmax_entropy
+
+    bench = load_script("benchmarks/adaptation_room.py")
+    losses = bench.label_free_losses(3)
+    confident = torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # one reliable sample, one uniform
+    h = softmax_entropy(confident)
+    margin = 0.4 * np.log(3)
+    assert float(losses["eata_reliable"](confident)) == pytest.approx(float(h[0] * torch.exp(margin - h[0])))
+    assert losses["eata_reliable"](torch.zeros(2, 3)) is None
+    assert float(losses["entropy"](confident)) == pytest.approx(float(h.mean()))
 
 
 def test_parse_args_defaults():

@@ -61,6 +61,13 @@ class EATAConfig(MethodConfig):
     fisher_alpha: float = 1.0  # paper, CIFAR-10 (ImageNet, their code: 2000)
 
 
+def weighted_entropy(entropy: torch.Tensor, selected: torch.Tensor, margin: float) -> torch.Tensor:
+    """EATA's entropy term: mean over the selected samples of H(x) / exp(H(x) - E0), the weight
+    detached (confident samples count more)."""
+    chosen = entropy[selected]
+    return (chosen * torch.exp(margin - chosen.detach())).mean(0)
+
+
 def compute_fisher(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Iterable[Any]
 ) -> dict[str, torch.Tensor]:
@@ -159,9 +166,7 @@ class EATA(TTAMethod):
         self.num_selected += int(selected.sum())
         if not bool(selected.any()):
             return None
-        chosen = entropy[selected]
-        weights = torch.exp(margin - chosen.detach())  # 1 / exp(H - E0)
-        loss = (chosen * weights).mean(0)
+        loss = weighted_entropy(entropy, selected, margin)
         if self._fisher:
             loss = loss + self.fisher_penalty()
         return loss
