@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -100,19 +99,17 @@ def floor_errors(model: torch.nn.Module, stream, epochs: int, lr: float, seed: i
     return errors
 
 
-def label_free_losses(num_classes: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor | None]]:
+def label_free_losses() -> dict[str, Callable[[torch.Tensor], torch.Tensor | None]]:
     """The label-free losses whose gradients are compared with the labelled one: Tent's (and the
     MGG's input) mean entropy, and EATA's entropy term on its reliable samples (H < 0.4 ln C, weighted
     by 1 / exp(H - E0); its redundancy filter and Fisher term left out). None: no reliable sample."""
-    from metatta.methods.common import softmax_entropy
-    from metatta.methods.eata import EATAConfig, weighted_entropy
+    from metatta.losses import reliable_entropy, softmax_entropy
+    from metatta.methods.eata import EATAConfig
 
-    margin = EATAConfig().entropy_factor * math.log(num_classes)
+    factor = EATAConfig().entropy_factor
 
     def reliable(logits: torch.Tensor) -> torch.Tensor | None:
-        entropy = softmax_entropy(logits)
-        selected = entropy < margin
-        return weighted_entropy(entropy, selected, margin) if bool(selected.any()) else None
+        return reliable_entropy(logits, factor)
 
     return {"entropy": lambda logits: softmax_entropy(logits).mean(), "eata_reliable": reliable}
 
@@ -126,7 +123,7 @@ def gradient_agreement(model: torch.nn.Module, stream) -> dict[str, dict[str, di
         logits = net(x)
         flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])  # noqa: E731
         ce = flat(F.cross_entropy(logits, y))
-        for name, loss_fn in label_free_losses(logits.shape[1]).items():
+        for name, loss_fn in label_free_losses().items():
             loss = loss_fn(logits)
             if loss is None:
                 continue

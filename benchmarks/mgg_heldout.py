@@ -66,6 +66,14 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "supervised_b64_k4_step10": ("mgg_supervised.yaml", ["batch_size=64", "unroll_steps=4", "train_images=8192",
                                                          "init_log_step_scale=2.302585", "name=mgg_fmnist_supervised_b64_s10"],
                                  "as supervised_b64_k4_learned_step, the step scale starting at 10 (room to step further)"),
+    "supervised_b64_k4_step10_reliable": ("mgg_supervised.yaml", ["batch_size=64", "unroll_steps=4", "train_images=8192",
+                                                                  "init_log_step_scale=2.302585", "reliable_entropy_factor=0.4",
+                                                                  "name=mgg_fmnist_supervised_b64_s10_reliable"],
+                                          "as supervised_b64_k4_step10, on EATA's entropy term (reliable samples, "
+                                          "H < 0.4 ln C) at meta-training and test time"),
+    "supervised_k1_lr_range": ("mgg_supervised.yaml", ["unroll_steps=1", "learned_step_size=false", "inner_lr_max=3e-2",
+                                                       "name=mgg_fmnist_supervised_k1_lr_range"],
+                               "as supervised_k1, each trajectory at an inner lr drawn from [1e-3, 3e-2]"),
     "lookahead_b64_k4": ("mgg_paper.yaml", ["batch_size=64", "unroll_steps=4", "train_images=6144", "epochs=10",
                                             "inner_lr=1e-3", "name=mgg_fmnist_lookahead_b64"],
                          "paper's lookahead on -C images, K=4, fixed step at inner lr 1e-3, batch 64, 6,144 images"),
@@ -117,14 +125,14 @@ def row_key(row: dict[str, Any]) -> str:
 
 def measure_variant(name: str, cfg, out: Path, val_first: int, val_images: int) -> dict[str, Any]:
     from metatta.experiment import run_experiment
-    from trainers.mgg import train_mgg
+    from trainers.mgg import mgtta_config, train_mgg
 
     check_disjoint(cfg, val_first)
     start = time.perf_counter()
     outcome = train_mgg(cfg, use_ray=True)
     seconds = time.perf_counter() - start
     spec = {"name": "mgtta", "label": f"mgtta ({name})", "adapter": str(outcome.adapter_dir),
-            "config": {"loss": cfg.loss, "stats_lambda": cfg.stats_lambda, "lr": cfg.test_lr}}
+            "config": mgtta_config(cfg)}
     (result,) = run_experiment(experiment(out, val_first, val_images, [spec]))
     return {"variant": name, "description": VARIANTS[name][2], "config": dataclasses.asdict(cfg),
             "K": cfg.unroll_steps, "learned_step_size": cfg.learned_step_size, "outer_loss": cfg.outer_loss,

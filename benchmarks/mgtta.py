@@ -42,7 +42,7 @@ from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import MethodSpec, experiment_config, run_experiment
 from metatta.reporting import benchmark_command, error_table
-from trainers.mgg import mgg_train_config, train_mgg
+from trainers.mgg import mgg_train_config, mgtta_config, train_mgg
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -244,11 +244,11 @@ def main(argv=None):
     cfg = experiment_config(data)
     baselines = [s for s in cfg.methods if s.name != "mgtta"]
     mgtta_spec = next(s for s in cfg.methods if s.name == "mgtta")
-    test_lr = {"lr": base["test_lr"]} if "test_lr" in base else {}  # the adapt_lr the MGG was validated at
+    as_trained = mgtta_config(mgg_train_config(base))  # the test lr and loss the MGG was meta-trained for
     mgtta_rows = [dataclasses.replace(mgtta_spec, label=f"mgtta (K={k})", adapter=str(o.adapter_dir),
-                                      config={**mgtta_spec.config, **test_lr})
+                                      config={**mgtta_spec.config, **as_trained})
                   for k, (o, _) in trained.items()]
-    mgtta_rows += [mgg_under(spec, k, o.adapter_dir, base.get("test_lr", 1e-3))
+    mgtta_rows += [mgg_under(spec, k, o.adapter_dir, as_trained["lr"])
                    for spec in baselines if spec.name in args.mgg_under for k, (o, _) in trained.items()]
     cfg.methods = baselines + mgtta_rows + lr_sweep_specs(baselines + mgtta_rows, args.lr_multipliers)
     results = run_experiment(cfg)

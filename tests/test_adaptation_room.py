@@ -76,7 +76,7 @@ def test_eata_reliable_loss_is_eatas_term_and_none_without_a_reliable_sample():
     from metatta.methods.common import softmax_entropy
 
     bench = load_script("benchmarks/adaptation_room.py")
-    losses = bench.label_free_losses(3)
+    losses = bench.label_free_losses()
     confident = torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # one reliable sample, one uniform
     h = softmax_entropy(confident)
     margin = 0.4 * np.log(3)

@@ -631,6 +631,41 @@ class _LossSpy:
         self.feature_counts.append(len(features))
         return self.inner(logits, features)
 
+    def any_reliable(self, logits):
+        return self.inner.any_reliable(logits)
+
+
+def test_reliable_entropy_loss_is_eatas_term_on_reliable_samples():
+    from metatta.losses import softmax_entropy
+
+    logits = torch.tensor([[6.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [3.0, 2.5, 0.0, 0.0]], requires_grad=True)
+    h = softmax_entropy(logits).detach()
+    margin = 0.4 * math.log(4)
+    reliable = h < margin
+    assert reliable.tolist() == [True, False, False]
+    loss = TTALoss("entropy", reliable_factor=0.4)
+    assert float(loss(logits)) == pytest.approx(float(h[0] * torch.exp(margin - h[0])))
+    assert loss.any_reliable(logits) and not loss.any_reliable(torch.zeros(2, 4))
+    none = loss(torch.zeros(2, 4, requires_grad=True))  # no reliable sample: zero, still in the graph
+    assert float(none) == 0.0 and none.requires_grad
+    assert TTALoss("entropy").any_reliable(torch.zeros(2, 4))  # the paper's loss always adapts
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="reliable_factor"):
+            TTALoss("entropy", reliable_factor=bad)
+
+
+def test_mgtta_on_reliable_entropy_skips_batches_without_a_reliable_sample():
+    from metatta.methods.base import build_method
+
+    model = tiny_model()
+    method = build_method("mgtta", model, {"lr": 0.05, "reliable_entropy_factor": 0.4}, mgg=random_mgg())
+    before = copy.deepcopy(model.state_dict())
+    uniform = torch.zeros(4, 4)  # 4 classes, maximal entropy: nothing is reliable
+    assert method.loss(None, uniform) is None
+    confident = method.loss(None, torch.tensor([[9.0, 0, 0, 0]] * 4))
+    assert confident is not None and float(confident) > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
 
 @pytest.mark.parametrize("arch", ["resnet_fmnist", "vit_tiny_fmnist"])
 def test_unroll_on_project_models_with_stats_loss(arch):

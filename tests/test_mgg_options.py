@@ -357,6 +357,15 @@ def test_benchmark_batches_to_within_and_lr_sweep_rows():
                                                "--lr-multipliers", "1", "10"])) == "mgtta_mgg_k16_lr_sweep"
 
 
+def test_the_loss_an_mgg_is_meta_trained_on_is_the_one_it_is_tested_with():
+    from trainers.mgg import make_loss, mgtta_config
+
+    cfg = mgg_train_config({**BASE, "loss": "entropy", "reliable_entropy_factor": 0.4, "test_lr": 2e-3})
+    assert make_loss(cfg, None).reliable_factor == 0.4
+    assert mgtta_config(cfg) == {"lr": 2e-3, "loss": "entropy", "stats_lambda": 0.4, "reliable_entropy_factor": 0.4}
+    assert mgtta_config(mgg_train_config(BASE))["reliable_entropy_factor"] is None  # the paper's loss
+
+
 def test_benchmark_mgg_under_rows_step_the_baseline_with_the_mgg(tmp_path):
     from metatta.experiment import MethodSpec
     from repo_scripts import load_script

@@ -77,6 +77,7 @@ class MGGTrainConfig:
     grad_clip: float = 1.0  # max global norm of the averaged meta-gradient
     loss: str = "entropy+stats"  # entropy | entropy+stats
     stats_lambda: float = 0.4
+    reliable_entropy_factor: float | None = None  # EATA's entropy term (metatta.learned.losses); None: paper
     num_actors: int = 2
     eval_every: int = 0  # learner steps between validations; 0: only at the end
     val_batch_size: int = 64
@@ -182,7 +183,8 @@ def source_parts(checkpoint: str, device: torch.device):
 def make_loss(cfg: MGGTrainConfig, source_stats):
     from metatta.learned.losses import TTALoss
 
-    return TTALoss(cfg.loss, source_stats if cfg.loss != "entropy" else None, cfg.stats_lambda)
+    return TTALoss(cfg.loss, source_stats if cfg.loss != "entropy" else None, cfg.stats_lambda,
+                   reliable_factor=cfg.reliable_entropy_factor)
 
 
 class RolloutWorker:
@@ -393,6 +395,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(f"--resume: cannot read learner checkpoint {path}: {e}") from e
 
 
+def mgtta_config(cfg: MGGTrainConfig) -> dict[str, Any]:
+    """The MGTTA config an MGG trained by `cfg` is validated and tested with: its test lr and the
+    test-time loss it was meta-trained on."""
+    return {"lr": cfg.test_lr, "loss": cfg.loss, "stats_lambda": cfg.stats_lambda,
+            "reliable_entropy_factor": cfg.reliable_entropy_factor}
+
+
 def validation_error(mgg, checkpoint: str, val_domains: list[DomainData], cfg: MGGTrainConfig) -> float:
     """Mean error of MGTTA with this MGG over the validation domains (reset per domain)."""
     from metatta.data.streams import build_stream
@@ -401,8 +410,7 @@ def validation_error(mgg, checkpoint: str, val_domains: list[DomainData], cfg: M
 
     device = resolve_device(cfg.device)
     model, stats = source_parts(checkpoint, device)
-    method = build_method("mgtta", model, {"lr": cfg.test_lr, "loss": cfg.loss, "stats_lambda": cfg.stats_lambda},
-                          mgg=mgg, source_stats=stats)
+    method = build_method("mgtta", model, mgtta_config(cfg), mgg=mgg, source_stats=stats)
     stream = build_stream(val_domains, "episodic", cfg.val_batch_size, seed=cfg.seed)
     return evaluate(method, stream, device=device, progress=False).mean_error
 

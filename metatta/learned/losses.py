@@ -13,6 +13,10 @@ that is `stats_reduction="authors"`. The default, "per_layer_mse", is the
 per-layer mean squared error summed over layers, as SPECS states it. For D-dim
 features the authors' term equals the default times D / 64 (12x for ViT-B).
 
+`reliable_factor` (beyond the paper; None: off): the entropy term becomes EATA's, the weighted
+entropy of the reliable samples only (H < reliable_factor * ln C, weight 1 / exp(H - E0); a zero
+loss, kept in the graph, when a batch has none), the signal EATA adapts on.
+
 A batch of one image has no standard deviation: the std term is then left out
 and only the mean term is used.
 """
@@ -24,7 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from metatta.losses import softmax_entropy
+from metatta.losses import reliable_entropy, softmax_entropy
 
 LOSS_KINDS = ("entropy", "entropy+stats")
 STATS_REDUCTIONS = ("per_layer_mse", "authors")
@@ -89,6 +93,7 @@ class TTALoss:
         source_stats: Mapping[str, torch.Tensor] | None = None,
         stats_lambda: float = 0.4,
         stats_reduction: str = "per_layer_mse",
+        reliable_factor: float | None = None,
     ):
         if kind not in LOSS_KINDS:
             raise ValueError(f"loss kind {kind!r} is not one of {LOSS_KINDS}")
@@ -96,7 +101,10 @@ class TTALoss:
             raise ValueError(f"stats_reduction {stats_reduction!r} is not one of {STATS_REDUCTIONS}")
         if kind == "entropy+stats" and not source_stats:
             raise ValueError("loss 'entropy+stats' needs source_stats (from metatta.models.feature_stats.compute_feature_stats)")
+        if reliable_factor is not None and not 0 < reliable_factor <= 1:
+            raise ValueError(f"reliable_factor must be in (0, 1] (of ln C) or None, got {reliable_factor!r}")
         self.kind = kind
+        self.reliable_factor = reliable_factor
         self.source_stats = dict(source_stats) if source_stats else None
         self.stats_lambda = stats_lambda
         self.stats_reduction = stats_reduction
@@ -105,8 +113,16 @@ class TTALoss:
     def needs_features(self) -> bool:
         return self.kind == "entropy+stats"
 
+    def any_reliable(self, logits: torch.Tensor) -> bool:
+        """Whether the entropy term has a sample to adapt on (always, without `reliable_factor`)."""
+        return self.reliable_factor is None or reliable_entropy(logits.detach(), self.reliable_factor) is not None
+
     def __call__(self, logits: torch.Tensor, features: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        loss = entropy_loss(logits)
+        if self.reliable_factor is None:
+            loss = entropy_loss(logits)
+        else:
+            loss = reliable_entropy(logits, self.reliable_factor)
+            loss = logits.sum() * 0.0 if loss is None else loss
         if self.needs_features:
             if features is None:
                 raise ValueError("loss 'entropy+stats' needs the features recorded during the forward pass")
@@ -115,6 +131,7 @@ class TTALoss:
 
     def __repr__(self) -> str:
         extra = f", lambda={self.stats_lambda}, reduction={self.stats_reduction}" if self.needs_features else ""
+        extra += f", reliable_factor={self.reliable_factor}" if self.reliable_factor is not None else ""
         return f"TTALoss({self.kind}{extra})"
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
+from metatta.losses import weighted_entropy
 from metatta.methods.common import configure_norm_adaptation, norm_affine_params, softmax_entropy
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,6 @@ class EATAConfig(MethodConfig):
     probs_momentum: float = 0.9  # m <- probs_momentum * m + (1 - probs_momentum) * mean p
     use_fisher: bool = True  # EATA; false = ETA
     fisher_alpha: float = 1.0  # paper, CIFAR-10 (ImageNet, their code: 2000)
-
-
-def weighted_entropy(entropy: torch.Tensor, selected: torch.Tensor, margin: float) -> torch.Tensor:
-    """EATA's entropy term: mean over the selected samples of H(x) / exp(H(x) - E0), the weight
-    detached (confident samples count more)."""
-    chosen = entropy[selected]
-    return (chosen * torch.exp(margin - chosen.detach())).mean(0)
 
 
 def compute_fisher(

@@ -16,7 +16,8 @@ needed only for loss "entropy+stats".
 
 Loss: "entropy" (default, the paper's framing) or "entropy+stats" (the
 authors' code: entropy + 0.4 * feature-statistics alignment); see
-`metatta.learned.losses`. The authors' code runs the model in train mode; here
+`metatta.learned.losses`. `reliable_entropy_factor` (beyond the paper) swaps the
+mean entropy for EATA's entropy term on its reliable samples. The authors' code runs the model in train mode; here
 the model is in eval mode with BN on batch statistics, which is the same for BN
 and LayerNorm networks without dropout.
 """
@@ -42,6 +43,9 @@ class MGTTAConfig(MethodConfig):
     stats_lambda: float = 0.4  # weight of the feature-statistics term (authors: 0.4 on ImageNet-C)
     stats_reduction: str = "per_layer_mse"  # per_layer_mse | authors (sum of squared errors / 64)
     mgg_path: str | None = None  # used when no `mgg` / `mgg_path` context is given
+    # EATA's entropy term (reliable samples, H < factor * ln C, reweighted) instead of the mean entropy;
+    # None: the paper's. Set it as the MGG was meta-trained (trainers/mgg.py, same field).
+    reliable_entropy_factor: float | None = None
 
 
 @register("mgtta")
@@ -69,7 +73,8 @@ class MGTTA(TTAMethod):
             raise ValueError(f"mgtta: config.stats_reduction {config.stats_reduction!r} is not one of {STATS_REDUCTIONS}")
         device = next(model.parameters()).device
         stats = {k: v.to(device) for k, v in source_stats.items()} if source_stats else None
-        loss_fn = TTALoss(config.loss, stats, config.stats_lambda, config.stats_reduction)
+        loss_fn = TTALoss(config.loss, stats, config.stats_lambda, config.stats_reduction,
+                          reliable_factor=config.reliable_entropy_factor)
         mgg = _resolve_mgg(mgg, mgg_path or config.mgg_path, device)
         factory = optimizer_factory or mgg_optimizer_factory(mgg, config.lr)
         super().__init__(model, config, optimizer_factory=factory, **context)
@@ -92,7 +97,9 @@ class MGTTA(TTAMethod):
             finally:
                 self._recorder = None
 
-    def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        if not self.loss_fn.any_reliable(logits):
+            return None  # as EATA: no reliable sample, no update
         return self.loss_fn(logits, self._recorder.features if self.loss_fn.needs_features else None)
 
 
