@@ -208,6 +208,8 @@ def parse_args(argv):
     parser.add_argument("--val-first", type=int, default=2000, help="first -C row of the validation block")
     parser.add_argument("--val-images", type=int, default=1000, help="validation images per held-out corruption")
     parser.add_argument("--reuse", action="store_true", help="keep rows of an existing JSON measured with the same config")
+    parser.add_argument("--tag", default="mgg_heldout",
+                        help="result files <out>/<tag>.json and .md (mgg_heldout: the record configs/fmnist_c/mgg.yaml follows)")
     parser.add_argument("--out", default=str(HERE / "results"))
     return parser.parse_args(argv)
 
@@ -217,7 +219,7 @@ def main(argv=None):
     setup_logging("WARNING")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "mgg_heldout.json"
+    path = out / f"{args.tag}.json"
     old = json.loads(path.read_text()) if args.reuse and path.is_file() else {}
     if old and (old.get("val_first"), old.get("val_images")) != (args.val_first, args.val_images):
         old = {}

@@ -51,3 +51,8 @@ def test_table_marks_the_lowest_held_out_error(bench):
                                           "heldout_domain_errors": {"speckle_noise-5": 21.0}}]})
     assert "| learned_step | 2 | 20.10 | 19.50, 20.70 |" in text and "| paper | 1 | **20.00** | 20.00 |" in text
     assert "| tent | 21.0 | 21.00 |" in text
+
+
+def test_results_are_named_by_tag(bench):
+    assert bench.parse_args([]).tag == "mgg_heldout"  # the record configs/fmnist_c/mgg.yaml follows
+    assert bench.parse_args(["--val-images", "8000", "--tag", "mgg_heldout_long"]).tag == "mgg_heldout_long"
