@@ -61,6 +61,14 @@ def test_config_errors(tmp_path, source_checkpoint):
                   data=(np.zeros((8, 28, 28, 1), np.uint8), np.zeros(8, np.int64)))
 
 
+def test_a_relative_checkpoint_dir_is_resolved_in_the_driver(tmp_path, source_checkpoint, monkeypatch):
+    """Ray Train workers run elsewhere: the stage checkpoints must go where the driver reads them."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config(tmp_path, source_checkpoint, checkpoint_dir="outputs/rel")
+    assert cfg.checkpoint_dir == str(tmp_path / "outputs" / "rel")
+    assert cta_train_config(cfg) == cfg  # idempotent
+
+
 def test_alignment_stage_lowers_its_loss_and_raises_agreement(tmp_path, source_checkpoint, data, domains):
     cfg = config(tmp_path, source_checkpoint, align={"epochs": 4, "batch_size": 16, "lr": 3e-3})
     outcome = train_cta(cfg, use_ray=False, data=data, domains=domains)

@@ -186,7 +186,9 @@ def cta_train_config(data: dict[str, Any] | CTATrainConfig) -> CTATrainConfig:
     if cfg.align.feature_weight < 0 or cfg.align.simclr_weight < 0:
         raise ValueError(f"train_cta.align: feature_weight and simclr_weight must be >= 0, got "
                          f"{cfg.align.feature_weight} and {cfg.align.simclr_weight}")
-    return cfg
+    # Ray Train workers run in their own directories: a relative checkpoint_dir would put each stage's
+    # checkpoint where the driver never looks. Resolve it here, in the driver.
+    return dataclasses.replace(cfg, checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()))
 
 
 # ---- the networks of each stage --------------------------------------------------------------
