@@ -74,6 +74,11 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "supervised_k1_lr_range": ("mgg_supervised.yaml", ["unroll_steps=1", "learned_step_size=false", "inner_lr_max=3e-2",
                                                        "name=mgg_fmnist_supervised_k1_lr_range"],
                                "as supervised_k1, each trajectory at an inner lr drawn from [1e-3, 3e-2]"),
+    "supervised_b64_k4_step10_long": ("mgg_supervised.yaml", ["batch_size=64", "unroll_steps=4", "train_images=40960",
+                                                              "epochs=2", "init_log_step_scale=2.302585",
+                                                              "name=mgg_fmnist_supervised_b64_s10_long"],
+                                      "as supervised_b64_k4_step10 with trajectories of up to 80 batches (40,960 "
+                                      "images, 2 epochs: the same learner steps), for long test streams"),
     "lookahead_b64_k4": ("mgg_paper.yaml", ["batch_size=64", "unroll_steps=4", "train_images=6144", "epochs=10",
                                             "inner_lr=1e-3", "name=mgg_fmnist_lookahead_b64"],
                          "paper's lookahead on -C images, K=4, fixed step at inner lr 1e-3, batch 64, 6,144 images"),
