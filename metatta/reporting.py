@@ -16,6 +16,12 @@ def _short(domain: str) -> str:
     return f"{head}-{severity}" if severity.isdigit() and name else domain
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table: the first column left-aligned (names), the others right-aligned (numbers)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def error_table(results: Sequence[Result], *, digits: int = 1, extra_columns: bool = True) -> str:
     """Rows: methods; columns: domains in stream order, then the mean (and speed)."""
     if not results:
@@ -27,7 +33,7 @@ def error_table(results: Sequence[Result], *, digits: int = 1, extra_columns: bo
     header = ["method"] + [_short(d) for d in domains] + ["mean"]
     if extra_columns:
         header += ["ECE", "img/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    rows = []
     best = min(r.mean_error for r in results)
     for r in results:
         mean = f"{r.mean_error:.{digits}f}"
@@ -36,8 +42,8 @@ def error_table(results: Sequence[Result], *, digits: int = 1, extra_columns: bo
         row = [r.method] + [f"{r.domain_errors[d]:.{digits}f}" for d in domains] + [mean]
         if extra_columns:
             row += [f"{r.ece:.1f}", f"{r.images_per_second:.0f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return markdown_table(header, rows)
 
 
 def protocol_line(result: Result) -> str:

@@ -13,6 +13,7 @@ from metatta.models.feature_stats import compute_feature_stats
 from test_mgg_options import train_split_only  # noqa: F401 (a fixture)
 from trainers.mgg import (
     RolloutWorker,
+    gpus_per_actor,
     load_checkpoint,
     mgg_train_config,
     split_domains,
@@ -197,3 +198,13 @@ def test_supervised_outer_loss_reads_only_the_training_split(tmp_path, source_ch
     assert 0.0 <= outcome.validation_error <= 100.0 and outcome.steps >= 1
     with pytest.raises(ValueError, match=r"train_mgg\.train_data 'train_split'"):
         config(tmp_path, source_checkpoint, outer_loss="supervised")
+
+
+@pytest.mark.parametrize("gpus, actors, device, expected", [
+    (0, 2, "auto", 0), (4, 2, "auto", 1), (2, 2, "cuda", 1), (4, 2, "cpu", 0),
+    (1, 2, "auto", 0.5), (1, 3, "auto", 0.3333), (2, 8, "auto", 0.25),
+])
+def test_gpus_per_actor_shares_a_gpu_between_more_actors_than_gpus(gpus, actors, device, expected):
+    share = gpus_per_actor(gpus, actors, device)
+    assert share == expected
+    assert share * actors <= max(gpus, 0) or share == 0  # every actor can start at once

@@ -273,6 +273,15 @@ class LocalPool:
         self.workers = []
 
 
+def gpus_per_actor(cluster_gpus: float, num_actors: int, device: str) -> float:
+    """A whole GPU per actor where the cluster has one for each; else an equal share of the GPUs
+    (rounded down to Ray's 1e-4 resource grain), so that more actors than GPUs all start
+    instead of waiting forever for a free GPU. 0: the actors run on CPU."""
+    if device == "cpu" or cluster_gpus < 1 or num_actors < 1:
+        return 0
+    return 1 if cluster_gpus >= num_actors else math.floor(cluster_gpus / num_actors * 1e4) / 1e4
+
+
 class RayPool:
     """One Ray actor per share; restarted on failure, interrupted calls retried."""
 
@@ -281,7 +290,7 @@ class RayPool:
 
         if not ray.is_initialized():
             ray.init()
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and cfg.device != "cpu" else 0
+        gpus = gpus_per_actor(ray.cluster_resources().get("GPU", 0), len(shares), cfg.device)
         actor_cls = ray.remote(RolloutWorker)
         self.actors = [
             actor_cls.options(
@@ -289,7 +298,7 @@ class RayPool:
             ).remote(share, checkpoint, cfg, i)
             for i, share in enumerate(shares)
         ]
-        log.info("started %d rollout actors (%s each)", len(self.actors), "1 GPU" if gpus else "1 CPU")
+        log.info("started %d rollout actors (%s each)", len(self.actors), f"{gpus:g} GPU" if gpus else "1 CPU")
 
     def run(self, mgg_state):
         import ray
