@@ -23,7 +23,7 @@ from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import experiment_config, run_experiment
-from metatta.reporting import benchmark_command
+from metatta.reporting import benchmark_command, markdown_table
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE.parent / "configs" / "fmnist_c" / "baselines.yaml"
@@ -68,13 +68,13 @@ def error_table(runs: dict[int, list[Result]]) -> str:
     sizes = list(runs)
     labels = list(dict.fromkeys(r.method for results in runs.values() for r in results))
     header = ["method"] + [f"N={b} err" for b in sizes] + [f"N={b} img/s" for b in sizes]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    rows = []
     for label in labels:
         by_size = {b: next((r for r in runs[b] if r.method == label), None) for b in sizes}
         errors = [f"{by_size[b].mean_error:.1f}" if by_size[b] else "" for b in sizes]
         speeds = [f"{by_size[b].images_per_second:.0f}" if by_size[b] else "" for b in sizes]
-        lines.append("| " + " | ".join([label] + errors + speeds) + " |")
-    return "\n".join(lines)
+        rows.append([label] + errors + speeds)
+    return markdown_table(header, rows)
 
 
 def speed_summary(results: list[Result], num_views: int) -> dict[str, float] | None:

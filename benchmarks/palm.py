@@ -28,7 +28,7 @@ from metatta.cli import setup_logging
 from metatta.config import ConfigError, apply_override, load_config
 from metatta.evaluation import Result
 from metatta.experiment import experiment_config, run_experiment, source_model
-from metatta.reporting import _short, benchmark_command, error_table
+from metatta.reporting import _short, benchmark_command, error_table, markdown_table
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE.parent / "configs" / "fmnist_c" / "baselines.yaml"
@@ -42,12 +42,11 @@ def share_table(results: list[Result], total_parameters: int) -> str:
     """Percent of the model's parameters adapted, per domain (mean over its batches)."""
     domains = list(results[0].domain_errors)
     header = ["method"] + [_short(d) for d in domains] + ["mean"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    rows = []
     for r in results:
         shares = [100.0 * r.domain_adapted_parameters.get(d, 0.0) / total_parameters for d in domains]
-        lines.append("| " + " | ".join([r.method] + [f"{s:.1f}" for s in shares]
-                                       + [f"{sum(shares) / len(shares):.1f}"]) + " |")
-    return "\n".join(lines)
+        rows.append([r.method] + [f"{s:.1f}" for s in shares] + [f"{sum(shares) / len(shares):.1f}"])
+    return markdown_table(header, rows)
 
 
 def corruption_table(results: list[Result]) -> str:
@@ -56,12 +55,11 @@ def corruption_table(results: list[Result]) -> str:
     for domain in results[0].domain_errors:
         by_corruption.setdefault(domain.rpartition("-")[0], []).append(domain)
     header = ["method"] + [_short(f"{c}-5").removesuffix("-5") for c in by_corruption] + ["mean", "img/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    rows = []
     for r in results:
         cells = [sum(r.domain_errors[d] for d in ds) / len(ds) for ds in by_corruption.values()]
-        lines.append("| " + " | ".join([r.method] + [f"{c:.1f}" for c in cells]
-                                       + [f"{r.mean_error:.1f}", f"{r.images_per_second:.0f}"]) + " |")
-    return "\n".join(lines)
+        rows.append([r.method] + [f"{c:.1f}" for c in cells] + [f"{r.mean_error:.1f}", f"{r.images_per_second:.0f}"])
+    return markdown_table(header, rows)
 
 
 def palm_row(label: str, fields: list[str], parser: argparse.ArgumentParser) -> dict:
