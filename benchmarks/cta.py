@@ -190,7 +190,8 @@ def main(argv=None):
     from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
     from metatta.data.domains import BENCHMARK_CORRUPTIONS
 
-    modes = encoder_modes(cta, read_cifar_c(fashion_mnist_c(), BENCHMARK_CORRUPTIONS, [5], num_images=args.num_images))
+    root = fashion_mnist_c(corruptions=BENCHMARK_CORRUPTIONS)
+    modes = encoder_modes(cta, read_cifar_c(root, BENCHMARK_CORRUPTIONS, [5], num_images=args.num_images))
     write_report(out, results, scale, args.steps, args, benchmark_command(__file__, argv), modes)
 
 

@@ -152,7 +152,7 @@ def benchmark_root(cfg: BenchmarkConfig) -> Path:
         raise ValueError(f"benchmark.root is required for {cfg.name} (a directory of <corruption>.npy files)")
     from metatta.data.benchmark_files import fashion_mnist_c
 
-    return fashion_mnist_c()
+    return fashion_mnist_c(corruptions=cfg.corruption_names())  # only the files this benchmark reads
 
 
 def load_domains(cfg: BenchmarkConfig):

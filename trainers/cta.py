@@ -693,5 +693,5 @@ def _mlflow_run(cfg: CTATrainConfig, run_id: str | None):
 def _load_val_domains(cfg: CTATrainConfig) -> list[DomainData]:
     from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
 
-    root = Path(cfg.benchmark_root) if cfg.benchmark_root else fashion_mnist_c()
+    root = Path(cfg.benchmark_root) if cfg.benchmark_root else fashion_mnist_c(corruptions=cfg.val_corruptions)
     return read_cifar_c(root, cfg.val_corruptions, [cfg.val_severity], num_images=cfg.val_images)

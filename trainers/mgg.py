@@ -549,5 +549,5 @@ def _load_domains(cfg: MGGTrainConfig) -> tuple[list[DomainData], dict[str, Any]
         return held_out.domains, held_out.provenance
     from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
 
-    root = Path(cfg.benchmark_root) if cfg.benchmark_root else fashion_mnist_c()
+    root = Path(cfg.benchmark_root) if cfg.benchmark_root else fashion_mnist_c(corruptions=cfg.corruptions)
     return read_cifar_c(root, cfg.corruptions, [cfg.severity]), None
