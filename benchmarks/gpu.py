@@ -97,7 +97,7 @@ def meta_training(devices: dict[str, str], unrolls: list[int], learner_steps: in
                 for actors in (1, 2):
                     cfg = mgg_train_config({**base, "name": f"gpu_k{k}_{label}_a{actors}", "unroll_steps": k,
                                             "num_actors": actors, "device": device,
-                                            "train_images": (per_domain - 64) * len(base["corruptions"])})
+                                            "train_images": (per_domain - base["val_images"]) * len(base["corruptions"])})
                     shares, _ = split_domains(read_cifar_c(benchmark_root, cfg.corruptions, [5]), cfg)
                     cfg.epochs = max(1, -(-learner_steps // steps_per_epoch(shares, cfg)))
                     start = time.perf_counter()
