@@ -41,7 +41,7 @@ from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import MethodSpec, experiment_config, run_experiment
-from metatta.reporting import benchmark_command, error_table
+from metatta.reporting import benchmark_command, error_table, markdown_table
 from trainers.mgg import mgg_train_config, mgtta_config, train_mgg
 
 HERE = Path(__file__).resolve().parent
@@ -161,13 +161,13 @@ def mgg_under(spec: MethodSpec, k: int, adapter: Path, lr: float) -> MethodSpec:
 
 def sweep_table(results: list[Result], multipliers: list[float]) -> list[str]:
     by_label = {r.method: r.mean_error for r in results}
-    rows = [f"| method | {' | '.join(f'x{m:g}' for m in multipliers)} |", "|---|" + "---:|" * len(multipliers)]
+    rows = []
     for r in results:
         if " lr x" in r.method or r.method.split(" ")[0].split("+")[0] not in LR_SWEEP_METHODS:
             continue
         cells = [by_label.get(r.method if m == 1 else f"{r.method} lr x{m:g}") for m in multipliers]
-        rows.append(f"| {r.method} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
-    return rows
+        rows.append([r.method] + ["-" if c is None else f"{c:.1f}" for c in cells])
+    return markdown_table(["method"] + [f"x{m:g}" for m in multipliers], rows).splitlines()
 
 
 def parse_args(argv):
