@@ -52,6 +52,7 @@ from metatta.device import resolve_device
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names
 from metatta.data.types import DomainData
 from metatta.learned.unroll import BACKENDS, OUTER_LOSS_OVER, OUTER_LOSSES, REDUCTIONS
+from metatta.source import source_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class MGGTrainConfig:
     heldout_seed: int = 0  # image choice and corruption seeds of train_data=train_split
 
 
+SOURCE_FIELDS = ("train_mgg.source_checkpoint", "train_mgg.source_config")
 TRAIN_DATA = ("benchmark", "train_split")
 CHOICES = {"outer_loss": OUTER_LOSSES, "outer_loss_over": OUTER_LOSS_OVER, "outer_reduction": REDUCTIONS,
            "train_data": TRAIN_DATA, "backend": BACKENDS}
@@ -438,7 +440,7 @@ def train_mgg(
     from metatta.learned.mgg import save_mgg
 
     torch.manual_seed(cfg.seed)
-    checkpoint = cfg.source_checkpoint or _ensure_source(cfg)
+    checkpoint = source_checkpoint(cfg.source_checkpoint, cfg.source_config, SOURCE_FIELDS)
     provenance = None
     if domains is None:
         domains, provenance = _load_domains(cfg)
@@ -529,13 +531,6 @@ def _sha(path) -> str:
     from metatta.models.checkpoint import checkpoint_hash
 
     return checkpoint_hash(path)
-
-
-def _ensure_source(cfg: MGGTrainConfig) -> str:
-    from metatta.config import load_config
-    from trainers.source import ensure_source_model
-
-    return str(ensure_source_model(load_config(cfg.source_config)))
 
 
 def _load_domains(cfg: MGGTrainConfig) -> tuple[list[DomainData], dict[str, Any] | None]:

@@ -46,6 +46,7 @@ from metatta.config import ConfigError, build_dataclass
 from metatta.data.domains import HELD_OUT_CORRUPTIONS
 from metatta.device import resolve_device
 from metatta.experiment import BenchmarkConfig, SourceConfig, StreamConfig
+from metatta.source import source_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,8 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
 
     if not ray.is_initialized():
         ray.init()
-    checkpoint = str(Path(_ensure_checkpoint(cfg)).resolve())
+    checkpoint = str(source_checkpoint(cfg.source.checkpoint, cfg.source.config,
+                                         ("search.source.checkpoint", "search.source.config")).resolve())
     _absolute_paths(cfg)
     out = Path(cfg.output_dir).resolve() / cfg.name
     out.mkdir(parents=True, exist_ok=True)
@@ -489,19 +491,6 @@ def _absolute_paths(cfg: SearchConfig) -> None:
         cfg.benchmark.root = str(fashion_mnist_c(corruptions=cfg.benchmark.corruption_names()))
     if cfg.benchmark.root is not None:
         cfg.benchmark.root = str(Path(cfg.benchmark.root).resolve())
-
-
-def _ensure_checkpoint(cfg: SearchConfig) -> str:
-    if cfg.source.checkpoint is not None:
-        if not Path(cfg.source.checkpoint).is_file():
-            raise FileNotFoundError(f"search.source.checkpoint: no file {cfg.source.checkpoint}")
-        return cfg.source.checkpoint
-    if cfg.source.config is None:
-        raise ConfigError("search.source: give `checkpoint` or `config`")
-    from metatta.config import load_config
-    from trainers.source import ensure_source_model
-
-    return str(ensure_source_model(load_config(cfg.source.config)))
 
 
 def _sha(path) -> str:
