@@ -31,7 +31,7 @@ Options beyond the paper (issue #9), every default the paper's configuration
 - stability: non-finite inner updates and truncations are skipped inside the
   unroll, and a learner step whose averaged meta-gradient or resulting weights
   are non-finite is undone; the counts are in every history entry and in
-  `TrainOutcome.skipped`.
+  `MGGTrainOutcome.skipped`.
 """
 from __future__ import annotations
 
@@ -47,12 +47,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metatta import tracking
 from metatta.config import build_dataclass
 from metatta.device import resolve_device
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names
 from metatta.data.types import DomainData
 from metatta.learned.unroll import BACKENDS, OUTER_LOSS_OVER, OUTER_LOSSES, REDUCTIONS
+from metatta.models.checkpoint import checkpoint_hash
 from metatta.source import source_checkpoint
+from metatta.training import TrainOutcome, benchmark_domains, load_state, method_error, save_state
+from trainers.cluster import cluster_gpus, connect
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +292,8 @@ class RayPool:
     """One Ray actor per share; restarted on failure, interrupted calls retried."""
 
     def __init__(self, shares, checkpoint, cfg):
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()
-        gpus = gpus_per_actor(ray.cluster_resources().get("GPU", 0), len(shares), cfg.device)
+        ray = connect()
+        gpus = gpus_per_actor(cluster_gpus(), len(shares), cfg.device)
         actor_cls = ray.remote(RolloutWorker)
         self.actors = [
             actor_cls.options(
@@ -317,15 +318,9 @@ class RayPool:
 
 
 @dataclasses.dataclass
-class TrainOutcome:
-    mgg: Any
-    steps: int
-    validation_error: float | None
-    adapter_dir: Path
-    registered_version: str | None
-    promoted: bool
-    history: list[dict[str, float]]
-    run_id: str | None
+class MGGTrainOutcome(TrainOutcome):
+    mgg: Any = None
+    steps: int = 0
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # see skip_totals
     data_provenance: dict[str, Any] | None = None  # train_data=train_split: where every image came from
 
@@ -390,20 +385,12 @@ def checkpoint_path(cfg: MGGTrainConfig) -> Path:
 
 
 def save_checkpoint(path: Path, mgg, optimizer, step: int, run_id: str | None, history) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"mgg": mgg.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "run_id": run_id or "", "history": history}, tmp)
-    tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+    save_state(path, {"mgg": mgg.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                      "run_id": run_id or "", "history": history})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no learner checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated/corrupt zip files
-        raise ValueError(f"--resume: cannot read learner checkpoint {path}: {e}") from e
+    return load_state(path, "learner checkpoint", context="--resume")
 
 
 def mgtta_config(cfg: MGGTrainConfig) -> dict[str, Any]:
@@ -415,15 +402,10 @@ def mgtta_config(cfg: MGGTrainConfig) -> dict[str, Any]:
 
 def validation_error(mgg, checkpoint: str, val_domains: list[DomainData], cfg: MGGTrainConfig) -> float:
     """Mean error of MGTTA with this MGG over the validation domains (reset per domain)."""
-    from metatta.data.streams import build_stream
-    from metatta.evaluation import evaluate
-    from metatta.methods.base import build_method
-
     device = resolve_device(cfg.device)
     model, stats = source_parts(checkpoint, device)
-    method = build_method("mgtta", model, mgtta_config(cfg), mgg=mgg, source_stats=stats)
-    stream = build_stream(val_domains, "episodic", cfg.val_batch_size, seed=cfg.seed)
-    return evaluate(method, stream, device=device, progress=False).mean_error
+    return method_error("mgtta", model, mgtta_config(cfg), val_domains, cfg.val_batch_size, cfg.seed, device,
+                        mgg=mgg, source_stats=stats)
 
 
 def train_mgg(
@@ -436,7 +418,6 @@ def train_mgg(
 ) -> TrainOutcome:
     """Meta-train the MGG; register it in MLflow and move the champion alias
     when it beats the current one on the validation stream."""
-    from metatta import tracking
     from metatta.learned.mgg import save_mgg
 
     torch.manual_seed(cfg.seed)
@@ -459,7 +440,8 @@ def train_mgg(
         log.info("resumed from %s at step %d of %d", ckpt, step, total_steps)
 
     pool = (RayPool if use_ray else LocalPool)(shares, str(checkpoint), cfg)
-    run_ctx = _mlflow_run(cfg, run_id) if cfg.mlflow else _NullRun()
+    run_ctx = tracking.training_run(cfg.name, dataclasses.asdict(cfg), {"kind": "mgg-meta-training"}, run_id,
+                                    enabled=cfg.mlflow)
     try:
         with run_ctx as run:
             run_id = run.info.run_id if run is not None else None
@@ -492,45 +474,21 @@ def train_mgg(
             log.info("final validation error (held-out corruptions, MGTTA): %.2f%%", val_error)
             adapter_dir = save_mgg(mgg, Path(cfg.checkpoint_dir) / cfg.name / "adapter", extra={
                 "source_checkpoint": str(checkpoint),
-                "source_checkpoint_sha256": _sha(checkpoint),
+                "source_checkpoint_sha256": checkpoint_hash(checkpoint),
                 "train_config": dataclasses.asdict(cfg),
                 "validation_error": val_error,
                 "steps": step,
                 "skipped": skip_totals(history),
                 "train_data_provenance": provenance,
             })
-            version, promoted = None, False
             if run is not None:
                 tracking.log_metrics({"final_validation_error": val_error}, step=step)
-                if cfg.register_as:
-                    version = tracking.register_adapter(cfg.register_as, adapter_dir, run_id)
-                    promoted = tracking.promote_if_better(cfg.register_as, version, val_error)
+            version, promoted = tracking.register_and_promote(cfg.register_as, adapter_dir, run_id, val_error)
     finally:
         pool.shutdown()
-    return TrainOutcome(mgg, step, val_error, adapter_dir, version, promoted, history, run_id,
-                        skip_totals(history), provenance)
-
-
-class _NullRun:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _mlflow_run(cfg: MGGTrainConfig, run_id: str | None):
-    from metatta import tracking
-
-    if run_id:
-        return tracking.resume_run(run_id)
-    return tracking.start_run(cfg.name, params=dataclasses.asdict(cfg), tags={"kind": "mgg-meta-training"})
-
-
-def _sha(path) -> str:
-    from metatta.models.checkpoint import checkpoint_hash
-
-    return checkpoint_hash(path)
+    return MGGTrainOutcome(validation_error=val_error, adapter_dir=adapter_dir, registered_version=version,
+                           promoted=promoted, history=history, run_id=run_id, mgg=mgg, steps=step,
+                           skipped=skip_totals(history), data_provenance=provenance)
 
 
 def _load_domains(cfg: MGGTrainConfig) -> tuple[list[DomainData], dict[str, Any] | None]:
@@ -542,7 +500,4 @@ def _load_domains(cfg: MGGTrainConfig) -> tuple[list[DomainData], dict[str, Any]
         held_out = build_heldout_train_set(cfg.corruptions, cfg.severity, per_domain, cfg.dataset, cfg.data_root,
                                            cfg.heldout_seed)
         return held_out.domains, held_out.provenance
-    from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
-
-    root = Path(cfg.benchmark_root) if cfg.benchmark_root else fashion_mnist_c(corruptions=cfg.corruptions)
-    return read_cifar_c(root, cfg.corruptions, [cfg.severity]), None
+    return benchmark_domains(cfg.benchmark_root, cfg.corruptions, [cfg.severity]), None
