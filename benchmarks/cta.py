@@ -62,7 +62,7 @@ def train(method: str, work: Path, epochs: int | None, train_images: int | None,
 def scaling(work: Path, images: int) -> list[dict]:
     """SimCLR-stage throughput of Ray Train with 1 and 2 workers, one epoch over `images` images."""
     from trainers.cta import cta_train_config, fit_stage_on_ray, load_stage_state, stage_files, stage_spec
-    from trainers.mgg import _ensure_source
+    from metatta.source import source_checkpoint
 
     rows = []
     for workers in (1, 2):
@@ -72,7 +72,7 @@ def scaling(work: Path, images: int) -> list[dict]:
         path = stage_files(cfg)["simclr"]
         path.unlink(missing_ok=True)
         start = time.perf_counter()
-        fit_stage_on_ray(stage_spec(cfg, _ensure_source(cfg), stage="simclr"), cfg)
+        fit_stage_on_ray(stage_spec(cfg, source_checkpoint(cfg.source_checkpoint, cfg.source_config), stage="simclr"), cfg)
         (epoch,) = load_stage_state(path)["history"]
         rows.append({"workers": workers, "images": images, "samples_per_second": epoch["samples_per_second"],
                      "epoch_seconds": epoch["epoch_seconds"], "wall_seconds": time.perf_counter() - start})

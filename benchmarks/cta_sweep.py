@@ -214,11 +214,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     variants = parse_variants(args.variant)
     from trainers.cta import _load_val_domains, stage_files
-    from trainers.mgg import _ensure_source
-    from trainers.source import load_clean_split
+    from metatta.source import load_clean_split, source_checkpoint
 
     cfg = base_config(args, f"simclr_n{args.train_images}_e{args.simclr_epochs}", [])
-    checkpoint = str(_ensure_source(cfg))
+    checkpoint = str(source_checkpoint(cfg.source_checkpoint, cfg.source_config))
     start = time.perf_counter()
     simclr_history = train_stage(cfg, "simclr", checkpoint)
     simclr_s = time.perf_counter() - start

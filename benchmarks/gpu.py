@@ -32,7 +32,8 @@ from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
 from metatta.data.domains import ALL_CORRUPTIONS, HELD_OUT_CORRUPTIONS
 from metatta.experiment import experiment_config, run_experiment
 from metatta.reporting import benchmark_command, markdown_table
-from trainers.mgg import mgg_train_config, steps_per_epoch, split_domains, train_mgg
+from metatta.learned.meta_training import mgg_train_config, split_domains, steps_per_epoch
+from trainers.mgg import train_mgg
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs" / "fmnist_c"

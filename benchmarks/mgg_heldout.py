@@ -87,7 +87,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
 
 def variant_config(name: str, extra: list[str], out: Path):
     """The checked meta-training config of a variant (trained unregistered, outside MLflow)."""
-    from trainers.mgg import mgg_train_config
+    from metatta.learned.meta_training import mgg_train_config
 
     file, overrides, _ = VARIANTS[name]
     data = load_config(CONFIGS / file, [*overrides, *extra, f"checkpoint_dir={out / 'mgg_runs'}",
@@ -130,7 +130,8 @@ def row_key(row: dict[str, Any]) -> str:
 
 def measure_variant(name: str, cfg, out: Path, val_first: int, val_images: int) -> dict[str, Any]:
     from metatta.experiment import run_experiment
-    from trainers.mgg import mgtta_config, train_mgg
+    from metatta.learned.meta_training import mgtta_config
+    from trainers.mgg import train_mgg
 
     check_disjoint(cfg, val_first)
     start = time.perf_counter()

@@ -42,7 +42,8 @@ from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import MethodSpec, experiment_config, run_experiment
 from metatta.reporting import benchmark_command, error_table, markdown_table
-from trainers.mgg import mgg_train_config, mgtta_config, train_mgg
+from metatta.learned.meta_training import mgg_train_config, mgtta_config
+from trainers.mgg import train_mgg
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -24,7 +24,8 @@ def main(argv=None):
     args, eval_data = parse_experiment(parser, argv)
     start = time.perf_counter()
     from metatta.experiment import experiment_config, run_experiment, with_adapter
-    from trainers.mgg import mgg_train_config, train_mgg
+    from metatta.learned.meta_training import mgg_train_config
+    from trainers.mgg import train_mgg
 
     # Check both configs before the slow part starts.
     eval_cfg = experiment_config(eval_data)

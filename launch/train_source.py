@@ -17,7 +17,7 @@ log = logging.getLogger("train_source")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/source.yaml")
     args, data = parse_experiment(parser, argv)
-    from trainers.source import source_train_config, train_source
+    from metatta.source import source_train_config, train_source
 
     cfg = source_train_config(data)
     require_writable_dir(os.path.dirname(cfg.output) or ".", "output")

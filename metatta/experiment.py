@@ -21,6 +21,7 @@ from metatta.device import resolve_device
 from metatta.data.domains import BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, ALL_CORRUPTIONS, check_corruption_names
 from metatta.evaluation import Result, evaluate, save_results
 from metatta.methods.base import build_method, method_class
+from metatta.source import source_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -165,15 +166,8 @@ def load_domains(cfg: BenchmarkConfig):
 def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Module, Path]:
     from metatta.models import load_source_model
 
-    path = cfg.checkpoint
-    if path is None:
-        if cfg.config is None:
-            raise ValueError("source: give `checkpoint` or `config`")
-        from metatta.config import load_config
-        from trainers.source import ensure_source_model
-
-        path = ensure_source_model(load_config(cfg.config))
-    return load_source_model(path, device=device), Path(path)
+    path = source_checkpoint(cfg.checkpoint, cfg.config)
+    return load_source_model(path, device=device), path
 
 
 # Context inputs that hold a trained adapter, by the adapter kind (adapter.json "kind") they take;

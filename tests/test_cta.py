@@ -240,7 +240,7 @@ def test_cta_reduces_error_versus_its_unadapted_encoder_on_a_corrupted_stream(tm
     the earlier default) the steps hurt (45.50 / 46.50 / 46.33), and the test was a strict xfail."""
     from metatta.evaluation import evaluate
     from metatta.methods import build_method
-    from trainers.source import train_source
+    from metatta.source import train_source
 
     train = _fashion_mnist("train", 4000)
     source = train_source({"epochs": 2, "num_train_images": 4000, "num_test_images": 500, "feature_stats_images": 100,

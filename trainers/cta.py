@@ -2,7 +2,7 @@
 
 CTA (`method: cta`), three stages (SPECS.md, "CTA"):
 1. supervised encoder + classifier: the source model (trained by
-   trainers/source.py if it is not cached yet), reused as it is: it is what
+   metatta/source.py if it is not cached yet), reused as it is: it is what
    every other method adapts, so CTA and the baselines share one classifier;
 2. `simclr`: an encoder of the same architecture, from random weights, with
    SimCLR's projection head and NT-Xent loss on two augmentations per image;
@@ -86,6 +86,7 @@ from metatta.config import build_dataclass
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names
 from metatta.data.types import DomainData
 from metatta.device import resolve_device
+from metatta.source import source_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class CTATrainConfig:
     rotation_weight: float = 1.0  # joint: cross-entropy + rotation_weight * rotation loss
     crop_scale: tuple[float, float] = (0.2, 1.0)  # SimCLR's random resized crop
     crop_padding: int = 2  # align / joint: the source recipe's random crop (and horizontal flip)
-    channels_last: bool = True  # NHWC weights and batches: faster convolutions on CPU (as trainers/source.py)
+    channels_last: bool = True  # NHWC weights and batches: faster convolutions on CPU (as metatta/source.py)
     # validation: the method with the trained network on held-out corruptions (the champion rule)
     benchmark_root: str | None = None  # Fashion-MNIST-C is built when None
     val_corruptions: list[str] = dataclasses.field(default_factory=lambda: list(HELD_OUT_CORRUPTIONS))
@@ -317,7 +318,7 @@ def stage_inputs(stage: str, x: torch.Tensor, y: torch.Tensor, cfg: CTATrainConf
     """The objective's inputs for a float batch in [0, 1] (augmentations drawn from `generator`)."""
     from metatta.ssl.augment import SimCLRAugment
     from metatta.ssl.rotation import rotate_batch
-    from trainers.source import augment_batch
+    from metatta.source import augment_batch
 
     simclr = SimCLRAugment(crop_scale=tuple(cfg.crop_scale))
     if stage == "simclr":
@@ -372,7 +373,7 @@ def _load_train_data(cfg: CTATrainConfig, checkpoint: str, data) -> tuple[torch.
     """uint8 NCHW images and labels: `data` when given, else the source model's clean training split."""
     if data is None:
         from metatta.models.checkpoint import read_header
-        from trainers.source import load_clean_split
+        from metatta.source import load_clean_split
 
         data = load_clean_split(read_header(checkpoint)["dataset"], "train")
     images, labels = data
@@ -584,10 +585,9 @@ def train_cta(
     `data`: clean (uint8 (N, H, W, C), labels) to train on instead of the source's dataset;
     `domains`: validation domains instead of the held-out corruptions; `on_epoch(stage, epoch,
     metrics)` is called in-process (use_ray=False only)."""
-    from trainers.mgg import _ensure_source  # the cached source model of cfg.source_config
-
     cfg = cta_train_config(cfg)
-    checkpoint = cfg.source_checkpoint or _ensure_source(cfg)
+    checkpoint = source_checkpoint(cfg.source_checkpoint, cfg.source_config,
+                                   ("train_cta.source_checkpoint", "train_cta.source_config"))
     files = stage_files(cfg)
     run_file = files[STAGES[cfg.method][0]].parent / "mlflow_run_id"
     if resume and not any(p.is_file() for p in files.values()):

@@ -28,6 +28,7 @@ report is the trial's final mean error (`final: 1`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -46,6 +47,9 @@ from metatta.config import ConfigError, build_dataclass
 from metatta.data.domains import HELD_OUT_CORRUPTIONS
 from metatta.device import resolve_device
 from metatta.experiment import BenchmarkConfig, SourceConfig, StreamConfig
+from metatta.models.checkpoint import checkpoint_hash
+from metatta.source import source_checkpoint
+from trainers.cluster import cluster_gpus, connect
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +349,6 @@ class SearchOutcome:
 def run_search(cfg: SearchConfig) -> SearchOutcome:
     """Run the search on the Ray cluster this process is attached to (ray.init()
     first; a local instance is started when none is), then write and register the best setting."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -353,19 +356,19 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
 
     from metatta import tracking
 
-    if not ray.is_initialized():
-        ray.init()
-    checkpoint = str(Path(_ensure_checkpoint(cfg)).resolve())
+    connect()
+    checkpoint = str(source_checkpoint(cfg.source.checkpoint, cfg.source.config,
+                                         ("search.source.checkpoint", "search.source.config")).resolve())
     _absolute_paths(cfg)
     out = Path(cfg.output_dir).resolve() / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     gpus = cfg.gpus_per_trial
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 and cfg.device != "cpu" else 0.0
+        gpus = 1.0 if cluster_gpus() >= 1 and cfg.device != "cpu" else 0.0
     max_reports = _num_reports(cfg)
 
     parent_ctx = tracking.start_run(cfg.name, experiment=cfg.experiment, params=_search_params(cfg),
-                                    tags={"kind": "tune-search", "method": cfg.method}) if cfg.mlflow else _NullRun()
+                                    tags={"kind": "tune-search", "method": cfg.method}) if cfg.mlflow else contextlib.nullcontext()
     with parent_ctx as parent:
         parent_id = parent.info.run_id if parent is not None else None
         experiment_id = parent.info.experiment_id if parent is not None else None
@@ -403,7 +406,7 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
         settings_path = write_settings(out / f"best_{cfg.method}.yaml", best_config, cfg.method, best_error)
         info = {"method": cfg.method, "held_out_error": best_error, "params": best_params, "config": best_config,
                 "search": cfg.name, "trial_id": best["trial_id"], "source_checkpoint": checkpoint,
-                "source_checkpoint_sha256": _sha(checkpoint), "corruptions": cfg.benchmark.corruption_names(),
+                "source_checkpoint_sha256": checkpoint_hash(checkpoint), "corruptions": cfg.benchmark.corruption_names(),
                 "setting": cfg.stream.setting, "batch_size": cfg.stream.batch_size}
         version, promoted = None, False
         if parent is not None:
@@ -489,30 +492,3 @@ def _absolute_paths(cfg: SearchConfig) -> None:
         cfg.benchmark.root = str(fashion_mnist_c(corruptions=cfg.benchmark.corruption_names()))
     if cfg.benchmark.root is not None:
         cfg.benchmark.root = str(Path(cfg.benchmark.root).resolve())
-
-
-def _ensure_checkpoint(cfg: SearchConfig) -> str:
-    if cfg.source.checkpoint is not None:
-        if not Path(cfg.source.checkpoint).is_file():
-            raise FileNotFoundError(f"search.source.checkpoint: no file {cfg.source.checkpoint}")
-        return cfg.source.checkpoint
-    if cfg.source.config is None:
-        raise ConfigError("search.source: give `checkpoint` or `config`")
-    from metatta.config import load_config
-    from trainers.source import ensure_source_model
-
-    return str(ensure_source_model(load_config(cfg.source.config)))
-
-
-def _sha(path) -> str:
-    from metatta.models.checkpoint import checkpoint_hash
-
-    return checkpoint_hash(path)
-
-
-class _NullRun:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
