@@ -11,12 +11,21 @@ per channel) cannot, and PyTorch raises a ValueError naming the input size.
 """
 from __future__ import annotations
 
-from metatta.methods.base import TTAMethod, register
+import dataclasses
+
+from metatta.methods.base import MethodConfig, TTAMethod, register
 from metatta.methods.common import use_batch_statistics
+
+
+@dataclasses.dataclass
+class BNConfig(MethodConfig):
+    """BN learns nothing: only the shared fields (episodic, channels_last, ...) apply."""
 
 
 @register("bn")
 class BatchNormAdapt(TTAMethod):
+    Config = BNConfig
+
     def configure_model(self) -> None:
         self.model.eval()
         use_batch_statistics(self.model)
