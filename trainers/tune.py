@@ -154,8 +154,23 @@ def search_config(data: dict[str, Any]) -> SearchConfig:
         raise ConfigError(f"search: {both} are both fixed (method_config) and searched (space)")
     for key, param in cfg.space.items():
         check_param(param, f"search.space.{key}")
-    cls.make_config({**cfg.method_config, **sample_midpoint(cfg.space)})  # wrong value types fail here
+    check_space_corners(cfg)  # the method's value rules (and value types) at both ends of the space
+    cls.make_config({**cfg.method_config, **sample_midpoint(cfg.space)})  # and inside it
     return cfg
+
+
+def check_space_corners(cfg: SearchConfig) -> None:
+    """The method's own value rules (its config's `validate`) at the low and the high end of every
+    searched field, so a bad space fails before the search, not in every trial."""
+    cls = method_class(cfg.method)
+    for end in ("low", "high"):
+        point = {k: (p.values[0 if end == "low" else -1] if p.type == "choice" else getattr(p, end))
+                 for k, p in cfg.space.items()}
+        point = {k: int(v) if cfg.space[k].type == "int" else v for k, v in point.items()}
+        try:
+            cls.make_config({**cfg.method_config, **point})
+        except ValueError as e:
+            raise ConfigError(f"search.space ({end} end): {e}") from None
 
 
 def check_param(p: SpaceParam, where: str) -> None:
