@@ -36,6 +36,7 @@ FAST = {
     "rpl": {"lr": 0.01},
     "memo": {"num_augmentations": 4, "episodic": False},  # episodic: every image resets, no state to compare
     "ttaug": {"num_augmentations": 4},
+    "rotta": {"lr": 0.01, "memory_size": 16, "update_frequency": 16},  # an update on every batch of 16
 }
 
 
