@@ -39,6 +39,7 @@ FAST = {
     "rotta": {"lr": 0.01, "memory_size": 16, "update_frequency": 16},  # an update on every batch of 16
     "rmt": {"lr": 0.01, "warmup_samples": 16, "projection_dim": 8},
     "roid": {"lr": 0.01},
+    "cmf": {"lr": 0.01},
 }
 
 

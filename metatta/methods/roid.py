@@ -184,9 +184,13 @@ class ROID(TTAMethod):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                self.ensemble_with_source()
+                self.after_update()
         logits = logits.detach()
         return prior_corrected(logits) if cfg.use_prior_correction else logits
+
+    def after_update(self) -> None:
+        """Step 3: weight ensembling with the source (CMF replaces it by its filter)."""
+        self.ensemble_with_source()
 
     @torch.no_grad()
     def ensemble_with_source(self) -> None:
