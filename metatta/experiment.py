@@ -89,6 +89,7 @@ class ExperimentConfig:
     device: str = "auto"
     output_dir: str = "outputs"
     fisher_images: int = 500  # clean training images for methods that need source statistics (EATA)
+    source_images: int = 5000  # labelled clean training images for methods that replay source data (RMT)
     mlflow: bool = True
     progress: bool = True
 
@@ -254,15 +255,21 @@ def _build_context(key: str, cfg: ContextSettings, checkpoint: Path, device: tor
         from metatta.models.checkpoint import load_feature_stats
 
         return load_feature_stats(checkpoint, device=device)
-    if key == "fisher_batches":
+    if key in ("fisher_batches", "source_batches"):
         from metatta.data.clean import load_clean
 
         name = cfg.benchmark.name.removesuffix("_c")
-        images, _ = load_clean(name, "train")
+        images, labels = load_clean(name, "train")
         generator = torch.Generator().manual_seed(cfg.stream.seed)
-        idx = torch.randperm(len(images), generator=generator)[: cfg.fisher_images].numpy()
+        count = cfg.fisher_images if key == "fisher_batches" else cfg.source_images
+        idx = torch.randperm(len(images), generator=generator)[:count].numpy()
         x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float().div(255)
-        return [x[i : i + cfg.stream.batch_size].to(device) for i in range(0, len(x), cfg.stream.batch_size)]
+        starts = range(0, len(x), cfg.stream.batch_size)
+        if key == "fisher_batches":
+            return [x[i : i + cfg.stream.batch_size].to(device) for i in starts]
+        y = torch.as_tensor(labels[idx]).long()
+        return [(x[i : i + cfg.stream.batch_size].to(device), y[i : i + cfg.stream.batch_size].to(device))
+                for i in starts]
     raise ValueError(f"no builder for method context input {key!r}")
 
 

@@ -36,6 +36,10 @@ FAST = {
     "rpl": {"lr": 0.01},
     "memo": {"num_augmentations": 4, "episodic": False},  # episodic: every image resets, no state to compare
     "ttaug": {"num_augmentations": 4},
+    "rotta": {"lr": 0.01, "memory_size": 16, "update_frequency": 16},  # an update on every batch of 16
+    "rmt": {"lr": 0.01, "warmup_samples": 16, "projection_dim": 8},
+    "roid": {"lr": 0.01},
+    "cmf": {"lr": 0.01},
 }
 
 
