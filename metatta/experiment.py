@@ -5,6 +5,12 @@
 "-C" benchmark files, the source model), evaluates every method on a fresh copy
 of the source model, writes results JSON, a markdown table and a plot, and logs
 all of it to MLflow.
+
+`build_row_method` is the one place a method is built for a stream: it builds the
+context inputs the method declares (`method_context`: EATA's Fisher batches, source
+feature statistics, trained adapters; a plug-in's are its base's) and the method with
+its lr scaled to the stream's batch. Experiments and Ray Tune trials (trainers/tune.py)
+both use it, and run the one evaluation loop, `metatta.evaluation.evaluate`.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import copy
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -20,7 +26,7 @@ from metatta.config import build_dataclass
 from metatta.device import resolve_device
 from metatta.data.domains import BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, ALL_CORRUPTIONS, check_corruption_names
 from metatta.evaluation import Result, evaluate, save_results
-from metatta.methods.base import build_method, method_class
+from metatta.methods.base import TTAMethod, build_method, method_class
 from metatta.source import source_checkpoint
 
 log = logging.getLogger(__name__)
@@ -176,9 +182,26 @@ ADAPTER_INPUTS = {"mgg": "mgg", "cta_model": "cta", "ttt_model": "ttt"}
 DEFAULT_ADAPTER_METHODS = {"mgg": "mgtta", "cta": "cta", "ttt": "ttt"}
 
 
-def method_context(spec: MethodSpec, cfg: ExperimentConfig, checkpoint: Path, device: torch.device,
+class ContextSettings(Protocol):
+    """What the context builder reads from a run's config (an ExperimentConfig, a search's SearchConfig)."""
+
+    benchmark: BenchmarkConfig
+    stream: StreamConfig
+    fisher_images: int
+
+
+def build_row_method(spec: MethodSpec, model: torch.nn.Module, cfg: ContextSettings, checkpoint: Path,
+                     device: torch.device, cache: dict[str, Any] | None = None) -> TTAMethod:
+    """The method of `spec` on `model` (used as is: pass a copy to keep the source), with the context
+    inputs it declares and its lr scaled to the stream's batch size (MethodConfig.lr_batch_size)."""
+    context = method_context(spec, cfg, checkpoint, device, cache if cache is not None else {})
+    return build_method(spec.name, model, method_config(spec), batch_size=cfg.stream.batch_size, **context)
+
+
+def method_context(spec: MethodSpec, cfg: ContextSettings, checkpoint: Path, device: torch.device,
                    cache: dict[str, Any]) -> dict[str, Any]:
-    """The inputs a method declares (`TTAMethod.inputs_for`); shared ones are built once."""
+    """The inputs a method declares (`TTAMethod.inputs_for`; a plug-in: its base's); inputs shared
+    by rows (source statistics, Fisher batches) are built once per `cache`."""
     context = {}
     for key in required_inputs(spec):
         if key == "mgg":
@@ -226,7 +249,7 @@ def load_adapter_network(spec: MethodSpec, checkpoint: Path, kind: str, device: 
     return net.to(device)
 
 
-def _build_context(key: str, cfg: ExperimentConfig, checkpoint: Path, device: torch.device) -> Any:
+def _build_context(key: str, cfg: ContextSettings, checkpoint: Path, device: torch.device) -> Any:
     if key == "source_stats":
         from metatta.models.checkpoint import load_feature_stats
 
@@ -267,9 +290,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     for spec in cfg.methods:
         torch.manual_seed(cfg.stream.seed)
         stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **stream_options)
-        context = method_context(spec, cfg, checkpoint, device, cache)
-        method = build_method(spec.name, copy.deepcopy(model), method_config(spec),
-                              batch_size=cfg.stream.batch_size, **context)  # scales lr (MethodConfig.lr_batch_size)
+        method = build_row_method(spec, copy.deepcopy(model), cfg, checkpoint, device, cache)
         label = spec.label or spec.name
         log.info("evaluating %s on %d images (%s, batch %d)", label, stream.num_images, stream.setting, stream.batch_size)
         result = evaluate(method, stream, method_name=label, device=device, progress=cfg.progress,

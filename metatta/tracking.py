@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from metatta.cli import UserError
+from metatta.safe_files import read_json_file, read_state_dict, read_yaml_file
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "metatta"
@@ -204,20 +207,34 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     return name, version, None
 
 
+class NotRegistered(UserError, LookupError):
+    """A models:/ URI that names no registered model, version or alias (a user error: one line, exit 2)."""
+
+
 def resolve_version(uri: str) -> str:
+    """The version number a models:/ URI names (an alias resolved now); NotRegistered when there is none."""
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_model_uri(uri)
+    c = client()
+    if not c.search_registered_models(filter_string=f"name='{name}'"):
+        raise NotRegistered(f"{uri}: no registered model {name!r} in the tracking store {tracking_uri()} "
+                            f"(not trained and registered yet, or another MLFLOW_TRACKING_URI)")
     if version is not None:
+        try:
+            c.get_model_version(name, version)
+        except MlflowException as e:
+            raise NotRegistered(f"{uri}: registered model {name!r} has no version {version}") from e
         return version
     try:
-        return str(client().get_model_version_by_alias(name, alias).version)
+        return str(c.get_model_version_by_alias(name, alias).version)
     except MlflowException as e:
-        raise LookupError(f"{uri}: no version of model {name!r} has alias {alias!r}") from e
+        raise NotRegistered(f"{uri}: no version of model {name!r} has alias {alias!r}") from e
 
 
 def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
-    """Fetch a registered adapter's files; `uri` is models:/name@alias or models:/name/N."""
+    """Fetch a registered adapter's files; `uri` is models:/name@alias or models:/name/N.
+    The files are checked (adapter.json is JSON, weights.pt a plain state dict) before any use."""
     mlflow = _mlflow()
     name, _, _ = parse_model_uri(uri)
     version = resolve_version(uri)
@@ -226,6 +243,9 @@ def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
     for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (path / required).is_file():
             raise FileNotFoundError(f"{uri} (version {version}) has no {required}")
+    what = f"registered adapter {name} version {version} ({uri}):"
+    read_json_file(path / ADAPTER_CONFIG, what)
+    read_state_dict(path / ADAPTER_WEIGHTS, what)
     return path
 
 
@@ -244,16 +264,14 @@ def adapter_directory(ref: str | Path) -> Path:
 def adapter_info(path: str | Path) -> dict[str, Any]:
     """An adapter directory's adapter.json ({} when it has none: a bare MGG weights directory)."""
     config = Path(path) / ADAPTER_CONFIG
-    return json.loads(config.read_text()) if config.is_file() else {}
+    return read_json_file(config, "adapter config") if config.is_file() else {}
 
 
 def load_adapter_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state dict, config) from an adapter directory, without unpickling objects."""
-    import torch
-
     path = Path(path)
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
-    state = torch.load(path / ADAPTER_WEIGHTS, map_location="cpu", weights_only=True)
+    config = read_json_file(path / ADAPTER_CONFIG, "adapter config")
+    state = read_state_dict(path / ADAPTER_WEIGHTS, "adapter weights")
     return state, config
 
 
@@ -320,8 +338,6 @@ def register_settings(name: str, directory: str | Path, run_id: str, tags: dict[
 def load_settings(uri: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(method config, info) from a settings YAML file, a settings directory, or
     models:/<name>@<alias> / models:/<name>/<N>; info is {} for a bare YAML file."""
-    import yaml
-
     text = str(uri)
     if text.startswith("models:/"):
         mlflow = _mlflow()
@@ -336,8 +352,8 @@ def load_settings(uri: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise FileNotFoundError(f"settings: no such file or directory {text!r}")
     yaml_path = path / SETTINGS_FILE if path.is_dir() else path
     info_path = yaml_path.parent / SETTINGS_INFO if path.is_dir() else None
-    config = yaml.safe_load(yaml_path.read_text()) or {}
+    config = read_yaml_file(yaml_path, f"settings {text}:") or {}
     if not isinstance(config, dict):
         raise ValueError(f"settings {text}: {yaml_path.name} must hold a mapping of method config fields")
-    info = json.loads(info_path.read_text()) if info_path is not None and info_path.is_file() else {}
+    info = read_json_file(info_path, f"settings {text}:") if info_path is not None and info_path.is_file() else {}
     return config, info

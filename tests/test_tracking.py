@@ -46,12 +46,17 @@ def test_uri_and_adapter_errors(tmp_path, mlflow_uri):
     with pytest.raises(ValueError, match="version must be a number"):
         tracking.parse_model_uri("models:/x/latest")
     assert tracking.parse_model_uri("models:/mgg@champion") == ("mgg", None, "champion")
-    with pytest.raises(LookupError, match="alias"):
+    with pytest.raises(LookupError, match="no registered model 'nothing'"):
         tracking.resolve_version("models:/nothing@champion")
     (tmp_path / "empty").mkdir()
     with tracking.start_run("r", experiment="t3") as run:
         with pytest.raises(FileNotFoundError, match="weights.pt"):
             tracking.register_adapter("toy3", tmp_path / "empty", run.info.run_id)
+        tracking.register_adapter("toy3", write_adapter(tmp_path / "a3", 1), run.info.run_id)
+    with pytest.raises(tracking.NotRegistered, match="no version of model 'toy3' has alias 'champion'"):
+        tracking.resolve_version("models:/toy3@champion")
+    with pytest.raises(tracking.NotRegistered, match="has no version 7"):
+        tracking.resolve_version("models:/toy3/7")
 
 
 def test_flatten_nested_params():

@@ -3,11 +3,13 @@
 A search (`SearchConfig`, one YAML file, e.g. configs/fmnist_c/tune_palm.yaml)
 names a method, its fixed config and a search space over fields of the
 method's config. Every trial builds the method on a fresh copy of the source
-model and runs the *held-out* corruption stream (DESIGN.md: anything tuned sees
-the four held-out corruptions only; a benchmark corruption in the search's
-benchmark section is refused), batch by batch, reporting its running mean
-error every `report_every` batches so ASHA stops bad trials early; the last
-report is the trial's final mean error (`final: 1`).
+model as an experiment row is built (`metatta.experiment.build_row_method`, so
+any method can be tuned: EATA with its Fisher batches, a plug-in with its base's
+inputs) and runs the *held-out* corruption stream (anything tuned sees the four
+held-out corruptions only; a benchmark corruption in the search's benchmark
+section is refused) through the one evaluation loop (`metatta.evaluation.evaluate`),
+reporting its running mean error every `report_every` batches so ASHA stops bad
+trials early; the last report is the trial's final mean error (`final: 1`).
 
 - Search algorithm: Optuna (TPE, seeded), limited to `max_concurrent` trials at
   once; scheduler: ASHA on `training_iteration` (one per report).
@@ -45,8 +47,13 @@ import yaml
 
 from metatta.config import ConfigError, build_dataclass
 from metatta.data.domains import HELD_OUT_CORRUPTIONS
+from metatta.data.streams import build_stream
 from metatta.device import resolve_device
-from metatta.experiment import BenchmarkConfig, SourceConfig, StreamConfig
+from metatta.evaluation import Progress, evaluate
+from metatta.experiment import (BenchmarkConfig, MethodSpec, SourceConfig, StreamConfig, build_row_method,
+                                load_domains)
+from metatta.methods.base import method_class
+from metatta.models import load_source_model
 from metatta.models.checkpoint import checkpoint_hash
 from metatta.source import source_checkpoint
 from trainers.cluster import cluster_gpus, connect
@@ -88,6 +95,8 @@ class SearchConfig:
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=_held_out_benchmark)
     source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
     stream: StreamConfig = dataclasses.field(default_factory=StreamConfig)
+    fisher_images: int = 500  # clean training images for methods that need source statistics (EATA)
+    adapter: str | None = None  # a trained adapter, for methods that take one (mgtta, cta, ttt, optimizer: mgg)
     num_samples: int = 16
     max_concurrent: int = 2
     report_every: int = 1  # batches between reports to Tune (ASHA's time unit)
@@ -106,8 +115,6 @@ class SearchConfig:
 
 def search_config(data: dict[str, Any]) -> SearchConfig:
     """Parse and check a search YAML mapping; errors name the field."""
-    from metatta.methods.base import method_class
-
     cfg = build_dataclass(SearchConfig, data, where="search")
     space = {}
     for key, value in (cfg.space or {}).items():
@@ -207,8 +214,6 @@ def tune_space(space: dict[str, SpaceParam]) -> dict[str, Any]:
 # ---- one trial (plain function) ------------------------------------------------------------
 def trial_method_config(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
     """The full method config of a trial: defaults < fixed method_config < searched params."""
-    from metatta.methods.base import method_class
-
     values = {**cfg.method_config, **{k: _plain(v) for k, v in params.items() if k in cfg.space}}
     return _plain(dataclasses.asdict(method_class(cfg.method).make_config(values)))
 
@@ -222,61 +227,35 @@ def run_trial(
 ) -> dict[str, float]:
     """Run the method with `params` over the held-out stream; returns the final
     metrics. `report` gets {'mean_error', 'batches', 'images', 'final'} every
-    `report_every` batches and at the end (the running mean over domains seen so far)."""
-    from metatta.data.streams import build_stream
-    from metatta.experiment import load_domains
-    from metatta.methods.base import build_method, method_class
-    from metatta.models import load_source_model
+    `report_every` batches and at the end (the running mean over domains seen so far).
 
+    The method is built as an experiment row is (`build_row_method`: the context inputs it
+    declares, EATA's Fisher batches or a plug-in's base's included) and run by the one
+    evaluation loop (`evaluate`), watched through its `on_batch`."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     domains = domains if domains is not None else load_domains(cfg.benchmark)
     model = load_source_model(checkpoint, device=device)
-    context = _context(cfg, checkpoint, device, method_class(cfg.method).context_inputs)
-    method = build_method(cfg.method, model, trial_method_config(cfg, params), batch_size=cfg.stream.batch_size,
-                          **context)
+    spec = MethodSpec(name=cfg.method, config=trial_method_config(cfg, params), adapter=cfg.adapter)
+    method = build_row_method(spec, model, cfg, Path(checkpoint), device)
     options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
     stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **options)
-    counts: dict[str, list[int]] = {}
-    previous, batches, images, start = None, 0, 0, time.perf_counter()
+    start = time.perf_counter()
 
-    def metrics(final: bool) -> dict[str, float]:
-        errors = [100.0 * wrong / max(total, 1) for wrong, total in counts.values()]
-        return {"mean_error": float(np.mean(errors)) if errors else 100.0, "batches": float(batches),
-                "images": float(images), "final": float(final), "seconds": time.perf_counter() - start}
+    def metrics(mean_error: float, batches: int, images: int, final: bool) -> dict[str, float]:
+        return {"mean_error": mean_error, "batches": float(batches), "images": float(images),
+                "final": float(final), "seconds": time.perf_counter() - start}
 
-    for batch in stream:
-        x, y, domain = batch
-        if stream.resets_per_domain and previous is not None and domain != previous:
-            method.reset()
-        previous = domain
-        logits = method(x.to(device))
-        pred = torch.nan_to_num(logits.float(), nan=0.0).argmax(1).cpu()
-        entry = counts.setdefault(domain, [0, 0])
-        entry[0] += int((pred != y).sum())
-        entry[1] += len(y)
-        batches += 1
-        images += len(y)
-        if report is not None and batches % cfg.report_every == 0 and batches < len(stream):
-            report(metrics(False))
-    if images == 0:
-        raise ValueError("search: the held-out stream yielded no images")
-    out = metrics(True)
-    out.update({f"error/{d}": 100.0 * w / t for d, (w, t) in counts.items()})
+    def on_batch(progress: Progress) -> None:
+        if report is not None and progress.batches % cfg.report_every == 0 \
+                and progress.batches < progress.total_batches:
+            report(metrics(progress.mean_error, progress.batches, progress.images, False))
+
+    result = evaluate(method, stream, method_name=cfg.method, device=device, progress=False, on_batch=on_batch)
+    out = metrics(result.mean_error, len(result.batch_domains), result.num_images, True)
+    out.update({f"error/{d}": e for d, e in result.domain_errors.items()})
     if report is not None:
         report(out)
-    return out
-
-
-def _context(cfg: SearchConfig, checkpoint, device, inputs) -> dict[str, Any]:
-    out = {}
-    for key in inputs:
-        if key == "source_stats":
-            from metatta.models.checkpoint import load_feature_stats
-
-            out[key] = load_feature_stats(checkpoint, device=device)
-        else:
-            raise ConfigError(f"search: method {cfg.method} needs {key!r}, which searches do not build yet")
     return out
 
 
@@ -434,9 +413,6 @@ def write_settings(path: Path, config: dict[str, Any], method: str, error: float
 
 def _num_reports(cfg: SearchConfig) -> int:
     """Reports a complete trial makes (ASHA's max_t)."""
-    from metatta.experiment import load_domains
-    from metatta.data.streams import build_stream
-
     options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
     n = len(build_stream(load_domains(cfg.benchmark), cfg.stream.setting, cfg.stream.batch_size,
                          seed=cfg.stream.seed, **options))
@@ -492,3 +468,5 @@ def _absolute_paths(cfg: SearchConfig) -> None:
         cfg.benchmark.root = str(fashion_mnist_c(corruptions=cfg.benchmark.corruption_names()))
     if cfg.benchmark.root is not None:
         cfg.benchmark.root = str(Path(cfg.benchmark.root).resolve())
+    if cfg.adapter is not None and not cfg.adapter.startswith("models:/"):
+        cfg.adapter = str(Path(cfg.adapter).resolve())
