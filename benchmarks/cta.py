@@ -43,7 +43,8 @@ BATCH = 200
 
 def train(method: str, work: Path, epochs: int | None, train_images: int | None, extra: list[str] = ()) -> Path:
     """Train CTA or TTT with its config (registry off) and `extra` overrides; returns the adapter directory."""
-    from trainers.cta import cta_train_config, train_cta
+    from metatta.ssl.stages import cta_train_config
+    from trainers.cta import train_cta
 
     overrides = [f"checkpoint_dir={work}", "register_as=null", "mlflow=false", "progress=false"]
     if train_images:
@@ -61,7 +62,9 @@ def train(method: str, work: Path, epochs: int | None, train_images: int | None,
 
 def scaling(work: Path, images: int) -> list[dict]:
     """SimCLR-stage throughput of Ray Train with 1 and 2 workers, one epoch over `images` images."""
-    from trainers.cta import cta_train_config, fit_stage_on_ray, load_stage_state, stage_files, stage_spec
+    from metatta.ssl.stages import cta_train_config, load_stage_state, stage_files
+    from metatta.ssl.training import stage_spec
+    from trainers.cta import fit_stage_on_ray
     from metatta.source import source_checkpoint
 
     rows = []

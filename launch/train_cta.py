@@ -20,7 +20,8 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the stage checkpoints")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (one worker, no Ray Train)")
     args, data = parse_experiment(parser, argv)
-    from trainers.cta import cta_train_config, stage_files, train_cta
+    from metatta.ssl.stages import cta_train_config, stage_files
+    from trainers.cta import train_cta
 
     cfg = cta_train_config(data)
     require_file(cfg.source_checkpoint, "source_checkpoint")

@@ -27,7 +27,7 @@ log = logging.getLogger("tune_nanoadapt")
 def batch_size_searches(data: dict[str, Any]) -> list:
     """One checked SearchConfig per entry of `batch_sizes` (default: the stream's batch size)."""
     from metatta.config import ConfigError
-    from trainers.tune import search_config
+    from metatta.search import search_config
 
     data = copy.deepcopy(data)
     sizes = data.pop("batch_sizes", None) or [data.get("stream", {}).get("batch_size", 1)]

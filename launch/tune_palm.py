@@ -21,7 +21,8 @@ log = logging.getLogger("tune_palm")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/tune_palm.yaml")
     args, data = parse_experiment(parser, argv)
-    from trainers.tune import run_search, search_config
+    from metatta.search import search_config
+    from trainers.tune import run_search
 
     cfg = search_config(data)
     require_file(cfg.source.checkpoint, "source.checkpoint")

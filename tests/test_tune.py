@@ -16,7 +16,8 @@ from metatta.experiment import experiment_config, method_config, with_settings
 from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
-from trainers.tune import run_search, run_trial, search_config, tune_space
+from metatta.search import run_trial, search_config
+from trainers.tune import run_search, tune_space
 
 HELD_OUT = ["speckle_noise", "gaussian_blur"]
 

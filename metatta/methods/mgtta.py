@@ -44,7 +44,7 @@ class MGTTAConfig(MethodConfig):
     stats_reduction: str = "per_layer_mse"  # per_layer_mse | authors (sum of squared errors / 64)
     mgg_path: str | None = None  # used when no `mgg` / `mgg_path` context is given
     # EATA's entropy term (reliable samples, H < factor * ln C, reweighted) instead of the mean entropy;
-    # None: the paper's. Set it as the MGG was meta-trained (trainers/mgg.py, same field).
+    # None: the paper's. Set it as the MGG was meta-trained (metatta/learned/meta_training.py, same field).
     reliable_entropy_factor: float | None = None
 
     def validate(self) -> None:
