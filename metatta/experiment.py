@@ -21,6 +21,7 @@ from metatta.device import resolve_device
 from metatta.data.domains import BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, ALL_CORRUPTIONS, check_corruption_names
 from metatta.evaluation import Result, evaluate, save_results
 from metatta.methods.base import build_method, method_class
+from metatta.references import pin_references
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,9 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     device = resolve_device(cfg.device)
     domains = load_domains(cfg.benchmark)
     model, checkpoint = source_model(cfg.source, device)
+    # models:/...@alias resolved once, before any row runs: rows load those versions, results record them
+    pinned_methods, references = pin_references(cfg.methods)
+    cfg = dataclasses.replace(cfg, methods=pinned_methods)
     protocol = {
         "experiment": cfg.name,
         "benchmark": cfg.benchmark.name,
@@ -270,7 +274,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     }
     stream_options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
     results, cache = [], {}
-    for spec in cfg.methods:
+    for spec, reference in zip(cfg.methods, references):
         torch.manual_seed(cfg.stream.seed)
         stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **stream_options)
         context = method_context(spec, cfg, checkpoint, device, cache)
@@ -279,7 +283,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
         label = spec.label or spec.name
         log.info("evaluating %s on %d images (%s, batch %d)", label, stream.num_images, stream.setting, stream.batch_size)
         result = evaluate(method, stream, method_name=label, device=device, progress=cfg.progress,
-                          protocol={**protocol, "method_config": dataclasses.asdict(method.config),
+                          protocol={**protocol, **reference, "method_config": dataclasses.asdict(method.config),
                                     "lr_scaling": method.lr_scaling})
         log.info("%s: mean error %.2f%%, %.0f img/s", label, result.mean_error, result.images_per_second)
         results.append(result)

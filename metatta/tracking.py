@@ -210,14 +210,21 @@ def resolve_version(uri: str) -> str:
         raise NotRegistered(f"{uri}: no version of model {name!r} has alias {alias!r}") from e
 
 
-def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
-    """Fetch a registered adapter's files; `uri` is models:/name@alias or models:/name/N.
-    The files are checked (adapter.json is JSON, weights.pt a plain state dict) before any use."""
+def download_registered(uri: str, dst: str | Path | None = None) -> tuple[str, Path]:
+    """(version, local directory) of the registered files a models:/ URI names (an alias resolved now)."""
     mlflow = _mlflow()
     name, _, _ = parse_model_uri(uri)
     version = resolve_version(uri)
     path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
                                                     dst_path=str(dst) if dst else None))
+    return version, path
+
+
+def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
+    """Fetch a registered adapter's files; `uri` is models:/name@alias or models:/name/N.
+    The files are checked (adapter.json is JSON, weights.pt a plain state dict) before any use."""
+    name, _, _ = parse_model_uri(uri)
+    version, path = download_registered(uri, dst)
     for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (path / required).is_file():
             raise FileNotFoundError(f"{uri} (version {version}) has no {required}")
@@ -307,10 +314,7 @@ def load_settings(uri: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     models:/<name>@<alias> / models:/<name>/<N>; info is {} for a bare YAML file."""
     text = str(uri)
     if text.startswith("models:/"):
-        mlflow = _mlflow()
-        name, _, _ = parse_model_uri(text)
-        version = resolve_version(text)
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+        version, path = download_registered(text)
         if not (path / SETTINGS_FILE).is_file():
             raise FileNotFoundError(f"{text} (version {version}) has no {SETTINGS_FILE}")
     else:
