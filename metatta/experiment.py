@@ -254,12 +254,13 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     from metatta.data.streams import build_stream
     from metatta.models.checkpoint import checkpoint_hash
 
+    # models:/...@alias resolved (and adapters checked) once, before any work: rows load those versions,
+    # results record them
+    pinned_methods, references = pin_references(cfg.methods)
+    cfg = dataclasses.replace(cfg, methods=pinned_methods)
     device = resolve_device(cfg.device)
     domains = load_domains(cfg.benchmark)
     model, checkpoint = source_model(cfg.source, device)
-    # models:/...@alias resolved once, before any row runs: rows load those versions, results record them
-    pinned_methods, references = pin_references(cfg.methods)
-    cfg = dataclasses.replace(cfg, methods=pinned_methods)
     protocol = {
         "experiment": cfg.name,
         "benchmark": cfg.benchmark.name,

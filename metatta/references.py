@@ -10,7 +10,9 @@ each row's Result protocol records its `adapter` and `settings` as
      "uri": "models:/mgg/3", "sha256": "<sha256 of weights.pt>", "files": {"weights.pt": ..., ...}}
 
 (a local path: {"ref", "path", "sha256", "files"}). `sha256` is the weights
-file of an adapter, the YAML of tuned settings.
+file of an adapter, the YAML of tuned settings. The files are read safely on
+the way (`metatta.safe_files`): a truncated or hostile weights file or YAML
+fails before any row runs, with a ValueError naming it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from metatta import tracking
-from metatta.safe_files import sha256_file
+from metatta.safe_files import read_json_file, read_state_dict, sha256_file
 
 MAIN_FILE = {"adapter": tracking.ADAPTER_WEIGHTS, "settings": tracking.SETTINGS_FILE}
 
@@ -30,6 +32,19 @@ def file_hashes(path: Path) -> dict[str, str]:
     if path.is_file():
         return {path.name: sha256_file(path)}
     return {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def check_local(path: Path, kind: str) -> None:
+    """Read a local adapter's or settings' files safely before any row runs: a damaged or hostile
+    file fails here, naming it (a registered one is checked when downloaded)."""
+    if kind == "settings":
+        tracking.load_settings(path)
+        return
+    weights = path / tracking.ADAPTER_WEIGHTS if path.is_dir() else path
+    if weights.is_file():
+        read_state_dict(weights, f"adapter {path}:")
+    if path.is_dir() and (path / tracking.ADAPTER_CONFIG).is_file():
+        read_json_file(path / tracking.ADAPTER_CONFIG, f"adapter {path}:")
 
 
 def reference_record(ref: str, kind: str) -> dict[str, Any]:
@@ -46,6 +61,7 @@ def reference_record(ref: str, kind: str) -> dict[str, Any]:
         path = Path(ref)
         if not path.exists():
             raise FileNotFoundError(f"{kind} {ref!r}: no such file or directory")
+        check_local(path, kind)
         record = {"ref": ref, "path": str(path.resolve())}
     files = file_hashes(path)
     record["sha256"] = files.get(MAIN_FILE[kind]) if path.is_dir() else files[path.name]
