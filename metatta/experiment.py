@@ -27,6 +27,7 @@ from metatta.device import resolve_device
 from metatta.data.domains import BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, ALL_CORRUPTIONS, check_corruption_names
 from metatta.evaluation import Result, evaluate, save_results
 from metatta.methods.base import TTAMethod, build_method, method_class
+from metatta.references import pin_references
 from metatta.source import source_checkpoint
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,10 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     from metatta.data.streams import build_stream
     from metatta.models.checkpoint import checkpoint_hash
 
+    # models:/...@alias resolved (and adapters checked) once, before any work: rows load those versions,
+    # results record them
+    pinned_methods, references = pin_references(cfg.methods)
+    cfg = dataclasses.replace(cfg, methods=pinned_methods)
     device = resolve_device(cfg.device)
     domains = load_domains(cfg.benchmark)
     model, checkpoint = source_model(cfg.source, device)
@@ -294,14 +299,14 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     }
     stream_options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
     results, cache = [], {}
-    for spec in cfg.methods:
+    for spec, reference in zip(cfg.methods, references):
         torch.manual_seed(cfg.stream.seed)
         stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **stream_options)
         method = build_row_method(spec, copy.deepcopy(model), cfg, checkpoint, device, cache)
         label = spec.label or spec.name
         log.info("evaluating %s on %d images (%s, batch %d)", label, stream.num_images, stream.setting, stream.batch_size)
         result = evaluate(method, stream, method_name=label, device=device, progress=cfg.progress,
-                          protocol={**protocol, "method_config": dataclasses.asdict(method.config),
+                          protocol={**protocol, **reference, "method_config": dataclasses.asdict(method.config),
                                     "lr_scaling": method.lr_scaling})
         log.info("%s: mean error %.2f%%, %.0f img/s", label, result.mean_error, result.images_per_second)
         results.append(result)

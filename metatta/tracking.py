@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -232,14 +233,21 @@ def resolve_version(uri: str) -> str:
         raise NotRegistered(f"{uri}: no version of model {name!r} has alias {alias!r}") from e
 
 
-def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
-    """Fetch a registered adapter's files; `uri` is models:/name@alias or models:/name/N.
-    The files are checked (adapter.json is JSON, weights.pt a plain state dict) before any use."""
+def download_registered(uri: str, dst: str | Path | None = None) -> tuple[str, Path]:
+    """(version, local directory) of the registered files a models:/ URI names (an alias resolved now)."""
     mlflow = _mlflow()
     name, _, _ = parse_model_uri(uri)
     version = resolve_version(uri)
     path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
                                                     dst_path=str(dst) if dst else None))
+    return version, path
+
+
+def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
+    """Fetch a registered adapter's files; `uri` is models:/name@alias or models:/name/N.
+    The files are checked (adapter.json is JSON, weights.pt a plain state dict) before any use."""
+    name, _, _ = parse_model_uri(uri)
+    version, path = download_registered(uri, dst)
     for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (path / required).is_file():
             raise FileNotFoundError(f"{uri} (version {version}) has no {required}")
@@ -275,26 +283,49 @@ def load_adapter_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]
     return state, config
 
 
+VALIDATION_DECIMALS = 6  # the precision validation errors are recorded (and compared) at
+PROMOTION_TAG = "promotion"  # why the alias did or did not move to this version
+
+
 def promote_if_better(name: str, version: str, validation_error: float, alias: str = CHAMPION) -> bool:
-    """Record the version's validation error; move `alias` to it when it beats
-    the current holder (lower is better). Returns whether the alias moved."""
+    """Record the version's validation error; move `alias` to it when it beats the current
+    holder. Returns whether the alias moved.
+
+    The rule: lower validation error wins, compared at the recorded precision
+    (VALIDATION_DECIMALS). A tie keeps the incumbent: a retrained version that is
+    no better does not replace the one already served and evaluated, so among
+    equals the first registered holds the alias. A non-finite error is never
+    promoted. The decision and its reason are tagged on the version (`promotion`)."""
     from mlflow.exceptions import MlflowException
 
     c = client()
-    c.set_model_version_tag(name, version, VALIDATION_TAG, f"{validation_error:.6f}")
+    finite = math.isfinite(validation_error)
+    recorded = round(validation_error, VALIDATION_DECIMALS) if finite else validation_error
+    c.set_model_version_tag(name, version, VALIDATION_TAG, f"{validation_error:.{VALIDATION_DECIMALS}f}")
     try:
         current = c.get_model_version_by_alias(name, alias)
     except MlflowException:
         current = None
-    if current is not None:
-        best = float(current.tags.get(VALIDATION_TAG, "inf"))
-        if validation_error >= best:
-            log.info("%s v%s (%.3f) does not beat %s v%s (%.3f)", name, version, validation_error, alias,
-                     current.version, best)
-            return False
-    c.set_registered_model_alias(name, alias, version)
-    log.info("%s@%s -> version %s (validation error %.3f)", name, alias, version, validation_error)
-    return True
+    if current is not None and str(current.version) == str(version):
+        reason = f"already {alias}"
+    elif not finite:
+        reason = f"not promoted: validation error {validation_error} is not finite"
+    elif current is not None:
+        best = round(float(current.tags.get(VALIDATION_TAG, "inf")), VALIDATION_DECIMALS)
+        if recorded > best:
+            reason = f"not promoted: {recorded} is worse than {alias} v{current.version} ({best})"
+        elif recorded == best:
+            reason = f"not promoted: ties {alias} v{current.version} at {best} (a tie keeps the incumbent)"
+        else:
+            reason = f"{alias}: {recorded} beats v{current.version} ({best})"
+    else:
+        reason = f"{alias}: first version with a validation error"
+    promoted = reason.startswith(f"{alias}:")
+    c.set_model_version_tag(name, version, PROMOTION_TAG, reason)
+    if promoted:
+        c.set_registered_model_alias(name, alias, version)
+    log.info("%s v%s (validation error %s): %s", name, version, recorded, reason)
+    return promoted
 
 
 def register_and_promote(name: str | None, directory: str | Path, run_id: str | None, validation_error: float,
@@ -340,10 +371,7 @@ def load_settings(uri: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     models:/<name>@<alias> / models:/<name>/<N>; info is {} for a bare YAML file."""
     text = str(uri)
     if text.startswith("models:/"):
-        mlflow = _mlflow()
-        name, _, _ = parse_model_uri(text)
-        version = resolve_version(text)
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+        version, path = download_registered(text)
         if not (path / SETTINGS_FILE).is_file():
             raise FileNotFoundError(f"{text} (version {version}) has no {SETTINGS_FILE}")
     else:

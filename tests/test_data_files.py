@@ -1,6 +1,7 @@
 """-C benchmark files: building Fashion-MNIST-C on real data, build-once and interruption safety,
 the CIFAR-10-C style reader and its errors, the ImageNet-C reader."""
 import json
+import os
 import threading
 
 import numpy as np
@@ -298,6 +299,44 @@ def test_reader_missing_files(copy_of, tmp_path):
     (copy_of / "labels.npy").unlink()
     with pytest.raises(FileNotFoundError, match="labels.npy"):
         bf.read_cifar_c(copy_of, ["fog"], [5])
+
+
+def replace_bytes_keeping_size_and_mtime(path, row):
+    st = path.stat()
+    data = np.load(path, mmap_mode="r+")
+    data[row] = 255 - data[row]
+    data.flush()
+    del data
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_replaced_bytes_with_the_same_size_and_mtime_are_detected(copy_of, monkeypatch):
+    original = np.load(copy_of / "fog.npy")
+    bf.read_cifar_c(copy_of, ["fog"], [5])  # verified once in this process
+    replace_bytes_keeping_size_and_mtime(copy_of / "fog.npy", 4 * N + 3)
+    with pytest.raises(ValueError, match=r"fog.npy: its bytes differ from the sha256 recorded in .*manifest.json"):
+        bf.read_cifar_c(copy_of, ["fog"], [5])
+    monkeypatch.setattr(bf, "_HASHED", {})  # a fresh process
+    with pytest.raises(ValueError, match="fog.npy: its bytes differ"):
+        bf.read_cifar_c(copy_of, ["fog"], [5])
+    # the builder (what fashion_mnist_c runs before reading) finds it too, and rebuilds it identically
+    root = bf.fashion_mnist_c(root=copy_of, num_images=N, corruptions=CORRUPTIONS, progress=False)
+    assert np.array_equal(np.load(copy_of / "fog.npy"), original)
+    assert np.array_equal(bf.read_cifar_c(root, ["fog"], [5])[0].images, original[4 * N:])
+    replace_bytes_keeping_size_and_mtime(copy_of / "labels.npy", 7)
+    with pytest.raises(ValueError, match="labels.npy: its bytes differ"):
+        bf.read_cifar_c(copy_of, ["contrast"], [5])
+
+
+def test_contents_are_hashed_once_per_process(copy_of, monkeypatch):
+    hashed = []
+    real = bf._sha256
+    monkeypatch.setattr(bf, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    monkeypatch.setattr(bf, "_HASHED", {})
+    for _ in range(3):
+        bf.read_cifar_c(copy_of, ["fog", "contrast"], [5])
+    assert sorted(hashed) == ["contrast.npy", "fog.npy", "labels.npy"]
 
 
 def test_reader_truncated_files(copy_of):

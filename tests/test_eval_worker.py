@@ -15,14 +15,9 @@ from metatta.evaluation import Result
 from metatta.experiment import ExperimentConfig, MethodSpec
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """One SQLite store for this module (creating one costs ~10 s of migrations); every test
-    uses its own registered model names."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
+@pytest.fixture
+def mlflow_uri(module_mlflow_uri):  # one store for the module: each test registers its own model names
+    return module_mlflow_uri
 
 
 def register_version(tmp_path, name, value):
