@@ -56,6 +56,8 @@ class Result:
     batch_domains: list[str]
     protocol: dict[str, Any]
     skipped_updates: int = 0  # updates the non-finite guard refused (methods/base.py)
+    collapse_events: int = 0  # times the method's collapse guard fired (methods/guard.py)
+    scheduled_resets: int = 0  # resets by the method's `reset_every` schedule (RDumb)
     # mean over a domain's batches of the parameters the method adapted on each batch
     # (constant for most methods; PALM's layer selection changes it batch by batch)
     domain_adapted_parameters: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -229,6 +231,8 @@ def evaluate(
         num_images=num_images,
         adapted_parameters=_adapted_parameters(method),
         skipped_updates=int(getattr(method, "skipped_updates", 0)),
+        collapse_events=int(getattr(method, "collapse_events", 0)),
+        scheduled_resets=int(getattr(method, "scheduled_resets", 0)),
         domain_adapted_parameters={d: float(np.mean(c)) for d, c in adapted_by_domain.items()},
         error_over_stream=error_over_stream,
         batch_domains=batch_domains,

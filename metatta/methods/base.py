@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from metatta.config import build_dataclass
+from metatta.methods.guard import CollapseGuard, GuardConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,13 @@ class MethodConfig:
     lr_batch_size: int | None = None
     scale_lr: bool = True
     batch_size: int | None = None  # the test batch size; set by build_method(batch_size=...), not by hand
+    # RDumb (Press et al., NeurIPS 2023): back to the source state and a fresh optimizer every
+    # `reset_every` updates (adapted batches x steps); None: never on a schedule.
+    reset_every: int | None = None
+    # The label-free collapse guard (methods/guard.py). The default only watches the class marginal
+    # and warns (Result.collapse_events counts it); `guard: {action: reset, ...}` resets on collapse;
+    # null switches it off.
+    guard: GuardConfig | None = dataclasses.field(default_factory=lambda: WATCH)
 
     # The registered name of the method this config is for (set by `register`), for messages.
     method_name: ClassVar[str] = "method"
@@ -129,14 +137,24 @@ class MethodConfig:
             self.refuse("betas", "two numbers in [0, 1)")
         if self.on_nonfinite_input not in NONFINITE_INPUT_POLICIES:
             self.refuse("on_nonfinite_input", "one of " + ", ".join(map(repr, NONFINITE_INPUT_POLICIES)))
-        for field in ("lr_batch_size", "batch_size"):
+        for field in ("lr_batch_size", "batch_size", "reset_every"):
             value = getattr(self, field)
             if value is not None and not (_is_int(value) and value >= 1):
                 self.refuse(field, "an integer >= 1 or null")
+        if self.guard is not None:
+            if not isinstance(self.guard, GuardConfig):
+                self.refuse("guard", "a mapping of guard settings or null")
+            self.guard.validate(f"{self.method_name}: config.guard")
 
     def refuse(self, field: str, rule: str) -> None:
         """Raise the ValueError of a bad value: '<method>: config.<field> must be <rule>, got <value>'."""
         raise ValueError(f"{self.method_name}: config.{field} must be {rule}, got {getattr(self, field)!r}")
+
+
+# What every method wears unless told otherwise: a warning (and a count in the Result) when its
+# predictions fall onto one or two classes for 8 batches running. Warn only: a label-shifted stream can
+# legitimately look like that, and nothing is reset without being asked for.
+WATCH = GuardConfig(action="warn", min_marginal_entropy=0.15, min_agreement=None, window=8)
 
 
 def _is_int(value: Any) -> bool:
@@ -268,6 +286,12 @@ class TTAMethod(nn.Module):
             # Before the method copies anything (teachers, anchors, snapshots), so all share the layout.
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        # The collapse guard's reference is the source model as it is now, before the method configures it.
+        self.guard = (CollapseGuard(self.config.guard, source=model, where=f"{self.name} guard")
+                      if self.config.guard is not None else None)
+        self.collapse_events = 0  # times the guard fired (not reset by reset())
+        self.scheduled_resets = 0  # resets by `reset_every` (not reset by reset())
+        self._updates_since_reset = 0
         self.skipped_updates = 0  # updates refused by the non-finite guard (not reset by reset())
         self._warned: set[str] = set()
         self._refuse_step = False  # set by a step that found its loss non-finite
@@ -317,6 +341,21 @@ class TTAMethod(nn.Module):
         if self.config.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """`forward` (the method's, whatever it overrides), then what every method wears: the
+        collapse guard and the `reset_every` schedule, both acting between batches."""
+        logits = super().__call__(x, *args, **kwargs)
+        if self.guard is not None and self.guard.observe(x, logits):
+            self.collapse_events += 1
+            if self.guard.config.action == "reset":
+                self.reset()
+        if self.config.reset_every is not None and self.optimizer is not None and bool(torch.isfinite(x).all()):
+            self._updates_since_reset += self.config.steps
+            if self._updates_since_reset >= self.config.reset_every:
+                self.reset()
+                self.scheduled_resets += 1
+        return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.in_layout(x)
@@ -452,6 +491,7 @@ class TTAMethod(nn.Module):
     def reset(self) -> None:
         """Return the model (and the method's own state) to the source state."""
         self._restore(self._source_state)
+        self._updates_since_reset = 0
 
     def _snapshot(self) -> dict[str, Any]:
         return {
