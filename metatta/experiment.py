@@ -114,8 +114,30 @@ def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
                 method_class(spec.name).make_config(method_config(spec))
             except ValueError as e:
                 raise ValueError(f"methods: {spec.name}.settings {spec.settings}: {e}") from e
+    check_method_configs(cfg)
     cfg.benchmark.corruption_names()
     return cfg
+
+
+def check_method_configs(cfg: ExperimentConfig) -> None:
+    """Every row's method config, validated (`MethodConfig.validate`, a plug-in's base's included),
+    so a bad row is refused before the first row runs; the error names the row."""
+    for i, spec in enumerate(cfg.methods):
+        try:
+            method_class(spec.name).make_config(method_config(spec))
+        except ValueError as e:
+            raise ValueError(f"methods[{i}]: {e}") from e
+
+
+def check_rows(cfg: ExperimentConfig) -> None:
+    """What `run_experiment` checks before any work: every row's config, and a trained adapter
+    named for every row that needs one (it may be set after parsing, e.g. by `with_adapter`)."""
+    check_method_configs(cfg)
+    for i, spec in enumerate(cfg.methods):
+        kinds = [ADAPTER_INPUTS[key] for key in required_inputs(spec) if key in ADAPTER_INPUTS]
+        if kinds and spec.adapter is None:
+            raise ValueError(f"methods[{i}]: method {spec.name}: needs a trained adapter "
+                             f"(set `adapter: models:/{kinds[0]}@champion` or a path)")
 
 
 def required_inputs(spec: MethodSpec) -> tuple[str, ...]:
@@ -278,6 +300,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     from metatta.data.streams import build_stream
     from metatta.models.checkpoint import checkpoint_hash
 
+    check_rows(cfg)  # a bad row fails before the first row runs, not after the rows before it
     # models:/...@alias resolved (and adapters checked) once, before any work: rows load those versions,
     # results record them
     pinned_methods, references = pin_references(cfg.methods)
