@@ -40,6 +40,8 @@ FAST = {
     "rmt": {"lr": 0.01, "warmup_samples": 16, "projection_dim": 8},
     "roid": {"lr": 0.01},
     "cmf": {"lr": 0.01},
+    "santa": {"lr": 0.01, "projection_dim": 8},
+    "rdumb": {"lr": 0.05},
 }
 
 

@@ -25,7 +25,8 @@ from metatta.methods.base import (
 _LATE_METHOD_MODULES = ("metatta.methods.mgtta", "metatta.methods.law", "metatta.methods.palm",
                         "metatta.methods.ttt", "metatta.methods.cta", "metatta.methods.nanoadapt",
                         "metatta.methods.delta", "metatta.methods.rotta",
-                        "metatta.methods.rmt", "metatta.methods.roid", "metatta.methods.cmf")
+                        "metatta.methods.rmt", "metatta.methods.roid", "metatta.methods.cmf",
+                        "metatta.methods.santa", "metatta.methods.rdumb")
 
 
 def import_builtin_methods() -> None:

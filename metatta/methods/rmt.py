@@ -43,7 +43,7 @@ import copy
 import dataclasses
 import itertools
 import logging
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -110,14 +110,50 @@ def contrastive_loss(views: torch.Tensor, temperature: float) -> torch.Tensor:
     return -((positives * log_prob).sum(1) / positives.sum(1)).mean()
 
 
-def _labelled(item: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise ValueError(f"rmt: source_batches[{index}] must be an (images, labels[, ...]) batch, got {type(item).__name__}")
-    x, y = item[0], item[1]
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not isinstance(y, torch.Tensor) or y.shape != x.shape[:1]:
-        raise ValueError(f"rmt: source_batches[{index}] must hold (B, C, H, W) images and (B,) labels, got "
-                         f"{getattr(x, 'shape', None)} and {getattr(y, 'shape', None)}")
-    return x, y.long()
+def labelled_batches(batches: Iterable[Any] | None, where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The context input `source_batches` as a list of (images, labels), checked."""
+    if batches is None:
+        raise ValueError(f"{where}: needs labelled source data (context input source_batches: (images, labels) "
+                         "batches) for its prototypes")
+    out = []
+    for index, item in enumerate(batches):
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise ValueError(f"{where}: source_batches[{index}] must be an (images, labels[, ...]) batch, "
+                             f"got {type(item).__name__}")
+        x, y = item[0], item[1]
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not isinstance(y, torch.Tensor) or y.shape != x.shape[:1]:
+            raise ValueError(f"{where}: source_batches[{index}] must hold (B, C, H, W) images and (B,) labels, got "
+                             f"{getattr(x, 'shape', None)} and {getattr(y, 'shape', None)}")
+        out.append((x, y.long()))
+    if not out:
+        raise ValueError(f"{where}: source_batches is empty")
+    return out
+
+
+@torch.no_grad()
+def source_prototypes(model: nn.Module, classifier: nn.Linear, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                      in_layout: Callable[[torch.Tensor], torch.Tensor], where: str) -> torch.Tensor:
+    """(K, D): the mean feature (the classifier's input) of each class over the labelled batches."""
+    num_classes = classifier.out_features
+    sums = torch.zeros(num_classes, classifier.in_features, device=classifier.weight.device)
+    counts = torch.zeros(num_classes, device=sums.device)
+    for x, y in tqdm(batches, desc=f"{where} prototypes", leave=False):
+        x, y = in_layout(x.to(sums.device)), y.to(sums.device)
+        features, _ = features_and_logits(model, classifier, x)
+        sums.index_add_(0, y, features)
+        counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"{where}: source_batches have no image of classes {missing}; prototypes need every class")
+    return sums / counts.unsqueeze(1)
+
+
+def nearest_prototype_views(features: torch.Tensor, features_aug: torch.Tensor,
+                            prototypes: torch.Tensor) -> torch.Tensor:
+    """(B, 3, D): for each test image its nearest source prototype (cosine), f and f_aug."""
+    with torch.no_grad():
+        nearest = F.cosine_similarity(features.unsqueeze(1), prototypes.unsqueeze(0), dim=2).argmax(1)
+    return torch.stack([prototypes[nearest], features, features_aug], dim=1)
 
 
 @register("rmt")
@@ -135,12 +171,7 @@ class RMT(TTAMethod):
     ):
         config = config if config is not None else RMTConfig()
         config.validate()
-        if source_batches is None:
-            raise ValueError("rmt: needs labelled source data (context input source_batches: (images, labels) "
-                             "batches) for its prototypes, warm-up and replay")
-        self._source = [_labelled(item, i) for i, item in enumerate(source_batches)]
-        if not self._source:
-            raise ValueError("rmt: source_batches is empty")
+        self._source = labelled_batches(source_batches, "rmt")
         self._projector_dim = config.projection_dim
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         self.augment = CoTTAAugment(soft=config.soft_augmentation, noise_std=config.aug_noise_std)
@@ -175,21 +206,8 @@ class RMT(TTAMethod):
         device = self.classifier.weight.device
         return self.in_layout(x.to(device)), y.to(device)
 
-    @torch.no_grad()
     def source_prototypes(self) -> torch.Tensor:
-        """(K, D): the mean source feature of each class."""
-        num_classes = self.classifier.out_features
-        sums = torch.zeros(num_classes, self.classifier.in_features, device=self.classifier.weight.device)
-        counts = torch.zeros(num_classes, device=sums.device)
-        for x, y in tqdm(self._source, desc="RMT prototypes", leave=False):
-            x, y = self.in_layout(x.to(sums.device)), y.to(sums.device)
-            features, _ = features_and_logits(self.model, self.classifier, x)
-            sums.index_add_(0, y, features)
-            counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
-        if bool((counts == 0).any()):
-            missing = torch.nonzero(counts == 0).flatten().tolist()
-            raise ValueError(f"rmt: source_batches have no image of classes {missing}; prototypes need every class")
-        return sums / counts.unsqueeze(1)
+        return source_prototypes(self.model, self.classifier, self._source, self.in_layout, where=self.name)
 
     def warm_up(self) -> None:
         """Their warm-up: SCE of the student to the teacher on source images, lr rising linearly."""
@@ -219,8 +237,7 @@ class RMT(TTAMethod):
             features_aug, logits_aug = features_and_logits(self.model, self.classifier, self.in_layout(self.augment(x)))
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
-                nearest = F.cosine_similarity(features.unsqueeze(1), self.prototypes.unsqueeze(0), dim=2).argmax(1)
-            views = torch.stack([self.prototypes[nearest], features, features_aug], dim=1)  # (B, 3, D)
+            views = nearest_prototype_views(features, features_aug, self.prototypes)
             projected = F.normalize(self.projector(views), p=2, dim=2)
             self_training = (0.5 * symmetric_cross_entropy(logits, teacher_logits)
                              + 0.5 * symmetric_cross_entropy(logits_aug, teacher_logits)).mean(0)
