@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import setup_logging
 from metatta.config import load_config

@@ -26,9 +26,12 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
+import sys
+import time
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import setup_logging
 from metatta.config import load_config

@@ -6,8 +6,11 @@
    corruptions, severity 5, reset per corruption; print the table and save the plot.
 """
 import logging
+from pathlib import Path
 import sys
 import time
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, run_main
 from metatta.config import load_config

@@ -8,7 +8,10 @@ Then:           python launch/evaluate.py --config configs/fmnist_c/cta_eval.yam
                 python launch/evaluate.py --config configs/fmnist_c/baselines.yaml --adapter models:/cta@champion
 """
 import logging
+from pathlib import Path
 import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 

@@ -5,7 +5,10 @@ On a laptop:    python launch/train_mgg.py --config configs/fmnist_c/mgg.yaml nu
 Resume a killed job from its last checkpoint:   ... --resume
 """
 import logging
+from pathlib import Path
 import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 

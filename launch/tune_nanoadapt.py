@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 import sys
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 

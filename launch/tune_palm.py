@@ -11,7 +11,10 @@ Set MLFLOW_TRACKING_URI to an absolute sqlite:/// path under `ray job submit`, w
 working directory is a temporary copy.
 """
 import logging
+from pathlib import Path
 import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 

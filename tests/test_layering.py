@@ -3,6 +3,10 @@ only distributes the library's loops and stays small."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 from repo_scripts import ROOT
@@ -42,3 +46,17 @@ def test_the_import_scan_sees_imports_inside_functions(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(f"def f():\n    from {RAY_PACKAGE}.mgg import train_mgg\n    import {RAY_PACKAGE}\n")
     assert [m for _, m in imported_modules(probe)] == [f"{RAY_PACKAGE}.mgg", RAY_PACKAGE]
+
+
+def test_the_ray_layer_is_not_installed_under_its_generic_name():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["metatta*"]
+
+
+def test_a_launcher_finds_the_ray_layer_from_any_working_directory(tmp_path):
+    launcher = ROOT / "launch" / "train_mgg.py"
+    code = f"import runpy; runpy.run_path({str(launcher)!r}); import trainers.mgg; print(trainers.mgg.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(ROOT / "trainers" / "mgg.py")
