@@ -4,9 +4,11 @@ worker node with token auth, one `ray job submit` per job, and which ports liste
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -57,15 +59,21 @@ def free_ports(n: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_cluster_smoke_script_runs_every_job_and_ports_listen_as_documented(tmp_path):
+def test_cluster_smoke_script_runs_every_job_and_ports_listen_as_documented():
     mlflow_port, ray_port, dashboard_port = free_ports(3)
     bin_dir = str(Path(sys.executable).parent)  # mlflow, ray of this environment
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
            "MLFLOW_PORT": str(mlflow_port), "RAY_PORT": str(ray_port), "DASHBOARD_PORT": str(dashboard_port)}
     env.pop("RAY_AUTH_MODE", None)  # the script turns token auth on
     env.pop("RAY_ADDRESS", None)
-    work = tmp_path / "smoke"
+    # a short path: Ray's socket paths under --temp-dir must stay within 107 bytes
+    work = Path(tempfile.mkdtemp(prefix="smoke", dir="/tmp"))
     done = subprocess.run(["bash", str(SCRIPT), str(work)], env=env, capture_output=True, text=True, timeout=1800)
+    check_smoke_run(done, work, mlflow_port, ray_port, dashboard_port)
+    shutil.rmtree(work, ignore_errors=True)  # kept for a look when the run failed
+
+
+def check_smoke_run(done, work: Path, mlflow_port: int, ray_port: int, dashboard_port: int) -> None:
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     assert "smoke: all commands ran" in done.stdout
     assert "mgg v1 evaluation: done" in done.stdout
