@@ -75,6 +75,9 @@ ray start --address "127.0.0.1:$RAY_PORT" --node-ip-address 127.0.0.1 --num-cpus
 cat "$WORK/ports_started.json"
 
 export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
+# The job API takes jobs once the head's dashboard agent is up ("No available agent to submit
+# job" before that), which on a loaded machine is a while after `ray start` returns.
+for _ in $(seq 90); do ray job submit -- true > /dev/null 2>&1 && break; sleep 2; done
 ENV='{"env_vars": {"MLFLOW_TRACKING_URI": "'$MLFLOW_TRACKING_URI'"}}'
 OUT=$WORK/outputs
 TINY_DATA="benchmark.num_images=16 stream.batch_size=8 device=cpu"
