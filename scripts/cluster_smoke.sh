@@ -6,8 +6,8 @@
 #
 #   scripts/cluster_smoke.sh [WORK_DIR]     # tests/test_cluster_smoke.py runs it (slow suite)
 #
-# Ports default to the guide's (5000, 6379, 8265); MLFLOW_PORT, RAY_PORT, DASHBOARD_PORT override
-# them (the test picks free ones). It never runs `ray stop`, which would stop
+# Ports default to the guide's (5000, 6379, 8265, 52365); MLFLOW_PORT, RAY_PORT, DASHBOARD_PORT,
+# AGENT_PORT override them (the test picks free ones). It never runs `ray stop`, which would stop
 # every Ray on the machine: at exit it ends only the processes of its own cluster (those whose
 # command line names its WORK_DIR) and its mlflow server.
 set -euo pipefail
@@ -19,6 +19,7 @@ WORK=$(cd "$WORK" && pwd)
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+AGENT_PORT=${AGENT_PORT:-52365}  # the head's dashboard agent, which the job API needs; any other Ray here holds 52365
 cd "$REPO"
 if [ -x .venv/bin/activate ] || [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
 PY=$(command -v python)
@@ -63,7 +64,7 @@ HOME="$WORK/home" ray get-auth-token --generate > /dev/null
 export RAY_AUTH_TOKEN_PATH="$WORK/home/.ray/auth_token"
 export RAY_AUTH_MODE=token
 ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --port "$RAY_PORT" \
-    --dashboard-port "$DASHBOARD_PORT" \
+    --dashboard-port "$DASHBOARD_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \
     --temp-dir "$WORK/ray" --num-cpus 2 --disable-usage-stats
 # the worker node (on another host: the same command with its own --node-ip-address). On this one
 # machine it needs its own --temp-dir: two nodes sharing one would unpack each job's working

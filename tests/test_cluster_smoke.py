@@ -60,10 +60,11 @@ def free_ports(n: int) -> list[int]:
 
 @pytest.mark.slow
 def test_cluster_smoke_script_runs_every_job_and_ports_listen_as_documented():
-    mlflow_port, ray_port, dashboard_port = free_ports(3)
+    mlflow_port, ray_port, dashboard_port, agent_port = free_ports(4)
     bin_dir = str(Path(sys.executable).parent)  # mlflow, ray of this environment
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-           "MLFLOW_PORT": str(mlflow_port), "RAY_PORT": str(ray_port), "DASHBOARD_PORT": str(dashboard_port)}
+           "MLFLOW_PORT": str(mlflow_port), "RAY_PORT": str(ray_port), "DASHBOARD_PORT": str(dashboard_port),
+           "AGENT_PORT": str(agent_port)}
     env.pop("RAY_AUTH_MODE", None)  # the script turns token auth on
     env.pop("RAY_ADDRESS", None)
     # a short path: Ray's socket paths under --temp-dir must stay within 107 bytes
