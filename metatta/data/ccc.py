@@ -295,7 +295,10 @@ class Walk:
                 f"stream setting 'ccc': fewer than two corruptions have a severity whose source accuracy is within "
                 f"{opts.tolerance} points of the target {opts.target_accuracy:.1f}% (difficulty {opts.difficulty!r}); "
                 f"choose another difficulty, target_accuracy or a larger tolerance. Source accuracy per node: {found}")
-        self._last: tuple[int, Node] = (0, self.band[int(_rng(seed, "ccc-walk", 0).integers(len(self.band)))])
+        self._last: tuple[int, Node] = (0, self._start())
+
+    def _start(self) -> Node:
+        return self.band[int(_rng(self.seed, "ccc-walk", 0).integers(len(self.band)))]
 
     def transition_accuracy(self, a: Node, b: Node) -> float:
         """Estimated mean source accuracy over the transition a -> b (trapezoid over t = 0, 0.5, 1)."""
@@ -314,8 +317,7 @@ class Walk:
     def __getitem__(self, k: int) -> Node:
         if k < 0:
             raise IndexError(k)
-        index, node = self._last if self._last[0] <= k else (0, self.band[int(
-            _rng(self.seed, "ccc-walk", 0).integers(len(self.band)))])
+        index, node = self._last if self._last[0] <= k else (0, self._start())
         while index < k:
             index += 1
             node = self.next_node(node, index)
@@ -348,7 +350,7 @@ class CCCStream:
         self.num_images = self.opts.num_images
         self.name = f"ccc-{self.opts.difficulty}"
         self._clean = torch.from_numpy(np.ascontiguousarray(self.images)).permute(0, 3, 1, 2).contiguous()  # uint8
-        self._live: dict[Node, tuple[torch.Tensor, np.ndarray]] = {}  # node -> (uint8 images, filled mask)
+        self._live: dict[Node, tuple[np.ndarray, np.ndarray]] = {}  # node -> (uint8 NCHW images, filled mask)
         self._order: tuple[int, np.ndarray] | None = None
         self._filled_blocks: set[tuple[int, int]] = set()
 
