@@ -69,8 +69,10 @@ class _WindowView:
 def method_state(method: torch.nn.Module) -> dict[str, Any]:
     optimizer = getattr(method, "optimizer", None)
     extra = getattr(method, "extra_state", None)
+    schedule = getattr(method, "schedule_state", None)
     return {"module": method.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "extra": extra() if callable(extra) else {}, "torch_rng": torch.get_rng_state()}
+            "extra": extra() if callable(extra) else {}, "torch_rng": torch.get_rng_state(),
+            "schedule": schedule() if callable(schedule) else None}
 
 
 def load_method_state(method: torch.nn.Module, state: dict[str, Any]) -> None:
@@ -80,6 +82,8 @@ def load_method_state(method: torch.nn.Module, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
     if state["extra"]:
         method.load_extra_state(state["extra"])
+    if state.get("schedule") is not None:
+        method.load_schedule_state(state["schedule"])
     torch.set_rng_state(state["torch_rng"])
 
 
@@ -173,7 +177,8 @@ def evaluate_windowed(
         error = float(np.sum(np.asarray(result.error_over_stream) * sizes) / sizes.sum())
         record = {"window": w, "first_image": w * window, "num_images": int(sizes.sum()), "error": error,
                   "ece": result.ece, "images_per_second": result.images_per_second,
-                  "skipped_updates": result.skipped_updates}
+                  "skipped_updates": result.skipped_updates, "collapse_events": result.collapse_events,
+                  "scheduled_resets": result.scheduled_resets}  # the last three: counts since the start
         state = _state_path(path, w)
         tmp = state.with_name(state.name + ".tmp")
         torch.save(method_state(method), tmp)

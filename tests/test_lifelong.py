@@ -114,3 +114,22 @@ def test_summary_counts_windows_above_bn_and_source():
     assert summarize({"tent": [1, 2]})[0]["windows_above_bn"] is None
     with pytest.raises(ValueError, match="same number of windows"):
         summarize({"bn": [1, 2], "tent": [1]})
+
+
+def test_a_resumed_run_keeps_the_guard_and_the_reset_schedule_where_they_were(tmp_path):
+    config = {"lr": 0.05, "reset_every": 5,
+              "guard": {"action": "reset", "min_marginal_entropy": 0.99, "min_agreement": 0.95, "window": 2,
+                        "check_every": 1}}
+
+    def worn():
+        return build_method("tent", tiny_model(), config, batch_size=16)
+
+    def comparable(windows):
+        return [{k: v for k, v in w.items() if k != "images_per_second"} for w in windows]
+
+    reference = evaluate_windowed(worn(), stream(), tmp_path / "reference.jsonl", window=64)
+    assert reference[-1]["scheduled_resets"] > 0 and reference[-1]["collapse_events"] > 0  # both act
+    path = tmp_path / "run.jsonl"
+    with pytest.raises(Killed):
+        evaluate_windowed(worn(), KillAt(stream(), at=13), path, window=64)
+    assert comparable(evaluate_windowed(worn(), KillAt(stream()), path, window=64)) == comparable(reference)
