@@ -33,6 +33,7 @@ import torch
 
 from metatta.data.types import Batch
 from metatta.evaluation import evaluate
+from metatta.methods.guard import agreement, marginal_entropy
 from metatta.reporting import markdown_table
 
 FORMAT = "metatta.lifelong.v1"
@@ -188,6 +189,47 @@ def evaluate_windowed(
             _state_path(path, w - 1).unlink(missing_ok=True)
         windows.append(record)
     return windows
+
+
+# ---- guard thresholds from held-out streams ---------------------------------------------------------
+def guard_signals(method: torch.nn.Module, stream, reference: torch.nn.Module,
+                  device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+    """Per batch of a labelled stream: the collapse guard's two signals for `method` (its argmax
+    agreement with `reference`, the class-marginal entropy of its predictions) and the error of
+    both, for choosing the guard's thresholds on held-out streams (`choose_guard_thresholds`)."""
+    rows = []
+    for batch in stream:
+        x, y = batch.x.to(device), batch.y.to(device)
+        logits = method(x)
+        with torch.no_grad():
+            reference_logits = reference(x)
+        rows.append((agreement(logits, reference_logits), marginal_entropy(logits),
+                     float((logits.argmax(1) != y).float().mean()) * 100,
+                     float((reference_logits.argmax(1) != y).float().mean()) * 100))
+    agree, marginal, error, reference_error = map(np.asarray, zip(*rows))
+    return {"agreement": agree, "marginal_entropy": marginal, "error": error, "reference_error": reference_error}
+
+
+def choose_guard_thresholds(signals: Sequence[dict[str, np.ndarray]], window: int = 8, tolerance: float = 0.5,
+                            margin: float = 0.02) -> dict[str, Any]:
+    """Thresholds that never fire on a healthy stretch of the held-out runs in `signals`: over every
+    run of `window` consecutive batches in which the method's error is at most the reference's +
+    `tolerance` points (healthy), the lowest mean agreement and the lowest mean marginal entropy,
+    each less `margin`. Stretches where the method is worse than that are what the guard is for."""
+    healthy_agreement, healthy_marginal, stretches = [], [], 0
+    for run in signals:
+        kernel = np.ones(window) / window
+        rolling = {key: np.convolve(run[key], kernel, mode="valid") for key in run}
+        healthy = rolling["error"] <= rolling["reference_error"] + tolerance
+        stretches += len(healthy)
+        healthy_agreement += list(rolling["agreement"][healthy])
+        healthy_marginal += list(rolling["marginal_entropy"][healthy])
+    if not healthy_agreement:
+        raise ValueError(f"no healthy stretch of {window} batches in the held-out runs: cannot choose thresholds")
+    return {"min_agreement": round(max(0.0, min(healthy_agreement) - margin), 4),
+            "min_marginal_entropy": round(max(0.0, min(healthy_marginal) - margin), 4),
+            "window": window, "healthy_stretches": len(healthy_agreement), "stretches": stretches,
+            "tolerance": tolerance, "margin": margin}
 
 
 # ---- summary -----------------------------------------------------------------------------------------
