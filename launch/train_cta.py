@@ -11,6 +11,7 @@ import logging
 import sys
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.output_paths import resolve_output_path
 
 log = logging.getLogger("train_cta")
 
@@ -20,8 +21,11 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the stage checkpoints")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (one worker, no Ray Train)")
     args, data = parse_experiment(parser, argv)
-    from trainers.cta import cta_train_config, stage_files, train_cta
+    from trainers.cta import CTATrainConfig, cta_train_config, stage_files, train_cta
 
+    # before cta_train_config, which makes it absolute against the current directory
+    data = {**data, "checkpoint_dir": resolve_output_path(data.get("checkpoint_dir", CTATrainConfig.checkpoint_dir),
+                                                          "checkpoint_dir")}
     cfg = cta_train_config(data)
     require_file(cfg.source_checkpoint, "source_checkpoint")
     require_file(cfg.source_config if cfg.source_checkpoint is None else None, "source_config")
