@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
+import sys
+import time
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import setup_logging
 from metatta.config import load_config
@@ -43,7 +46,8 @@ BATCH = 200
 
 def train(method: str, work: Path, epochs: int | None, train_images: int | None, extra: list[str] = ()) -> Path:
     """Train CTA or TTT with its config (registry off) and `extra` overrides; returns the adapter directory."""
-    from trainers.cta import cta_train_config, train_cta
+    from metatta.ssl.stages import cta_train_config
+    from trainers.cta import train_cta
 
     overrides = [f"checkpoint_dir={work}", "register_as=null", "mlflow=false", "progress=false"]
     if train_images:
@@ -61,8 +65,10 @@ def train(method: str, work: Path, epochs: int | None, train_images: int | None,
 
 def scaling(work: Path, images: int) -> list[dict]:
     """SimCLR-stage throughput of Ray Train with 1 and 2 workers, one epoch over `images` images."""
-    from trainers.cta import cta_train_config, fit_stage_on_ray, load_stage_state, stage_files, stage_spec
-    from trainers.mgg import _ensure_source
+    from metatta.ssl.stages import cta_train_config, load_stage_state, stage_files
+    from metatta.ssl.training import stage_spec
+    from trainers.cta import fit_stage_on_ray
+    from metatta.source import source_checkpoint
 
     rows = []
     for workers in (1, 2):
@@ -72,7 +78,7 @@ def scaling(work: Path, images: int) -> list[dict]:
         path = stage_files(cfg)["simclr"]
         path.unlink(missing_ok=True)
         start = time.perf_counter()
-        fit_stage_on_ray(stage_spec(cfg, _ensure_source(cfg), stage="simclr"), cfg)
+        fit_stage_on_ray(stage_spec(cfg, source_checkpoint(cfg.source_checkpoint, cfg.source_config), stage="simclr"), cfg)
         (epoch,) = load_stage_state(path)["history"]
         rows.append({"workers": workers, "images": images, "samples_per_second": epoch["samples_per_second"],
                      "epoch_seconds": epoch["epoch_seconds"], "wall_seconds": time.perf_counter() - start})

@@ -42,7 +42,7 @@ BATCH = 200
 
 
 def base_config(args, name: str, overrides: list[str]):
-    from trainers.cta import cta_train_config
+    from metatta.ssl.stages import cta_train_config
 
     return cta_train_config(load_config(ROOT / "configs" / "fmnist_c" / "cta.yaml", [
         f"name={name}", f"checkpoint_dir={args.work}", "mlflow=false", "register_as=null", "progress=false",
@@ -52,7 +52,8 @@ def base_config(args, name: str, overrides: list[str]):
 
 def train_stage(cfg, stage: str, checkpoint: str) -> list[dict]:
     """One stage in this process (one worker); skipped when its checkpoint is complete."""
-    from trainers.cta import load_stage_state, run_stage, stage_complete, stage_files, stage_spec
+    from metatta.ssl.stages import load_stage_state, stage_complete, stage_files
+    from metatta.ssl.training import run_stage, stage_spec
 
     path = stage_files(cfg)[stage]
     if not stage_complete(path, getattr(cfg, stage).epochs):
@@ -65,7 +66,7 @@ def export_adapter(net, cfg, checkpoint: str) -> Path:
     """The variant's network as an adapter directory (`<work>/<name>/adapter`), usable with
     `benchmarks/cta.py --cta-adapter` and `launch/evaluate.py --adapter`."""
     from metatta.models.checkpoint import checkpoint_hash
-    from trainers.cta import save_adapter
+    from metatta.ssl.training import save_adapter
 
     return save_adapter(net, cfg, checkpoint, checkpoint_hash(checkpoint), trained_by="benchmarks/cta_sweep.py")
 
@@ -114,7 +115,9 @@ def domains_diagnostics(net, supervised, domains, scale: float = 1.0, statistics
 
 def run_variant(args, name: str, overrides: list[str], checkpoint: str, simclr_file: Path, data) -> dict:
     from metatta.ssl.networks import split_classifier
-    from trainers.cta import _source_model, stage_files, trained_network, validation_error
+    from metatta.models import load_source_model
+    from metatta.ssl.stages import stage_files
+    from metatta.ssl.training import trained_network, validation_error
 
     cfg = base_config(args, name, overrides)
     files = stage_files(cfg)
@@ -127,7 +130,7 @@ def run_variant(args, name: str, overrides: list[str], checkpoint: str, simclr_f
     train_s = time.perf_counter() - start
     net = trained_network(cfg, checkpoint, files)
     adapter = export_adapter(net, cfg, checkpoint)
-    supervised = split_classifier(_source_model(checkpoint))[0]
+    supervised = split_classifier(load_source_model(checkpoint))[0]
     clean_x, clean_y = data["clean"]
     row = {"name": name, "overrides": overrides, "adapter": str(adapter), "align_seconds": train_s, "align_last_epoch": history[-1],
            "clean": encoder_diagnostics(net, supervised, clean_x, clean_y),
@@ -213,17 +216,17 @@ def main(argv=None):
     setup_logging("WARNING")
     torch.set_num_threads(args.threads)
     variants = parse_variants(args.variant)
-    from trainers.cta import _load_val_domains, stage_files
-    from trainers.mgg import _ensure_source
-    from trainers.source import load_clean_split
+    from metatta.ssl.stages import stage_files
+    from metatta.ssl.training import validation_domains
+    from metatta.source import load_clean_split, source_checkpoint
 
     cfg = base_config(args, f"simclr_n{args.train_images}_e{args.simclr_epochs}", [])
-    checkpoint = str(_ensure_source(cfg))
+    checkpoint = str(source_checkpoint(cfg.source_checkpoint, cfg.source_config))
     start = time.perf_counter()
     simclr_history = train_stage(cfg, "simclr", checkpoint)
     simclr_s = time.perf_counter() - start
     clean = load_clean_split("fashion_mnist", "test")
-    data = {"clean": (clean[0][:args.clean_images], clean[1][:args.clean_images]), "held_out": _load_val_domains(cfg)}
+    data = {"clean": (clean[0][:args.clean_images], clean[1][:args.clean_images]), "held_out": validation_domains(cfg)}
     record = {"command": benchmark_command(__file__, argv), "train_images": args.train_images,
               "simclr_epochs": args.simclr_epochs, "simclr_seconds": simclr_s, "simclr_last_epoch": simclr_history[-1],
               "val_images": args.val_images, "clean_images": args.clean_images, "variants": []}

@@ -26,9 +26,12 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
+import sys
+import time
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import setup_logging
 from metatta.config import load_config
@@ -87,7 +90,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
 
 def variant_config(name: str, extra: list[str], out: Path):
     """The checked meta-training config of a variant (trained unregistered, outside MLflow)."""
-    from trainers.mgg import mgg_train_config
+    from metatta.learned.meta_training import mgg_train_config
 
     file, overrides, _ = VARIANTS[name]
     data = load_config(CONFIGS / file, [*overrides, *extra, f"checkpoint_dir={out / 'mgg_runs'}",
@@ -130,7 +133,8 @@ def row_key(row: dict[str, Any]) -> str:
 
 def measure_variant(name: str, cfg, out: Path, val_first: int, val_images: int) -> dict[str, Any]:
     from metatta.experiment import run_experiment
-    from trainers.mgg import mgtta_config, train_mgg
+    from metatta.learned.meta_training import mgtta_config
+    from trainers.mgg import train_mgg
 
     check_disjoint(cfg, val_first)
     start = time.perf_counter()

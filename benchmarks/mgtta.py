@@ -30,19 +30,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
+import sys
+import time
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import MethodSpec, experiment_config, run_experiment
 from metatta.reporting import benchmark_command, error_table, markdown_table
-from trainers.mgg import mgg_train_config, mgtta_config, train_mgg
+from metatta.learned.meta_training import mgg_train_config, mgtta_config
+from trainers.mgg import train_mgg
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -8,7 +8,10 @@ Then:           python launch/evaluate.py --config configs/fmnist_c/cta_eval.yam
                 python launch/evaluate.py --config configs/fmnist_c/baselines.yaml --adapter models:/cta@champion
 """
 import logging
+from pathlib import Path
 import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 from metatta.output_paths import resolve_output_path
@@ -21,7 +24,8 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the stage checkpoints")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (one worker, no Ray Train)")
     args, data = parse_experiment(parser, argv)
-    from trainers.cta import CTATrainConfig, cta_train_config, stage_files, train_cta
+    from metatta.ssl.stages import CTATrainConfig, cta_train_config, stage_files
+    from trainers.cta import train_cta
 
     # before cta_train_config, which makes it absolute against the current directory
     data = {**data, "checkpoint_dir": resolve_output_path(data.get("checkpoint_dir", CTATrainConfig.checkpoint_dir),

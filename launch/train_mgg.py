@@ -6,7 +6,10 @@ Resume a killed job from its last checkpoint:   ... --resume
 """
 import dataclasses
 import logging
+from pathlib import Path
 import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 from metatta.output_paths import resolve_output_path
@@ -19,7 +22,8 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the learner's last checkpoint")
     parser.add_argument("--no-ray", action="store_true", help="run the rollout workers in this process")
     args, data = parse_experiment(parser, argv)
-    from trainers.mgg import mgg_train_config, train_mgg
+    from metatta.learned.meta_training import mgg_train_config
+    from trainers.mgg import train_mgg
 
     cfg = mgg_train_config(data)
     require_file(cfg.source_checkpoint, "source_checkpoint")
@@ -27,7 +31,7 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, checkpoint_dir=resolve_output_path(cfg.checkpoint_dir, "checkpoint_dir"))
     require_writable_dir(cfg.checkpoint_dir, "checkpoint_dir")
     if args.resume:
-        from trainers.mgg import checkpoint_path
+        from metatta.learned.meta_training import checkpoint_path
 
         require_file(checkpoint_path(cfg), "--resume: learner checkpoint")
     if not args.no_ray:

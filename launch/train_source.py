@@ -18,7 +18,7 @@ log = logging.getLogger("train_source")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/source.yaml")
     args, data = parse_experiment(parser, argv)
-    from trainers.source import source_train_config, train_source
+    from metatta.source import source_train_config, train_source
 
     cfg = source_train_config(data)
     cfg = dataclasses.replace(cfg, output=resolve_output_path(cfg.output, "output"))

@@ -12,7 +12,10 @@ working directory is a temporary copy.
 """
 import dataclasses
 import logging
+from pathlib import Path
 import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 from metatta.output_paths import resolve_output_path
@@ -23,7 +26,8 @@ log = logging.getLogger("tune_palm")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/tune_palm.yaml")
     args, data = parse_experiment(parser, argv)
-    from trainers.tune import run_search, search_config
+    from metatta.search import search_config
+    from trainers.tune import run_search
 
     cfg = search_config(data)
     require_file(cfg.source.checkpoint, "source.checkpoint")

@@ -5,6 +5,12 @@
 "-C" benchmark files, the source model), evaluates every method on a fresh copy
 of the source model, writes results JSON, a markdown table and a plot, and logs
 all of it to MLflow.
+
+`build_row_method` is the one place a method is built for a stream: it builds the
+context inputs the method declares (`method_context`: EATA's Fisher batches, source
+feature statistics, trained adapters; a plug-in's are its base's) and the method with
+its lr scaled to the stream's batch. Experiments and Ray Tune trials (trainers/tune.py)
+both use it, and run the one evaluation loop, `metatta.evaluation.evaluate`.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import copy
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -20,8 +26,9 @@ from metatta.config import build_dataclass
 from metatta.device import resolve_device
 from metatta.data.domains import BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, ALL_CORRUPTIONS, check_corruption_names
 from metatta.evaluation import Result, evaluate, save_results
-from metatta.methods.base import build_method, method_class
+from metatta.methods.base import TTAMethod, build_method, method_class
 from metatta.references import pin_references
+from metatta.source import source_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,7 @@ class ExperimentConfig:
     device: str = "auto"
     output_dir: str = "outputs"
     fisher_images: int = 500  # clean training images for methods that need source statistics (EATA)
+    source_images: int = 5000  # labelled clean training images for methods that replay source data (RMT)
     mlflow: bool = True
     progress: bool = True
 
@@ -106,8 +114,30 @@ def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
                 method_class(spec.name).make_config(method_config(spec))
             except ValueError as e:
                 raise ValueError(f"methods: {spec.name}.settings {spec.settings}: {e}") from e
+    check_method_configs(cfg)
     cfg.benchmark.corruption_names()
     return cfg
+
+
+def check_method_configs(cfg: ExperimentConfig) -> None:
+    """Every row's method config, validated (`MethodConfig.validate`, a plug-in's base's included),
+    so a bad row is refused before the first row runs; the error names the row."""
+    for i, spec in enumerate(cfg.methods):
+        try:
+            method_class(spec.name).make_config(method_config(spec))
+        except ValueError as e:
+            raise ValueError(f"methods[{i}]: {e}") from e
+
+
+def check_rows(cfg: ExperimentConfig) -> None:
+    """What `run_experiment` checks before any work: every row's config, and a trained adapter
+    named for every row that needs one (it may be set after parsing, e.g. by `with_adapter`)."""
+    check_method_configs(cfg)
+    for i, spec in enumerate(cfg.methods):
+        kinds = [ADAPTER_INPUTS[key] for key in required_inputs(spec) if key in ADAPTER_INPUTS]
+        if kinds and spec.adapter is None:
+            raise ValueError(f"methods[{i}]: method {spec.name}: needs a trained adapter "
+                             f"(set `adapter: models:/{kinds[0]}@champion` or a path)")
 
 
 def required_inputs(spec: MethodSpec) -> tuple[str, ...]:
@@ -166,15 +196,8 @@ def load_domains(cfg: BenchmarkConfig):
 def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Module, Path]:
     from metatta.models import load_source_model
 
-    path = cfg.checkpoint
-    if path is None:
-        if cfg.config is None:
-            raise ValueError("source: give `checkpoint` or `config`")
-        from metatta.config import load_config
-        from trainers.source import ensure_source_model
-
-        path = ensure_source_model(load_config(cfg.config))
-    return load_source_model(path, device=device), Path(path)
+    path = source_checkpoint(cfg.checkpoint, cfg.config)
+    return load_source_model(path, device=device), path
 
 
 # Context inputs that hold a trained adapter, by the adapter kind (adapter.json "kind") they take;
@@ -183,9 +206,26 @@ ADAPTER_INPUTS = {"mgg": "mgg", "cta_model": "cta", "ttt_model": "ttt"}
 DEFAULT_ADAPTER_METHODS = {"mgg": "mgtta", "cta": "cta", "ttt": "ttt"}
 
 
-def method_context(spec: MethodSpec, cfg: ExperimentConfig, checkpoint: Path, device: torch.device,
+class ContextSettings(Protocol):
+    """What the context builder reads from a run's config (an ExperimentConfig, a search's SearchConfig)."""
+
+    benchmark: BenchmarkConfig
+    stream: StreamConfig
+    fisher_images: int
+
+
+def build_row_method(spec: MethodSpec, model: torch.nn.Module, cfg: ContextSettings, checkpoint: Path,
+                     device: torch.device, cache: dict[str, Any] | None = None) -> TTAMethod:
+    """The method of `spec` on `model` (used as is: pass a copy to keep the source), with the context
+    inputs it declares and its lr scaled to the stream's batch size (MethodConfig.lr_batch_size)."""
+    context = method_context(spec, cfg, checkpoint, device, cache if cache is not None else {})
+    return build_method(spec.name, model, method_config(spec), batch_size=cfg.stream.batch_size, **context)
+
+
+def method_context(spec: MethodSpec, cfg: ContextSettings, checkpoint: Path, device: torch.device,
                    cache: dict[str, Any]) -> dict[str, Any]:
-    """The inputs a method declares (`TTAMethod.inputs_for`); shared ones are built once."""
+    """The inputs a method declares (`TTAMethod.inputs_for`; a plug-in: its base's); inputs shared
+    by rows (source statistics, Fisher batches) are built once per `cache`."""
     context = {}
     for key in required_inputs(spec):
         if key == "mgg":
@@ -233,20 +273,26 @@ def load_adapter_network(spec: MethodSpec, checkpoint: Path, kind: str, device: 
     return net.to(device)
 
 
-def _build_context(key: str, cfg: ExperimentConfig, checkpoint: Path, device: torch.device) -> Any:
+def _build_context(key: str, cfg: ContextSettings, checkpoint: Path, device: torch.device) -> Any:
     if key == "source_stats":
         from metatta.models.checkpoint import load_feature_stats
 
         return load_feature_stats(checkpoint, device=device)
-    if key == "fisher_batches":
+    if key in ("fisher_batches", "source_batches"):
         from metatta.data.clean import load_clean
 
         name = cfg.benchmark.name.removesuffix("_c")
-        images, _ = load_clean(name, "train")
+        images, labels = load_clean(name, "train")
         generator = torch.Generator().manual_seed(cfg.stream.seed)
-        idx = torch.randperm(len(images), generator=generator)[: cfg.fisher_images].numpy()
+        count = cfg.fisher_images if key == "fisher_batches" else cfg.source_images
+        idx = torch.randperm(len(images), generator=generator)[:count].numpy()
         x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float().div(255)
-        return [x[i : i + cfg.stream.batch_size].to(device) for i in range(0, len(x), cfg.stream.batch_size)]
+        starts = range(0, len(x), cfg.stream.batch_size)
+        if key == "fisher_batches":
+            return [x[i : i + cfg.stream.batch_size].to(device) for i in starts]
+        y = torch.as_tensor(labels[idx]).long()
+        return [(x[i : i + cfg.stream.batch_size].to(device), y[i : i + cfg.stream.batch_size].to(device))
+                for i in starts]
     raise ValueError(f"no builder for method context input {key!r}")
 
 
@@ -254,6 +300,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     from metatta.data.streams import build_stream
     from metatta.models.checkpoint import checkpoint_hash
 
+    check_rows(cfg)  # a bad row fails before the first row runs, not after the rows before it
     # models:/...@alias resolved (and adapters checked) once, before any work: rows load those versions,
     # results record them
     pinned_methods, references = pin_references(cfg.methods)
@@ -278,9 +325,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     for spec, reference in zip(cfg.methods, references):
         torch.manual_seed(cfg.stream.seed)
         stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **stream_options)
-        context = method_context(spec, cfg, checkpoint, device, cache)
-        method = build_method(spec.name, copy.deepcopy(model), method_config(spec),
-                              batch_size=cfg.stream.batch_size, **context)  # scales lr (MethodConfig.lr_batch_size)
+        method = build_row_method(spec, copy.deepcopy(model), cfg, checkpoint, device, cache)
         label = spec.label or spec.name
         log.info("evaluating %s on %d images (%s, batch %d)", label, stream.num_images, stream.setting, stream.batch_size)
         result = evaluate(method, stream, method_name=label, device=device, progress=cfg.progress,

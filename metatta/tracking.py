@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -88,8 +89,29 @@ def resume_run(run_id: str) -> Iterator[Any]:
         yield run
 
 
+def training_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None,
+                 enabled: bool = True):
+    """The MLflow run a training logs into: the run `run_id` continued (a resumed training), else a
+    new run; a context that yields None when `enabled` is false (no MLflow at all)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if run_id:
+        return resume_run(run_id)
+    return start_run(name, params=params, tags=tags)
+
+
+def log_run_metrics(run_id: str, metrics: dict[str, float], step: int, prefix: str = "") -> None:
+    """Log `metrics` (named `<prefix><name>`) into run `run_id` from any process, active run or not
+    (a Ray worker logging into the driver's run)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(metric_key(f"{prefix}{k}"), float(v), now, step) for k, v in metrics.items()]
+    client().log_batch(run_id, metrics=batch)
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    _mlflow().log_metrics({_safe_key(k): float(v) for k, v in metrics.items()}, step=step)
+    _mlflow().log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -117,13 +139,13 @@ def log_results(results: Sequence[Any], artifacts: Sequence[str | Path] = (), pr
             f"{tag}/skipped_updates": getattr(r, "skipped_updates", 0),
         }
         metrics.update({f"{tag}/error/{d}": e for d, e in r.domain_errors.items()})
-        mlflow.log_metrics({_safe_key(k): v for k, v in metrics.items()})
+        mlflow.log_metrics({metric_key(k): v for k, v in metrics.items()})
     for path in artifacts:
         mlflow.log_artifact(str(path))
 
 
-def _safe_key(key: str) -> str:
-    # MLflow metric names allow alphanumerics, _ - . space : / only.
+def metric_key(key: str) -> str:
+    """`key` as an MLflow metric name (those allow alphanumerics, _ - . space : / only)."""
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
 
 
@@ -307,6 +329,17 @@ def promote_if_better(name: str, version: str, validation_error: float, alias: s
         c.set_registered_model_alias(name, alias, version)
     log.info("%s v%s (validation error %s): %s", name, version, recorded, reason)
     return promoted
+
+
+def register_and_promote(name: str | None, directory: str | Path, run_id: str | None, validation_error: float,
+                         tags: dict[str, str] | None = None) -> tuple[str | None, bool]:
+    """Register a trained adapter as a new version of model `name` and move the champion alias
+    to it when it beats the holder: (version, promoted). (None, False) when there is no run or
+    no name (registration off)."""
+    if not run_id or not name:
+        return None, False
+    version = register_adapter(name, directory, run_id, tags=tags)
+    return version, promote_if_better(name, version, validation_error)
 
 
 # ---- model registry: tuned settings ----------------------------------------------------

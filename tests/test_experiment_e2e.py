@@ -8,7 +8,7 @@ import pytest
 from metatta.config import ConfigError
 from metatta.data.benchmark_files import fashion_mnist_c
 from metatta.experiment import experiment_config, run_experiment
-from trainers.source import train_source
+from metatta.source import train_source
 
 CORRUPTIONS = ["gaussian_noise", "contrast", "speckle_noise"]
 

@@ -32,6 +32,15 @@ FAST = {
     "eta": {"lr": 0.05},
     "sar": {"lr": 0.05, "reset_threshold": 0.0},
     "cotta": {"lr": 0.01, "num_augmentations": 2},
+    "deyo": {"lr": 0.05, "plpd_threshold": -1.0},
+    "rpl": {"lr": 0.01},
+    "memo": {"num_augmentations": 4, "episodic": False},  # episodic: every image resets, no state to compare
+    "ttaug": {"num_augmentations": 4},
+    "rotta": {"lr": 0.01, "memory_size": 16, "update_frequency": 16},  # an update on every batch of 16
+    "rmt": {"lr": 0.01, "warmup_samples": 16, "projection_dim": 8},
+    "roid": {"lr": 0.01},
+    "cmf": {"lr": 0.01},
+    "santa": {"lr": 0.01, "projection_dim": 8},
 }
 
 

@@ -15,7 +15,7 @@ from metatta.learned.heldout import build_heldout_train_set, corrupt_uint8
 from metatta.learned.mgg import MGG, load_mgg, save_mgg
 from metatta.learned.optimizer import MGGOptimizer
 from metatta.learned.unroll import Trajectory, unroll
-from trainers.mgg import average, guarded_step, mgg_train_config
+from metatta.learned.meta_training import average, guarded_step, mgg_train_config
 
 from test_learned import random_mgg, tiny_batches, tiny_model
 
@@ -358,7 +358,7 @@ def test_benchmark_batches_to_within_and_lr_sweep_rows():
 
 
 def test_the_loss_an_mgg_is_meta_trained_on_is_the_one_it_is_tested_with():
-    from trainers.mgg import make_loss, mgtta_config
+    from metatta.learned.meta_training import make_loss, mgtta_config
 
     cfg = mgg_train_config({**BASE, "loss": "entropy", "reliable_entropy_factor": 0.4, "test_lr": 2e-3})
     assert make_loss(cfg, None).reliable_factor == 0.4

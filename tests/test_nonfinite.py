@@ -18,6 +18,7 @@ NO_UPDATES = {"source", "bn"}
 
 def _context(name: str) -> dict:
     builders = {"fisher_batches": fisher_batches, "mgg": MGG, "source_stats": lambda: None,
+                "source_batches": lambda: [(torch.cat(fisher_batches(2)), torch.arange(16) % 10)],
                 "cta_model": lambda: None, "ttt_model": lambda: None}  # None: CTA/TTT wrap the given model
     inputs = method_class(name).context_inputs
     unknown = set(inputs) - set(builders)

@@ -16,7 +16,8 @@ from metatta.experiment import experiment_config, method_config, with_settings
 from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
-from trainers.tune import run_search, run_trial, search_config, tune_space
+from metatta.search import run_trial, search_config
+from trainers.tune import run_search, tune_space
 
 HELD_OUT = ["speckle_noise", "gaussian_blur"]
 
@@ -167,3 +168,37 @@ def test_settings_that_do_not_fit_the_method_fail_before_any_work(tmp_path):
     path.write_text("lr: 2.0e-4\n")
     exp = experiment_config({"methods": [{"name": "tent", "settings": str(path), "config": {"steps": 2}}]})
     assert method_config(exp.methods[0]) == {"lr": 2e-4, "steps": 2}
+
+
+# ---- any method can be tuned: trials build methods as experiment rows do ------------------------
+@pytest.fixture
+def fisher_calls(monkeypatch):
+    """Every call of EATA's Fisher estimate (the regularizer ETA lacks), with the batches it got."""
+    from metatta.methods import eata
+
+    calls, real = [], eata.compute_fisher
+
+    def spy(model, params, batches):
+        batches = list(batches)
+        calls.append(batches)
+        return real(model, params, batches)
+
+    monkeypatch.setattr(eata, "compute_fisher", spy)
+    return calls
+
+
+@pytest.mark.parametrize("method, fixed", [
+    ("eata", {}),
+    ("nanoadapt", {"base": "eata", "accumulation_steps": 1, "num_views": 1}),
+])
+def test_an_eata_trial_runs_eata_with_its_fisher(method, fixed, source_checkpoint, held_out_root, fisher_calls, caplog):
+    space = {"d_margin": {"type": "uniform", "low": 0.1, "high": 0.5}} if method == "eata" else \
+        {"dbc_momentum": {"type": "uniform", "low": 0.9, "high": 0.99}}
+    bench = {"name": "fashion_mnist_c", "corruptions": HELD_OUT, "num_images": 16, "root": str(held_out_root)}
+    cfg = search_config(data(checkpoint=source_checkpoint, method=method, method_config=fixed, space=space,
+                             benchmark=bench, fisher_images=32))
+    params = {"d_margin": 0.4} if method == "eata" else {"dbc_momentum": 0.98}
+    out = run_trial(cfg, params, source_checkpoint)
+    assert len(fisher_calls) == 1 and sum(len(b) for b in fisher_calls[0]) == 32  # 32 clean images, batch 16
+    assert "this is ETA" not in caplog.text
+    assert out["final"] == 1.0 and out["images"] == 32 and 0 <= out["mean_error"] <= 100

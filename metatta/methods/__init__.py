@@ -1,8 +1,8 @@
 """Test-time adaptation methods, one per module, all subclasses of `TTAMethod`.
 
 Importing this package registers the baselines (source, bn, tent, eata, eta,
-sar, cotta). Methods that build on other subpackages (mgtta, on
-metatta.learned) register on the first registry lookup (`build_method`,
+sar, cotta, deyo, lame, t3a, rpl, ttaug, memo). Methods that build on other
+subpackages (mgtta, on metatta.learned) register on the first registry lookup (`build_method`,
 `available_methods`, `method_class`) through `import_builtin_methods`: importing
 them here would be circular, since metatta.learned imports methods.common.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 
-from metatta.methods import bn, cotta, eata, sar, source, tent  # noqa: F401  (registers them)
+from metatta.methods import (  # noqa: F401  (registers them)
+    bn, cotta, deyo, eata, lame, memo, rpl, sar, source, t3a, tent, ttaug,
+)
 from metatta.methods.base import (
     MethodConfig,
     TTAMethod,
@@ -22,7 +24,9 @@ from metatta.methods.base import (
 
 _LATE_METHOD_MODULES = ("metatta.methods.mgtta", "metatta.methods.law", "metatta.methods.palm",
                         "metatta.methods.ttt", "metatta.methods.cta", "metatta.methods.nanoadapt",
-                        "metatta.methods.delta")
+                        "metatta.methods.delta", "metatta.methods.rotta",
+                        "metatta.methods.rmt", "metatta.methods.roid", "metatta.methods.cmf",
+                        "metatta.methods.santa")
 
 
 def import_builtin_methods() -> None:

@@ -50,3 +50,34 @@ def configure_norm_adaptation(model: nn.Module) -> list[nn.Parameter]:
     freeze_all(model)
     use_batch_statistics(model)
     return norm_affine_params(model)
+
+
+def classifier_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
+    """The network's linear classifier: the module called `name`, or (None) its last `nn.Linear`
+    in module order (`fc` of the ResNets and WideResNets, `vit.head` of the ViT)."""
+    modules = dict(model.named_modules())
+    if name is not None:
+        if not isinstance(modules.get(name), nn.Linear):
+            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise ValueError(f"classifier {name!r} is not an nn.Linear of {type(model).__name__}; its linear "
+                             f"layers: {linears}")
+        return name, modules[name]
+    linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; name one with `classifier`")
+    return linears[-1]
+
+
+def features_and_logits(model: nn.Module, classifier: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the classifier's input, the model's output) for `x`, from one forward of the whole model
+    (so hooks on the model see it); the classifier must take the (B, D) features."""
+    captured: list[torch.Tensor] = []
+    handle = classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    if len(captured) != 1 or captured[0].dim() != 2:
+        raise ValueError(f"the classifier {type(classifier).__name__} must run once per forward on (B, D) "
+                         f"features; got {[tuple(z.shape) for z in captured]}")
+    return captured[0], logits

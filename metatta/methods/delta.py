@@ -62,6 +62,13 @@ class DELTAConfig(PluginConfig):
     tbr_momentum: float = 0.05  # alpha: ema <- ema + alpha * (batch - ema)
     tbr_init: str = "cumulative"  # where the averages start: cumulative | first_batch (authors' code) | source
 
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.tbr_momentum <= 1.0:
+            self.refuse("tbr_momentum", "in [0, 1]")
+        if self.tbr_init not in TBR_INITS:
+            self.refuse("tbr_init", f"one of {', '.join(TBR_INITS)}")
+
 
 TBR_INITS = ("cumulative", "first_batch", "source")
 
@@ -137,15 +144,6 @@ TBR_CLASSES = {nn.BatchNorm1d: TBRBatchNorm1d, nn.BatchNorm2d: TBRBatchNorm2d, n
 class DELTA(BNPlugin):
     Config = DELTAConfig
     layer_classes = TBR_CLASSES
-
-    @classmethod
-    def validate(cls, config: DELTAConfig) -> None:
-        if not 0.0 <= config.tbr_momentum <= 1.0:
-            raise ValueError(f"{cls.name}: config.tbr_momentum must be in [0, 1], got {config.tbr_momentum!r}")
-        if config.tbr_init not in TBR_INITS:
-            raise ValueError(f"{cls.name}: config.tbr_init must be one of {', '.join(TBR_INITS)}, "
-                             f"got {config.tbr_init!r}")
-        super().validate(config)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
