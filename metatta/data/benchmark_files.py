@@ -393,6 +393,12 @@ def _load_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: unreadable or truncated .npy file ({e})") from None
 
 
+def images_per_severity(root: str | Path) -> int:
+    """N, the images of each (corruption, severity) block of a CIFAR-10-C style directory (from labels.npy)."""
+    labels = _load_npy(Path(root) / LABELS)
+    return len(labels) // len(SEVERITIES)
+
+
 def read_cifar_c(
     root: str | Path,
     corruptions: Sequence[str],
