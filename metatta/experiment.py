@@ -189,15 +189,10 @@ def benchmark_root(cfg: BenchmarkConfig) -> Path:
 def load_domains(cfg: BenchmarkConfig):
     """The benchmark's domains; `num_images` is capped, with a warning, to what the files hold
     (a small dataset, e.g. a digits-sized one, cannot give a config's 1,000 images per domain)."""
-    from metatta.data.benchmark_files import images_per_severity, read_cifar_c
+    from metatta.data.benchmark_files import capped_num_images, read_cifar_c
 
     root = benchmark_root(cfg)
-    num_images = cfg.num_images
-    available = images_per_severity(root) - cfg.first_image
-    if num_images is not None and available >= 1 and num_images > available:
-        log.warning("benchmark.num_images: %d asked, but %s holds %d images per corruption and severity "
-                    "from first_image %d on; using %d", num_images, root, available, cfg.first_image, available)
-        num_images = available
+    num_images = capped_num_images(root, cfg.num_images, cfg.first_image, "benchmark.num_images")
     return read_cifar_c(root, cfg.corruption_names(), cfg.severities, num_images=num_images,
                         first_image=cfg.first_image)
 
