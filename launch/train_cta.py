@@ -37,10 +37,9 @@ def main(argv=None):
     if args.resume and not any(path.is_file() for path in stage_files(cfg).values()):
         require_file(next(iter(stage_files(cfg).values())), "--resume: stage checkpoint")
     if not args.no_ray:
-        import ray
+        from trainers.cluster import connect
 
-        # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
-        ray.init()
+        connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one
     outcome = train_cta(cfg, resume=args.resume, use_ray=not args.no_ray)
     log.info("%s: validation error %.2f%% (%.2f%% before adaptation); adapter %s; registered version %s%s",
              cfg.method, outcome.validation_error, outcome.unadapted_validation_error, outcome.adapter_dir,

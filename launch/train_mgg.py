@@ -35,10 +35,9 @@ def main(argv=None):
 
         require_file(checkpoint_path(cfg), "--resume: learner checkpoint")
     if not args.no_ray:
-        import ray
+        from trainers.cluster import connect
 
-        # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
-        ray.init()
+        connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one
     outcome = train_mgg(cfg, resume=args.resume, use_ray=not args.no_ray)
     log.info("trained %d steps; validation error %.2f%%; adapter %s; registered version %s%s",
              outcome.steps, outcome.validation_error, outcome.adapter_dir, outcome.registered_version,

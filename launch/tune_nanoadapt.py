@@ -77,10 +77,9 @@ def main(argv=None):
     require_file(first.source.config if first.source.checkpoint is None else None, "source.config")
     data = {**data, "output_dir": resolve_output_path(first.output_dir, "output_dir")}
     require_writable_dir(data["output_dir"], "output_dir")
-    import ray
+    from trainers.cluster import connect
 
-    # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
-    ray.init()
+    connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one
     run_searches(data)
 
 

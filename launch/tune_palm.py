@@ -34,10 +34,9 @@ def main(argv=None):
     require_file(cfg.source.config if cfg.source.checkpoint is None else None, "source.config")
     cfg = dataclasses.replace(cfg, output_dir=resolve_output_path(cfg.output_dir, "output_dir"))
     require_writable_dir(cfg.output_dir, "output_dir")
-    import ray
+    from trainers.cluster import connect
 
-    # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
-    ray.init()
+    connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one
     outcome = run_search(cfg)
     log.info("best %s setting %s: held-out mean error %.2f%%; wrote %s; registered version %s%s", cfg.method,
              outcome.best_params, outcome.best_error, outcome.settings_path, outcome.registered_version,

@@ -33,6 +33,7 @@ import torch
 
 from metatta.data.types import Batch
 from metatta.evaluation import evaluate
+from metatta.methods.guard import agreement, marginal_entropy
 from metatta.reporting import markdown_table
 
 FORMAT = "metatta.lifelong.v1"
@@ -69,8 +70,10 @@ class _WindowView:
 def method_state(method: torch.nn.Module) -> dict[str, Any]:
     optimizer = getattr(method, "optimizer", None)
     extra = getattr(method, "extra_state", None)
+    schedule = getattr(method, "schedule_state", None)
     return {"module": method.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "extra": extra() if callable(extra) else {}, "torch_rng": torch.get_rng_state()}
+            "extra": extra() if callable(extra) else {}, "torch_rng": torch.get_rng_state(),
+            "schedule": schedule() if callable(schedule) else None}
 
 
 def load_method_state(method: torch.nn.Module, state: dict[str, Any]) -> None:
@@ -80,6 +83,8 @@ def load_method_state(method: torch.nn.Module, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
     if state["extra"]:
         method.load_extra_state(state["extra"])
+    if state.get("schedule") is not None:
+        method.load_schedule_state(state["schedule"])
     torch.set_rng_state(state["torch_rng"])
 
 
@@ -173,7 +178,8 @@ def evaluate_windowed(
         error = float(np.sum(np.asarray(result.error_over_stream) * sizes) / sizes.sum())
         record = {"window": w, "first_image": w * window, "num_images": int(sizes.sum()), "error": error,
                   "ece": result.ece, "images_per_second": result.images_per_second,
-                  "skipped_updates": result.skipped_updates}
+                  "skipped_updates": result.skipped_updates, "collapse_events": result.collapse_events,
+                  "scheduled_resets": result.scheduled_resets}  # the last three: counts since the start
         state = _state_path(path, w)
         tmp = state.with_name(state.name + ".tmp")
         torch.save(method_state(method), tmp)
@@ -183,6 +189,47 @@ def evaluate_windowed(
             _state_path(path, w - 1).unlink(missing_ok=True)
         windows.append(record)
     return windows
+
+
+# ---- guard thresholds from held-out streams ---------------------------------------------------------
+def guard_signals(method: torch.nn.Module, stream, reference: torch.nn.Module,
+                  device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+    """Per batch of a labelled stream: the collapse guard's two signals for `method` (its argmax
+    agreement with `reference`, the class-marginal entropy of its predictions) and the error of
+    both, for choosing the guard's thresholds on held-out streams (`choose_guard_thresholds`)."""
+    rows = []
+    for batch in stream:
+        x, y = batch.x.to(device), batch.y.to(device)
+        logits = method(x)
+        with torch.no_grad():
+            reference_logits = reference(x)
+        rows.append((agreement(logits, reference_logits), marginal_entropy(logits),
+                     float((logits.argmax(1) != y).float().mean()) * 100,
+                     float((reference_logits.argmax(1) != y).float().mean()) * 100))
+    agree, marginal, error, reference_error = map(np.asarray, zip(*rows))
+    return {"agreement": agree, "marginal_entropy": marginal, "error": error, "reference_error": reference_error}
+
+
+def choose_guard_thresholds(signals: Sequence[dict[str, np.ndarray]], window: int = 8, tolerance: float = 0.5,
+                            margin: float = 0.02) -> dict[str, Any]:
+    """Thresholds that never fire on a healthy stretch of the held-out runs in `signals`: over every
+    run of `window` consecutive batches in which the method's error is at most the reference's +
+    `tolerance` points (healthy), the lowest mean agreement and the lowest mean marginal entropy,
+    each less `margin`. Stretches where the method is worse than that are what the guard is for."""
+    healthy_agreement, healthy_marginal, stretches = [], [], 0
+    for run in signals:
+        kernel = np.ones(window) / window
+        rolling = {key: np.convolve(run[key], kernel, mode="valid") for key in run}
+        healthy = rolling["error"] <= rolling["reference_error"] + tolerance
+        stretches += len(healthy)
+        healthy_agreement += list(rolling["agreement"][healthy])
+        healthy_marginal += list(rolling["marginal_entropy"][healthy])
+    if not healthy_agreement:
+        raise ValueError(f"no healthy stretch of {window} batches in the held-out runs: cannot choose thresholds")
+    return {"min_agreement": round(max(0.0, min(healthy_agreement) - margin), 4),
+            "min_marginal_entropy": round(max(0.0, min(healthy_marginal) - margin), 4),
+            "window": window, "healthy_stretches": len(healthy_agreement), "stretches": stretches,
+            "tolerance": tolerance, "margin": margin}
 
 
 # ---- summary -----------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ from torch import nn
 
 from metatta.data.streams import build_stream
 from metatta.data.types import DomainData
-from metatta.lifelong import evaluate_windowed, read_windows, summarize, summary_table
+from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, read_windows, summarize,
+                              summary_table)
+from metatta.methods.guard import reference_model
 from metatta.methods import build_method
 
 
@@ -114,3 +116,46 @@ def test_summary_counts_windows_above_bn_and_source():
     assert summarize({"tent": [1, 2]})[0]["windows_above_bn"] is None
     with pytest.raises(ValueError, match="same number of windows"):
         summarize({"bn": [1, 2], "tent": [1]})
+
+
+def test_a_resumed_run_keeps_the_guard_and_the_reset_schedule_where_they_were(tmp_path):
+    config = {"lr": 0.05, "reset_every": 5,
+              "guard": {"action": "reset", "min_marginal_entropy": 0.99, "min_agreement": 0.95, "window": 2,
+                        "check_every": 1}}
+
+    def worn():
+        return build_method("tent", tiny_model(), config, batch_size=16)
+
+    def comparable(windows):
+        return [{k: v for k, v in w.items() if k != "images_per_second"} for w in windows]
+
+    reference = evaluate_windowed(worn(), stream(), tmp_path / "reference.jsonl", window=64)
+    assert reference[-1]["scheduled_resets"] > 0 and reference[-1]["collapse_events"] > 0  # both act
+    path = tmp_path / "run.jsonl"
+    with pytest.raises(Killed):
+        evaluate_windowed(worn(), KillAt(stream(), at=13), path, window=64)
+    assert comparable(evaluate_windowed(worn(), KillAt(stream()), path, window=64)) == comparable(reference)
+
+
+def test_guard_thresholds_never_fire_on_a_healthy_stretch_and_do_on_a_collapse():
+
+    healthy = {"agreement": np.array([0.9, 0.8, 0.95, 0.9, 0.85, 0.9]),
+               "marginal_entropy": np.array([0.9, 0.95, 0.9, 0.92, 0.9, 0.94]),
+               "error": np.array([20.0, 22, 21, 20, 19, 20]), "reference_error": np.array([21.0, 22, 21, 20, 20, 20])}
+    drifting = {"agreement": np.array([0.9, 0.9, 0.3, 0.2, 0.1, 0.1]),
+                "marginal_entropy": np.array([0.9, 0.9, 0.4, 0.2, 0.1, 0.1]),
+                "error": np.array([20.0, 20, 60, 70, 80, 90]), "reference_error": np.full(6, 20.0)}
+    t = choose_guard_thresholds([healthy, drifting], window=2, margin=0.02)
+    assert t["min_agreement"] == pytest.approx(0.85 - 0.02)  # lowest healthy 2-batch mean: (0.8 + 0.9) / 2
+    assert t["min_marginal_entropy"] == pytest.approx(0.90 - 0.02)  # the drifting run's healthy start
+    assert t["healthy_stretches"] == 6 and t["stretches"] == 10  # drifting: only its first stretch is healthy
+    with pytest.raises(ValueError, match="no healthy stretch"):
+        choose_guard_thresholds([drifting], window=4)
+
+
+def test_guard_signals_of_a_method_against_itself_agree_fully():
+
+    model = tiny_model()
+    signals = guard_signals(build_method("bn", tiny_model(), {"guard": None}), stream(), reference_model(model))
+    assert len(signals["agreement"]) == 18 and np.all(signals["agreement"] == 1.0)
+    assert np.array_equal(signals["error"], signals["reference_error"])
