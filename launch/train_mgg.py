@@ -4,6 +4,7 @@ On a cluster:   ray job submit --working-dir . -- python launch/train_mgg.py --c
 On a laptop:    python launch/train_mgg.py --config configs/fmnist_c/mgg.yaml num_actors=2 epochs=5
 Resume a killed job from its last checkpoint:   ... --resume
 """
+import dataclasses
 import logging
 from pathlib import Path
 import sys
@@ -11,6 +12,7 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.output_paths import resolve_output_path
 
 log = logging.getLogger("train_mgg")
 
@@ -26,6 +28,7 @@ def main(argv=None):
     cfg = mgg_train_config(data)
     require_file(cfg.source_checkpoint, "source_checkpoint")
     require_file(cfg.source_config if cfg.source_checkpoint is None else None, "source_config")
+    cfg = dataclasses.replace(cfg, checkpoint_dir=resolve_output_path(cfg.checkpoint_dir, "checkpoint_dir"))
     require_writable_dir(cfg.checkpoint_dir, "checkpoint_dir")
     if args.resume:
         from metatta.learned.meta_training import checkpoint_path

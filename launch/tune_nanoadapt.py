@@ -23,6 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.output_paths import resolve_output_path
 
 log = logging.getLogger("tune_nanoadapt")
 
@@ -74,7 +75,8 @@ def main(argv=None):
     first = searches[0]
     require_file(first.source.checkpoint, "source.checkpoint")
     require_file(first.source.config if first.source.checkpoint is None else None, "source.config")
-    require_writable_dir(first.output_dir, "output_dir")
+    data = {**data, "output_dir": resolve_output_path(first.output_dir, "output_dir")}
+    require_writable_dir(data["output_dir"], "output_dir")
     from trainers.cluster import connect
 
     connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one

@@ -10,6 +10,7 @@ the NanoAdapt search uses the same trainer (trainers/tune.py).
 Set MLFLOW_TRACKING_URI to an absolute sqlite:/// path under `ray job submit`, whose
 working directory is a temporary copy.
 """
+import dataclasses
 import logging
 from pathlib import Path
 import sys
@@ -17,6 +18,7 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.output_paths import resolve_output_path
 
 log = logging.getLogger("tune_palm")
 
@@ -30,6 +32,7 @@ def main(argv=None):
     cfg = search_config(data)
     require_file(cfg.source.checkpoint, "source.checkpoint")
     require_file(cfg.source.config if cfg.source.checkpoint is None else None, "source.config")
+    cfg = dataclasses.replace(cfg, output_dir=resolve_output_path(cfg.output_dir, "output_dir"))
     require_writable_dir(cfg.output_dir, "output_dir")
     from trainers.cluster import connect
 
