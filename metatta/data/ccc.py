@@ -37,7 +37,6 @@ import math
 import os
 import time
 import zlib
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
