@@ -463,7 +463,8 @@ def build_ccc_stream(domains: Sequence[DomainData], batch_size: int, seed: int, 
     `options`: OPTIONS (defaults filled in here)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"stream option(s) {unknown} do not apply to setting 'ccc' (its options: {', '.join(OPTIONS)})")
+        raise ValueError(f"stream option(s) {unknown} do not apply to setting 'ccc' "
+                         f"(its options: {', '.join(OPTIONS)})")
     options = {**OPTIONS, **options}
     domains = list(domains)
     if len(domains) != 1:
