@@ -7,9 +7,11 @@ slow start, not the steady state (later transitions corrupt one new node per
 `transition_images` images). Tent is timed on its forward + backward + step only (as
 `metatta.evaluation.evaluate` times methods), on the first `--tent-images` images of the same
 stream, held in memory. Each pass runs with the given torch thread count for both. Both as
-wall-clock and as process-CPU images/s: on a shared machine the CPU figure is the steadier one. Calibration (from the cache when present) is reported apart.
+wall-clock and as process-CPU images/s: on a shared machine the CPU figure is the steadier one.
+Calibration (from the cache when present) is reported apart.
 
-    python benchmarks/ccc_speed.py [--difficulty medium hard] [--num-images 50000] [--tent-images 1920] [--threads 1 2]
+    python benchmarks/ccc_speed.py [--difficulty medium hard] [--num-images 50000] [--tent-images 1920]
+                                   [--threads 1 2]
 
 Writes benchmarks/results/ccc_speed.json and .md.
 """
