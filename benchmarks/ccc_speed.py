@@ -6,10 +6,12 @@ corrupting the first two nodes and the nodes of every later transition started, 
 slow start, not the steady state (later transitions corrupt one new node per
 `transition_images` images). Tent is timed on its forward + backward + step only (as
 `metatta.evaluation.evaluate` times methods), on the first `--tent-images` images of the same
-stream, held in memory. Each pass runs with the given torch thread count for both. Both as wall-clock and as process-CPU images/s: on a shared machine the
-CPU figure is the steadier one. Calibration (from the cache when present) is reported apart.
+stream, held in memory. Each pass runs with the given torch thread count for both. Both as
+wall-clock and as process-CPU images/s: on a shared machine the CPU figure is the steadier one.
+Calibration (from the cache when present) is reported apart.
 
-    python benchmarks/ccc_speed.py [--difficulty medium hard] [--num-images 50000] [--tent-images 1920] [--threads 1 2]
+    python benchmarks/ccc_speed.py [--difficulty medium hard] [--num-images 50000] [--tent-images 1920]
+                                   [--threads 1 2]
 
 Writes benchmarks/results/ccc_speed.json and .md.
 """
@@ -101,7 +103,8 @@ def main(argv=None) -> None:
              "Tent img/CPU-s | ratio (CPU) | calibration s (CPU s) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        calibration = "cached" if r["calibration_cached"] else f"{r['calibration_s']:.0f} ({r['calibration_cpu_s']:.0f})"
+        calibration = ("cached" if r["calibration_cached"]
+                       else f"{r['calibration_s']:.0f} ({r['calibration_cpu_s']:.0f})")
         lines.append(f"| {r['threads']} | {r['difficulty']} | {r['target_accuracy']:.0f} | {r['generated_images']} | "
                      f"{r['generate_img_s']:.0f} | {r['tent_img_s']:.0f} | **{r['ratio_wall']:.1f}x** | "
                      f"{r['generate_img_cpu_s']:.0f} | {r['tent_img_cpu_s']:.0f} | {r['ratio_cpu']:.1f}x | "

@@ -9,6 +9,7 @@ from torch import nn
 
 from metatta.data.streams import build_stream
 from metatta.data.types import DomainData
+from metatta.evaluation import evaluate
 from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, read_windows, summarize,
                               summary_table)
 from metatta.methods.guard import reference_model
@@ -62,8 +63,6 @@ def test_windows_cover_the_stream_and_match_a_plain_evaluation(tmp_path):
     assert [w["num_images"] for w in windows] == [64, 64, 64, 64, 32]  # the last window holds the rest
     header, stored = read_windows(tmp_path / "tent.jsonl")
     assert stored == windows and header["window"] == 64 and header["method"] == "tent"
-    from metatta.evaluation import evaluate
-
     plain = evaluate(tent(), stream(), progress=False)  # one pass, per-batch errors
     errors = np.asarray(plain.error_over_stream)
     assert [w["error"] for w in windows] == pytest.approx([errors[i:i + 4].mean() for i in range(0, 18, 4)])
