@@ -110,6 +110,11 @@ def log_run_metrics(run_id: str, metrics: dict[str, float], step: int, prefix: s
     client().log_batch(run_id, metrics=batch)
 
 
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which run `run_id` has a value of metric `key`."""
+    return {m.step for m in client().get_metric_history(run_id, metric_key(key))}
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     _mlflow().log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
 
