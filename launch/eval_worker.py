@@ -13,8 +13,10 @@ See and release claims with `python launch/claims.py`.
 """
 import sys
 
+from metatta.adapter_eval import EvalWorker
 from metatta.claims import DEFAULT_LEASE_S
 from metatta.cli import experiment_parser, parse_experiment, run_main
+from metatta.experiment import experiment_config
 
 
 def main(argv=None):
@@ -38,9 +40,6 @@ def main(argv=None):
         raise ValueError(f"--interval must be positive, got {args.interval}")
     if not args.lease > 0:
         raise ValueError(f"--lease must be positive, got {args.lease}")
-    from metatta.adapter_eval import EvalWorker
-    from metatta.experiment import experiment_config
-
     worker = EvalWorker(args.model, experiment_config(data), claims_dir=args.claims_dir, claims=args.claims,
                         lease_s=args.lease)
     worker.run_forever(args.interval, max_polls=1 if args.once else None)

@@ -14,6 +14,8 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.ssl.stages import cta_train_config, stage_files
+from trainers.cta import train_cta
 
 log = logging.getLogger("train_cta")
 
@@ -23,9 +25,6 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the stage checkpoints")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (one worker, no Ray Train)")
     args, data = parse_experiment(parser, argv)
-    from metatta.ssl.stages import cta_train_config, stage_files
-    from trainers.cta import train_cta
-
     cfg = cta_train_config(data)
     require_file(cfg.source_checkpoint, "source_checkpoint")
     require_file(cfg.source_config if cfg.source_checkpoint is None else None, "source_config")

@@ -5,11 +5,11 @@
     python launch/train_source.py --config configs/fmnist_c/source.yaml --device cuda
 """
 import logging
+import os
 import sys
 
-import os
-
 from metatta.cli import experiment_parser, parse_experiment, require_writable_dir, run_main
+from metatta.source import source_train_config, train_source
 
 log = logging.getLogger("train_source")
 
@@ -17,8 +17,6 @@ log = logging.getLogger("train_source")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/source.yaml")
     args, data = parse_experiment(parser, argv)
-    from metatta.source import source_train_config, train_source
-
     cfg = source_train_config(data)
     require_writable_dir(os.path.dirname(cfg.output) or ".", "output")
     result = train_source(cfg)

@@ -17,6 +17,8 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.search import search_config
+from trainers.tune import run_search
 
 log = logging.getLogger("tune_palm")
 
@@ -24,9 +26,6 @@ log = logging.getLogger("tune_palm")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/tune_palm.yaml")
     args, data = parse_experiment(parser, argv)
-    from metatta.search import search_config
-    from trainers.tune import run_search
-
     cfg = search_config(data)
     require_file(cfg.source.checkpoint, "source.checkpoint")
     require_file(cfg.source.config if cfg.source.checkpoint is None else None, "source.config")
