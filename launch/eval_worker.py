@@ -14,8 +14,10 @@ See and release claims with `python launch/claims.py`.
 import dataclasses
 import sys
 
+from metatta.adapter_eval import EvalWorker
 from metatta.claims import DEFAULT_LEASE_S
 from metatta.cli import experiment_parser, parse_experiment, run_main
+from metatta.experiment import experiment_config
 from metatta.output_paths import resolve_output_path
 
 
@@ -40,9 +42,6 @@ def main(argv=None):
         raise ValueError(f"--interval must be positive, got {args.interval}")
     if not args.lease > 0:
         raise ValueError(f"--lease must be positive, got {args.lease}")
-    from metatta.adapter_eval import EvalWorker
-    from metatta.experiment import experiment_config
-
     experiment = experiment_config(data)
     experiment = dataclasses.replace(experiment, output_dir=resolve_output_path(experiment.output_dir, "output_dir"))
     claims_dir = resolve_output_path(args.claims_dir, "--claims-dir") if args.claims_dir else None

@@ -11,6 +11,7 @@ import sys
 
 from metatta.cli import experiment_parser, parse_experiment, require_writable_dir, run_main
 from metatta.output_paths import resolve_output_path
+from metatta.source import source_train_config, train_source
 
 log = logging.getLogger("train_source")
 
@@ -18,8 +19,6 @@ log = logging.getLogger("train_source")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/source.yaml")
     args, data = parse_experiment(parser, argv)
-    from metatta.source import source_train_config, train_source
-
     cfg = source_train_config(data)
     cfg = dataclasses.replace(cfg, output=resolve_output_path(cfg.output, "output"))
     require_writable_dir(os.path.dirname(cfg.output) or ".", "output")
