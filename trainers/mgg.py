@@ -73,6 +73,7 @@ class RayPool:
         self.actors = [
             actor_cls.options(
                 name=f"{cfg.name}-rollout-{i}", num_cpus=1, num_gpus=gpus, max_restarts=-1, max_task_retries=-1,
+                scheduling_strategy="SPREAD",  # across the nodes: losing one node loses few actors
             ).remote(share, checkpoint, cfg, i, state)
             for i, (share, state) in enumerate(zip(shares, states))
         ]
