@@ -12,11 +12,6 @@ PROJECT_PACKAGES = ("metatta", "trainers")
 SCANNED = ("metatta", "trainers", "launch", "benchmarks")
 # being cleaned in the final pass: these files still import project modules inside functions
 EXEMPT = {
-    "metatta/adapter_eval.py",
-    "metatta/data/streams.py",
-    "metatta/experiment.py",
-    "metatta/learned",
-    "metatta/methods",
 }
 
 

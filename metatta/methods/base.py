@@ -67,7 +67,9 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
+import metatta.methods  # the package, for its late registrations (this module is imported while it initializes)
 from metatta.config import build_dataclass
+from metatta.learned.optimizer import MGGOptimizer, frozen_mgg
 from metatta.methods.guard import CollapseGuard, GuardConfig
 
 log = logging.getLogger(__name__)
@@ -253,11 +255,9 @@ def scaled_to_batch(config: MethodConfig, batch_size: int, where: str = "method"
 
 def _import_builtin_methods() -> None:
     # Importing the package registers the baselines; methods that build on other
-    # subpackages (mgtta) are imported here, late, because importing them from the
+    # subpackages (mgtta) are imported at the first lookup, because importing them from the
     # package's __init__ would be circular (metatta.learned imports methods.common).
-    from metatta.methods import import_builtin_methods
-
-    import_builtin_methods()
+    metatta.methods.import_builtin_methods()
 
 
 class TTAMethod(nn.Module):
@@ -479,8 +479,6 @@ class TTAMethod(nn.Module):
         if cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         if cfg.optimizer == "mgg":
-            from metatta.learned.optimizer import MGGOptimizer, frozen_mgg
-
             if self._mgg is None:
                 raise ValueError(f"{self.name}: optimizer 'mgg' needs a trained MGG (context input mgg=, "
                                  "or the experiment row's `adapter: models:/mgg@champion`)")
