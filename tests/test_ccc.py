@@ -168,3 +168,10 @@ def test_the_evaluator_runs_a_method_over_it(data):
     result = evaluate(build_method("source", data[1]), stream, progress=False)
     assert result.num_images == 500 and list(result.domain_errors) == ["ccc-medium"]
     assert result.protocol["setting"] == "ccc" and len(result.error_over_stream) == len(stream)
+
+
+def test_the_walk_does_not_depend_on_what_else_is_cached(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("METATTA_CACHE", str(tmp_path / "fresh"))
+    alone = [make(data, seed=5).walk[k] for k in range(8)]
+    make(data, target_accuracy=90.0, tolerance=12.0)  # another target refines more nodes into the cache
+    assert [make(data, seed=5).walk[k] for k in range(8)] == alone

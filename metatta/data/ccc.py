@@ -50,7 +50,7 @@ from metatta.paths import cache_root
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when calibration or generation changes: old caches are then ignored
+RECIPE_VERSION = 2  # bump when calibration or generation changes: old caches are then ignored
 DIFFICULTIES = {"easy": 85.0, "medium": 70.0, "hard": 25.0}  # target source accuracy (%), Fashion-MNIST ResNet-8
 CORRUPTION_SETS = {"benchmark": BENCHMARK_CORRUPTIONS, "held_out": HELD_OUT_CORRUPTIONS, "all": ALL_CORRUPTIONS}
 OPTIONS: dict[str, Any] = {
@@ -266,12 +266,19 @@ def all_nodes(corruptions: Sequence[str]) -> list[Node]:
     return [(c, s) for c in corruptions for s in SEVERITIES]
 
 
+def _refined(cal: Calibration, node: Node, opts: CCCOptions) -> bool:
+    """Whether this target measures the node on all calibration images. Decided from the coarse
+    accuracy only, so that the band does not depend on what other targets put in the cache."""
+    name = node_name(node)
+    return name in cal.nodes and abs(cal.coarse[name] - opts.target_accuracy) <= opts.tolerance + COARSE_MARGIN
+
+
 def band_nodes(cal: Calibration, opts: CCCOptions) -> list[Node]:
     """Nodes the walk may visit: measured on all calibration images, within tolerance of the
     target, at most SEVERITIES_PER_CORRUPTION per corruption (the closest to the target)."""
     band = []
     for c in opts.corruptions:
-        near = [(c, s) for s in SEVERITIES if node_name((c, s)) in cal.nodes
+        near = [(c, s) for s in SEVERITIES if _refined(cal, (c, s), opts)
                 and abs(cal.nodes[node_name((c, s))] - opts.target_accuracy) <= opts.tolerance]
         near.sort(key=lambda node: (abs(cal.node(node) - opts.target_accuracy), node[1]))
         band += sorted(near[:SEVERITIES_PER_CORRUPTION], key=lambda node: node[1])
