@@ -226,8 +226,8 @@ def choose_guard_thresholds(signals: Sequence[dict[str, np.ndarray]], window: in
         healthy_marginal += list(rolling["marginal_entropy"][healthy])
     if not healthy_agreement:
         raise ValueError(f"no healthy stretch of {window} batches in the held-out runs: cannot choose thresholds")
-    return {"min_agreement": round(max(0.0, min(healthy_agreement) - margin), 4),
-            "min_marginal_entropy": round(max(0.0, min(healthy_marginal) - margin), 4),
+    return {"min_agreement": round(float(max(0.0, min(healthy_agreement) - margin)), 4),
+            "min_marginal_entropy": round(float(max(0.0, min(healthy_marginal) - margin)), 4),
             "window": window, "healthy_stretches": len(healthy_agreement), "stretches": stretches,
             "tolerance": tolerance, "margin": margin}
 
