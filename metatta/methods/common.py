@@ -29,6 +29,15 @@ def use_batch_statistics(model: nn.Module) -> None:
             m.num_batches_tracked = None
 
 
+def require_batchnorm(model: nn.Module, method: str) -> None:
+    """Methods that adapt through BatchNorm statistics (BN, NanoAdapt, DELTA) refuse a model without
+    BatchNorm layers (a LayerNorm ViT) with one error naming the method and the model."""
+    if not any(isinstance(m, BN_TYPES) for m in model.modules()):
+        norms = sorted({type(m).__name__ for _, m in norm_layers(model)}) or ["no normalization layers"]
+        raise ValueError(f"{method}: needs a model with BatchNorm layers; {type(model).__name__} has none "
+                         f"({', '.join(norms)})")
+
+
 def freeze_all(model: nn.Module) -> None:
     model.requires_grad_(False)
 
