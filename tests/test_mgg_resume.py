@@ -27,8 +27,8 @@ def resume_config(tmp_path, checkpoint, name, **overrides):
     # 6 images per actor and corruption = 3 batches of 2: a trajectory spans two learner steps (prime
     # + step, step), 4 steps an epoch; the checkpoint at step 3 falls inside a domain with a trajectory
     # in flight, the kill in the second epoch; lr randomization draws from the workers' generators
-    return config(tmp_path, checkpoint, name=name, train_images=24, epochs=2, checkpoint_every=CHECKPOINT_AT,
-                  inner_lr_max=1e-2, **overrides)
+    settings = dict(name=name, train_images=24, epochs=2, checkpoint_every=CHECKPOINT_AT, inner_lr_max=1e-2)
+    return config(tmp_path, checkpoint, **{**settings, **overrides})
 
 
 def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -91,3 +91,23 @@ def test_a_worker_built_from_a_state_continues_exactly(tmp_path, source_checkpoi
         assert all(torch.equal(a["grads"][k], b["grads"][k]) for k in a["grads"])
     with pytest.raises(ValueError, match="state of worker 0"):
         RolloutWorker(share, str(source_checkpoint), cfg, index=1, state=state)
+
+
+@pytest.mark.slow  # a Ray actor pool and an actor restart: tens of seconds on a shared 2-core machine
+def test_a_restarted_ray_actor_continues_from_the_last_checkpoint(tmp_path, source_checkpoint, domains, ray_session):
+    ray = ray_session
+    # a checkpoint after every step, the crash right after one: the restarted actor loses nothing
+    cfg = resume_config(tmp_path, source_checkpoint, "crash", checkpoint_every=1)
+    whole = train_mgg(dataclasses.replace(cfg, name="crash_reference"), use_ray=False, domains=domains)
+    killed = []
+
+    def kill_once(step, pool):
+        if step == CHECKPOINT_AT and not killed:
+            ray.kill(pool.actors[1], no_restart=False)  # a crash: Ray restarts it, the call is retried
+            killed.append(step)
+
+    crashed = train_mgg(cfg, use_ray=True, domains=domains, on_step=kill_once)
+    assert killed == [CHECKPOINT_AT]
+    expected, got = whole.mgg.state_dict(), crashed.mgg.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), \
+        f"MGG after an actor restart differs by up to {max_abs_difference(expected, got)}"

@@ -424,7 +424,7 @@ def validation_error(mgg, checkpoint: str, val_domains: list[DomainData], cfg: M
 
 def meta_train(
     cfg: MGGTrainConfig,
-    pool_class: Callable[[list[list[DomainData]], str, MGGTrainConfig], Any] | None = None,
+    pool_class: Callable[[list[list[DomainData]], str, MGGTrainConfig, list | None], Any] | None = None,
     *,
     resume: bool = False,
     domains: list[DomainData] | None = None,
