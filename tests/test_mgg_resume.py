@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from metatta import tracking
-from metatta.learned.meta_training import RolloutWorker, split_domains, steps_per_epoch
+from metatta.learned.meta_training import (RolloutWorker, checkpoint_path, load_checkpoint, split_domains,
+                                           steps_per_epoch)
 from test_mgg_training import config, domains, source_checkpoint  # noqa: F401 (fixtures)
 from trainers.mgg import train_mgg
 
@@ -111,3 +112,11 @@ def test_a_restarted_ray_actor_continues_from_the_last_checkpoint(tmp_path, sour
     expected, got = whole.mgg.state_dict(), crashed.mgg.state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected), \
         f"MGG after an actor restart differs by up to {max_abs_difference(expected, got)}"
+
+
+def test_resume_refuses_another_number_of_actors(tmp_path, source_checkpoint, domains):
+    cfg = config(tmp_path, source_checkpoint, name="actors", epochs=2)
+    train_mgg(dataclasses.replace(cfg, epochs=1), use_ray=False, domains=domains)
+    assert len(load_checkpoint(checkpoint_path(cfg))["workers"]) == 2
+    with pytest.raises(ValueError, match="holds 2 rollout worker states, train_mgg.num_actors is 1"):
+        train_mgg(dataclasses.replace(cfg, num_actors=1), resume=True, use_ray=False, domains=domains)
