@@ -424,7 +424,7 @@ def validation_error(mgg, checkpoint: str, val_domains: list[DomainData], cfg: M
 
 def meta_train(
     cfg: MGGTrainConfig,
-    pool_class: Callable[[list[list[DomainData]], str, MGGTrainConfig], Any] | None = None,
+    pool_class: Callable[[list[list[DomainData]], str, MGGTrainConfig, list | None], Any] | None = None,
     *,
     resume: bool = False,
     domains: list[DomainData] | None = None,
@@ -458,7 +458,9 @@ def meta_train(
         optimizer.load_state_dict(state["optimizer"])
         step, run_id, history = int(state["step"]), state["run_id"] or None, list(state["history"])
         worker_states, learner_rng = state.get("workers"), state.get("rng")
-        if worker_states is None:
+        if worker_states is not None:
+            check_worker_states(worker_states, len(shares))  # before any worker starts
+        else:
             log.warning("%s has no rollout worker states (written before they were saved): the workers start "
                         "at epoch 0 and the resumed training differs from an uninterrupted one", ckpt)
         log.info("resumed from %s at step %d of %d", ckpt, step, total_steps)
