@@ -41,7 +41,6 @@ FAST = {
     "roid": {"lr": 0.01},
     "cmf": {"lr": 0.01},
     "santa": {"lr": 0.01, "projection_dim": 8},
-    "rdumb": {"lr": 0.05},
 }
 
 
