@@ -11,7 +11,7 @@ setup: $(STAMP)
 # Installs against the versions the tests last passed with; pyproject keeps ranges.
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
 	touch $(STAMP)
 
 data:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import setup_logging
 from metatta.config import load_config
@@ -32,7 +35,8 @@ from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
 from metatta.data.domains import ALL_CORRUPTIONS, HELD_OUT_CORRUPTIONS
 from metatta.experiment import experiment_config, run_experiment
 from metatta.reporting import benchmark_command, markdown_table
-from trainers.mgg import mgg_train_config, steps_per_epoch, split_domains, train_mgg
+from metatta.learned.meta_training import mgg_train_config, split_domains, steps_per_epoch
+from trainers.mgg import train_mgg
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs" / "fmnist_c"

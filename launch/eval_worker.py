@@ -5,12 +5,20 @@
     python launch/eval_worker.py --model mgg --claims ray  # one worker per host of a Ray cluster
 
 Several workers may run at once (processes, or one per Ray actor): each version
-is claimed atomically by exactly one of them. `--claims file` (default) needs the
-workers on one host or a shared filesystem; `--claims ray` needs only a Ray cluster.
+is claimed by exactly one of them. `--claims file` (default) needs the workers
+on one host or a shared filesystem; `--claims ray` needs only a Ray cluster.
+A claim is a lease the worker renews while it evaluates; the claim of a worker
+that died expires after `--lease` seconds and another worker takes it over.
+See and release claims with `python launch/claims.py`.
 """
+import dataclasses
 import sys
 
+from metatta.adapter_eval import EvalWorker
+from metatta.claims import DEFAULT_LEASE_S
 from metatta.cli import experiment_parser, parse_experiment, run_main
+from metatta.experiment import experiment_config
+from metatta.output_paths import resolve_output_path
 
 
 def main(argv=None):
@@ -22,14 +30,22 @@ def main(argv=None):
                         help="claim backend: file (one host or a shared filesystem) | ray (a detached actor "
                              "shared by the hosts of the Ray cluster at RAY_ADDRESS; default: %(default)s)")
     parser.add_argument("--claims-dir", default=None,
-                        help="directory for file claims (default: beside mlflow.db); unused with --claims ray")
+                        help="directory for file claims; default: beside mlflow.db when MLFLOW_TRACKING_URI is "
+                             "sqlite:///..., else (a tracking server) <cache root>/eval_claims on this host only, "
+                             "so workers on several hosts need a shared --claims-dir or --claims ray. "
+                             "Unused with --claims ray")
+    parser.add_argument("--lease", type=float, default=DEFAULT_LEASE_S,
+                        help="seconds a claim lasts without renewal (renewed every lease/4 while evaluating); "
+                             "a dead worker's version is taken over after it (default: %(default)s)")
     args, data = parse_experiment(parser, argv)
     if args.interval <= 0:
         raise ValueError(f"--interval must be positive, got {args.interval}")
-    from metatta.adapter_eval import EvalWorker
-    from metatta.experiment import experiment_config
-
-    worker = EvalWorker(args.model, experiment_config(data), claims_dir=args.claims_dir, claims=args.claims)
+    if not args.lease > 0:
+        raise ValueError(f"--lease must be positive, got {args.lease}")
+    experiment = experiment_config(data)
+    experiment = dataclasses.replace(experiment, output_dir=resolve_output_path(experiment.output_dir, "output_dir"))
+    claims_dir = resolve_output_path(args.claims_dir, "--claims-dir") if args.claims_dir else None
+    worker = EvalWorker(args.model, experiment, claims_dir=claims_dir, claims=args.claims, lease_s=args.lease)
     worker.run_forever(args.interval, max_polls=1 if args.once else None)
 
 

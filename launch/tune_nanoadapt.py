@@ -16,19 +16,24 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 import sys
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
+
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.config import ConfigError
+from metatta.output_paths import resolve_output_path
+from metatta.search import search_config
+from trainers.cluster import connect
+from trainers.tune import run_search
 
 log = logging.getLogger("tune_nanoadapt")
 
 
 def batch_size_searches(data: dict[str, Any]) -> list:
     """One checked SearchConfig per entry of `batch_sizes` (default: the stream's batch size)."""
-    from metatta.config import ConfigError
-    from trainers.tune import search_config
-
     data = copy.deepcopy(data)
     sizes = data.pop("batch_sizes", None) or [data.get("stream", {}).get("batch_size", 1)]
     if not isinstance(sizes, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
@@ -45,35 +50,12 @@ def batch_size_searches(data: dict[str, Any]) -> list:
         d["register_as"] = f"{register}_n{b}" if register else ""
         if "lr_batch_size" not in d.get("space", {}):
             d.setdefault("method_config", {})["lr_batch_size"] = b  # the searched lr is the lr at batch b
-        cfg = search_config(d)
-        check_space_corners(cfg)
-        out.append(cfg)
+        out.append(search_config(d))  # checks the space's corners against the method's rules
     return out
-
-
-def check_space_corners(cfg) -> None:
-    """The method's own value rules (NanoAdapt's `validate`: k >= 0, S >= 1, m in [0, 1]) at the
-    low and the high end of every searched field, so a bad space fails here, not in every trial."""
-    from metatta.config import ConfigError
-    from metatta.methods.base import method_class
-
-    cls = method_class(cfg.method)
-    if not hasattr(cls, "validate"):
-        return
-    for end in ("low", "high"):
-        point = {k: (p.values[0 if end == "low" else -1] if p.type == "choice" else getattr(p, end))
-                 for k, p in cfg.space.items()}
-        point = {k: int(v) if cfg.space[k].type == "int" else v for k, v in point.items()}
-        try:
-            cls.validate(cls.make_config({**cfg.method_config, **point}))
-        except ValueError as e:
-            raise ConfigError(f"search.space ({end} end): {e}") from None
 
 
 def run_searches(data: dict[str, Any]) -> dict[int, Any]:
     """Run the search of every batch size; returns {batch size: SearchOutcome}."""
-    from trainers.tune import run_search
-
     outcomes = {}
     for cfg in batch_size_searches(data):
         outcome = run_search(cfg)
@@ -92,11 +74,9 @@ def main(argv=None):
     first = searches[0]
     require_file(first.source.checkpoint, "source.checkpoint")
     require_file(first.source.config if first.source.checkpoint is None else None, "source.config")
-    require_writable_dir(first.output_dir, "output_dir")
-    import ray
-
-    # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
-    ray.init()
+    data = {**data, "output_dir": resolve_output_path(first.output_dir, "output_dir")}
+    require_writable_dir(data["output_dir"], "output_dir")
+    connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one
     run_searches(data)
 
 

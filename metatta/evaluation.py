@@ -4,6 +4,11 @@
 expected calibration error, images per second, peak memory, the error over the
 stream (for continual plots) and the full protocol that produced the numbers.
 Results are plain JSON; tables and plots are made from them (reporting.py).
+
+It is the one evaluation loop (reset at domain changes, adapt, count): experiments,
+Ray Tune trials and evaluation workers all run it. A caller that needs to watch the
+stream as it goes (a Tune trial reporting its running error so ASHA can stop it)
+passes `on_batch`, called with a `Progress` after every batch.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -51,6 +56,8 @@ class Result:
     batch_domains: list[str]
     protocol: dict[str, Any]
     skipped_updates: int = 0  # updates the non-finite guard refused (methods/base.py)
+    collapse_events: int = 0  # times the method's collapse guard fired (methods/guard.py)
+    scheduled_resets: int = 0  # resets by the method's `reset_every` schedule (RDumb)
     # mean over a domain's batches of the parameters the method adapted on each batch
     # (constant for most methods; PALM's layer selection changes it batch by batch)
     domain_adapted_parameters: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -66,6 +73,22 @@ class Result:
         if missing:
             raise ValueError(f"result is missing field(s) {sorted(missing)}")
         return cls(**{k: data[k] for k in fields if k in data})
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where an evaluation stands after a batch (what `evaluate`'s `on_batch` is given)."""
+
+    batches: int  # batches evaluated so far
+    total_batches: int  # batches in the stream
+    images: int  # images evaluated so far
+    domain: str  # the domain of the batch just evaluated
+    domain_errors: dict[str, float]  # percent, per domain seen so far, in stream order
+
+    @property
+    def mean_error(self) -> float:
+        """Mean over the domains seen so far (the final one is `Result.mean_error`)."""
+        return float(np.mean(list(self.domain_errors.values())))
 
 
 def save_results(results: Iterable[Result], path: str | Path) -> Path:
@@ -150,10 +173,12 @@ def evaluate(
     device: str | torch.device = "cpu",
     protocol: dict[str, Any] | None = None,
     progress: bool = True,
+    on_batch: Callable[[Progress], None] | None = None,
 ) -> Result:
     """Run `method` over `stream`, adapting online, and measure it.
 
-    Resets the method at every domain change when the stream says so (episodic)."""
+    Resets the method at every domain change when the stream says so (episodic).
+    `on_batch(progress)` runs after every batch, outside the timed part."""
     device = torch.device(device)
     name = method_name or getattr(method, "name", type(method).__name__)
     errors_by_domain: "OrderedDict[str, list[int]]" = OrderedDict()
@@ -190,9 +215,12 @@ def evaluate(
             confidences.append(conf.cpu().numpy())
             corrects.append(correct)
             num_images += len(correct)
+            if on_batch is not None:
+                on_batch(Progress(batches=len(batch_domains), total_batches=len(stream), images=num_images,
+                                  domain=domain, domain_errors=_percent(errors_by_domain)))
     if num_images == 0:
         raise ValueError("the stream yielded no images")
-    domain_errors = {d: 100.0 * wrong / total for d, (wrong, total) in errors_by_domain.items()}
+    domain_errors = _percent(errors_by_domain)
     return Result(
         method=name,
         domain_errors=domain_errors,
@@ -203,12 +231,19 @@ def evaluate(
         num_images=num_images,
         adapted_parameters=_adapted_parameters(method),
         skipped_updates=int(getattr(method, "skipped_updates", 0)),
+        collapse_events=int(getattr(method, "collapse_events", 0)),
+        scheduled_resets=int(getattr(method, "scheduled_resets", 0)),
         domain_adapted_parameters={d: float(np.mean(c)) for d, c in adapted_by_domain.items()},
         error_over_stream=error_over_stream,
         batch_domains=batch_domains,
         protocol={**(protocol or {}), "setting": stream.setting, "device": str(device),
                   "library_versions": library_versions()},
     )
+
+
+def _percent(errors_by_domain: dict[str, list[int]]) -> dict[str, float]:
+    """{domain: [wrong, total]} -> {domain: error in percent}."""
+    return {d: 100.0 * wrong / total for d, (wrong, total) in errors_by_domain.items()}
 
 
 def _adapted_parameters(method: torch.nn.Module) -> int:

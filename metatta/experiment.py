@@ -5,6 +5,12 @@
 "-C" benchmark files, the source model), evaluates every method on a fresh copy
 of the source model, writes results JSON, a markdown table and a plot, and logs
 all of it to MLflow.
+
+`build_row_method` is the one place a method is built for a stream: it builds the
+context inputs the method declares (`method_context`: EATA's Fisher batches, source
+feature statistics, trained adapters; a plug-in's are its base's) and the method with
+its lr scaled to the stream's batch. Experiments and Ray Tune trials (trainers/tune.py)
+both use it, and run the one evaluation loop, `metatta.evaluation.evaluate`.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import copy
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -20,7 +26,9 @@ from metatta.config import build_dataclass
 from metatta.device import resolve_device
 from metatta.data.domains import BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, ALL_CORRUPTIONS, check_corruption_names
 from metatta.evaluation import Result, evaluate, save_results
-from metatta.methods.base import build_method, method_class
+from metatta.methods.base import TTAMethod, build_method, method_class
+from metatta.references import pin_references
+from metatta.source import source_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +114,30 @@ def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
                 method_class(spec.name).make_config(method_config(spec))
             except ValueError as e:
                 raise ValueError(f"methods: {spec.name}.settings {spec.settings}: {e}") from e
+    check_method_configs(cfg)
     cfg.benchmark.corruption_names()
     return cfg
+
+
+def check_method_configs(cfg: ExperimentConfig) -> None:
+    """Every row's method config, validated (`MethodConfig.validate`, a plug-in's base's included),
+    so a bad row is refused before the first row runs; the error names the row."""
+    for i, spec in enumerate(cfg.methods):
+        try:
+            method_class(spec.name).make_config(method_config(spec))
+        except ValueError as e:
+            raise ValueError(f"methods[{i}]: {e}") from e
+
+
+def check_rows(cfg: ExperimentConfig) -> None:
+    """What `run_experiment` checks before any work: every row's config, and a trained adapter
+    named for every row that needs one (it may be set after parsing, e.g. by `with_adapter`)."""
+    check_method_configs(cfg)
+    for i, spec in enumerate(cfg.methods):
+        kinds = [ADAPTER_INPUTS[key] for key in required_inputs(spec) if key in ADAPTER_INPUTS]
+        if kinds and spec.adapter is None:
+            raise ValueError(f"methods[{i}]: method {spec.name}: needs a trained adapter "
+                             f"(set `adapter: models:/{kinds[0]}@champion` or a path)")
 
 
 def required_inputs(spec: MethodSpec) -> tuple[str, ...]:
@@ -157,24 +187,29 @@ def benchmark_root(cfg: BenchmarkConfig) -> Path:
 
 
 def load_domains(cfg: BenchmarkConfig):
-    from metatta.data.benchmark_files import read_cifar_c
+    """The benchmark's domains; `num_images` is capped, with a warning, to what the files hold
+    (a small dataset, e.g. a digits-sized one, cannot give a config's 1,000 images per domain)."""
+    from metatta.data.benchmark_files import capped_num_images, read_cifar_c
 
-    return read_cifar_c(benchmark_root(cfg), cfg.corruption_names(), cfg.severities, num_images=cfg.num_images,
+    root = benchmark_root(cfg)
+    num_images = capped_num_images(root, cfg.num_images, cfg.first_image, "benchmark.num_images")
+    return read_cifar_c(root, cfg.corruption_names(), cfg.severities, num_images=num_images,
                         first_image=cfg.first_image)
+
+
+def images_used(cfg: BenchmarkConfig, domains) -> int | None:
+    """The images per domain the run used: the config's number, or fewer when load_domains capped it
+    (None, all of them, stays None so that results keep matching recorded ones)."""
+    if cfg.num_images is None or not domains:
+        return cfg.num_images
+    return min(cfg.num_images, len(domains[0].labels))
 
 
 def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Module, Path]:
     from metatta.models import load_source_model
 
-    path = cfg.checkpoint
-    if path is None:
-        if cfg.config is None:
-            raise ValueError("source: give `checkpoint` or `config`")
-        from metatta.config import load_config
-        from trainers.source import ensure_source_model
-
-        path = ensure_source_model(load_config(cfg.config))
-    return load_source_model(path, device=device), Path(path)
+    path = source_checkpoint(cfg.checkpoint, cfg.config)
+    return load_source_model(path, device=device), path
 
 
 # Context inputs that hold a trained adapter, by the adapter kind (adapter.json "kind") they take;
@@ -183,9 +218,26 @@ ADAPTER_INPUTS = {"mgg": "mgg", "cta_model": "cta", "ttt_model": "ttt"}
 DEFAULT_ADAPTER_METHODS = {"mgg": "mgtta", "cta": "cta", "ttt": "ttt"}
 
 
-def method_context(spec: MethodSpec, cfg: ExperimentConfig, checkpoint: Path, device: torch.device,
+class ContextSettings(Protocol):
+    """What the context builder reads from a run's config (an ExperimentConfig, a search's SearchConfig)."""
+
+    benchmark: BenchmarkConfig
+    stream: StreamConfig
+    fisher_images: int
+
+
+def build_row_method(spec: MethodSpec, model: torch.nn.Module, cfg: ContextSettings, checkpoint: Path,
+                     device: torch.device, cache: dict[str, Any] | None = None) -> TTAMethod:
+    """The method of `spec` on `model` (used as is: pass a copy to keep the source), with the context
+    inputs it declares and its lr scaled to the stream's batch size (MethodConfig.lr_batch_size)."""
+    context = method_context(spec, cfg, checkpoint, device, cache if cache is not None else {})
+    return build_method(spec.name, model, method_config(spec), batch_size=cfg.stream.batch_size, **context)
+
+
+def method_context(spec: MethodSpec, cfg: ContextSettings, checkpoint: Path, device: torch.device,
                    cache: dict[str, Any]) -> dict[str, Any]:
-    """The inputs a method declares (`TTAMethod.inputs_for`); shared ones are built once."""
+    """The inputs a method declares (`TTAMethod.inputs_for`; a plug-in: its base's); inputs shared
+    by rows (source statistics, Fisher batches) are built once per `cache`."""
     context = {}
     for key in required_inputs(spec):
         if key == "mgg":
@@ -233,7 +285,7 @@ def load_adapter_network(spec: MethodSpec, checkpoint: Path, kind: str, device: 
     return net.to(device)
 
 
-def _build_context(key: str, cfg: ExperimentConfig, checkpoint: Path, device: torch.device) -> Any:
+def _build_context(key: str, cfg: ContextSettings, checkpoint: Path, device: torch.device) -> Any:
     if key == "source_stats":
         from metatta.models.checkpoint import load_feature_stats
 
@@ -260,6 +312,11 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     from metatta.data.streams import build_stream
     from metatta.models.checkpoint import checkpoint_hash
 
+    check_rows(cfg)  # a bad row fails before the first row runs, not after the rows before it
+    # models:/...@alias resolved (and adapters checked) once, before any work: rows load those versions,
+    # results record them
+    pinned_methods, references = pin_references(cfg.methods)
+    cfg = dataclasses.replace(cfg, methods=pinned_methods)
     device = resolve_device(cfg.device)
     domains = load_domains(cfg.benchmark)
     model, checkpoint = source_model(cfg.source, device)
@@ -269,7 +326,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
         "domains": [d.name for d in domains],
         "severities": cfg.benchmark.severities,
         "batch_size": cfg.stream.batch_size,
-        "num_images_per_domain": cfg.benchmark.num_images,
+        "num_images_per_domain": images_used(cfg.benchmark, domains),
         "first_image": cfg.benchmark.first_image,
         "seed": cfg.stream.seed,
         "source_checkpoint": str(checkpoint),
@@ -277,16 +334,14 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     }
     stream_options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
     results, cache = [], {}
-    for spec in cfg.methods:
+    for spec, reference in zip(cfg.methods, references):
         torch.manual_seed(cfg.stream.seed)
         stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **stream_options)
-        context = method_context(spec, cfg, checkpoint, device, cache)
-        method = build_method(spec.name, copy.deepcopy(model), method_config(spec),
-                              batch_size=cfg.stream.batch_size, **context)  # scales lr (MethodConfig.lr_batch_size)
+        method = build_row_method(spec, copy.deepcopy(model), cfg, checkpoint, device, cache)
         label = spec.label or spec.name
         log.info("evaluating %s on %d images (%s, batch %d)", label, stream.num_images, stream.setting, stream.batch_size)
         result = evaluate(method, stream, method_name=label, device=device, progress=cfg.progress,
-                          protocol={**protocol, "method_config": dataclasses.asdict(method.config),
+                          protocol={**protocol, **reference, "method_config": dataclasses.asdict(method.config),
                                     "lr_scaling": method.lr_scaling})
         log.info("%s: mean error %.2f%%, %.0f img/s", label, result.mean_error, result.images_per_second)
         results.append(result)

@@ -10,9 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from metatta.cli import UserError
+from metatta.output_paths import resolve_output_path
+from metatta.safe_files import read_json_file, read_state_dict, read_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +28,9 @@ DEFAULT_EXPERIMENT = "metatta"
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        uri = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+        # ./mlflow.db; under `ray job submit` only with $METATTA_OUTPUT_ROOT (metatta.output_paths)
+        db = resolve_output_path("mlflow.db", "MLFLOW_TRACKING_URI (default: ./mlflow.db)")
+        uri = f"sqlite:///{Path(db).resolve()}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
 
@@ -81,8 +89,34 @@ def resume_run(run_id: str) -> Iterator[Any]:
         yield run
 
 
+def training_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None,
+                 enabled: bool = True):
+    """The MLflow run a training logs into: the run `run_id` continued (a resumed training), else a
+    new run; a context that yields None when `enabled` is false (no MLflow at all)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if run_id:
+        return resume_run(run_id)
+    return start_run(name, params=params, tags=tags)
+
+
+def log_run_metrics(run_id: str, metrics: dict[str, float], step: int, prefix: str = "") -> None:
+    """Log `metrics` (named `<prefix><name>`) into run `run_id` from any process, active run or not
+    (a Ray worker logging into the driver's run)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(metric_key(f"{prefix}{k}"), float(v), now, step) for k, v in metrics.items()]
+    client().log_batch(run_id, metrics=batch)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which run `run_id` has a value of metric `key`."""
+    return {m.step for m in client().get_metric_history(run_id, metric_key(key))}
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    _mlflow().log_metrics({_safe_key(k): float(v) for k, v in metrics.items()}, step=step)
+    _mlflow().log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -110,13 +144,13 @@ def log_results(results: Sequence[Any], artifacts: Sequence[str | Path] = (), pr
             f"{tag}/skipped_updates": getattr(r, "skipped_updates", 0),
         }
         metrics.update({f"{tag}/error/{d}": e for d, e in r.domain_errors.items()})
-        mlflow.log_metrics({_safe_key(k): v for k, v in metrics.items()})
+        mlflow.log_metrics({metric_key(k): v for k, v in metrics.items()})
     for path in artifacts:
         mlflow.log_artifact(str(path))
 
 
-def _safe_key(key: str) -> str:
-    # MLflow metric names allow alphanumerics, _ - . space : / only.
+def metric_key(key: str) -> str:
+    """`key` as an MLflow metric name (those allow alphanumerics, _ - . space : / only)."""
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
 
 
@@ -182,28 +216,52 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     return name, version, None
 
 
+class NotRegistered(UserError, LookupError):
+    """A models:/ URI that names no registered model, version or alias (a user error: one line, exit 2)."""
+
+
 def resolve_version(uri: str) -> str:
+    """The version number a models:/ URI names (an alias resolved now); NotRegistered when there is none."""
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_model_uri(uri)
+    c = client()
+    if not c.search_registered_models(filter_string=f"name='{name}'"):
+        raise NotRegistered(f"{uri}: no registered model {name!r} in the tracking store {tracking_uri()} "
+                            f"(not trained and registered yet, or another MLFLOW_TRACKING_URI)")
     if version is not None:
+        try:
+            c.get_model_version(name, version)
+        except MlflowException as e:
+            raise NotRegistered(f"{uri}: registered model {name!r} has no version {version}") from e
         return version
     try:
-        return str(client().get_model_version_by_alias(name, alias).version)
+        return str(c.get_model_version_by_alias(name, alias).version)
     except MlflowException as e:
-        raise LookupError(f"{uri}: no version of model {name!r} has alias {alias!r}") from e
+        raise NotRegistered(f"{uri}: no version of model {name!r} has alias {alias!r}") from e
 
 
-def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
-    """Fetch a registered adapter's files; `uri` is models:/name@alias or models:/name/N."""
+def download_registered(uri: str, dst: str | Path | None = None) -> tuple[str, Path]:
+    """(version, local directory) of the registered files a models:/ URI names (an alias resolved now)."""
     mlflow = _mlflow()
     name, _, _ = parse_model_uri(uri)
     version = resolve_version(uri)
     path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
                                                     dst_path=str(dst) if dst else None))
+    return version, path
+
+
+def download_adapter(uri: str, dst: str | Path | None = None) -> Path:
+    """Fetch a registered adapter's files; `uri` is models:/name@alias or models:/name/N.
+    The files are checked (adapter.json is JSON, weights.pt a plain state dict) before any use."""
+    name, _, _ = parse_model_uri(uri)
+    version, path = download_registered(uri, dst)
     for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (path / required).is_file():
             raise FileNotFoundError(f"{uri} (version {version}) has no {required}")
+    what = f"registered adapter {name} version {version} ({uri}):"
+    read_json_file(path / ADAPTER_CONFIG, what)
+    read_state_dict(path / ADAPTER_WEIGHTS, what)
     return path
 
 
@@ -222,39 +280,71 @@ def adapter_directory(ref: str | Path) -> Path:
 def adapter_info(path: str | Path) -> dict[str, Any]:
     """An adapter directory's adapter.json ({} when it has none: a bare MGG weights directory)."""
     config = Path(path) / ADAPTER_CONFIG
-    return json.loads(config.read_text()) if config.is_file() else {}
+    return read_json_file(config, "adapter config") if config.is_file() else {}
 
 
 def load_adapter_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state dict, config) from an adapter directory, without unpickling objects."""
-    import torch
-
     path = Path(path)
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
-    state = torch.load(path / ADAPTER_WEIGHTS, map_location="cpu", weights_only=True)
+    config = read_json_file(path / ADAPTER_CONFIG, "adapter config")
+    state = read_state_dict(path / ADAPTER_WEIGHTS, "adapter weights")
     return state, config
 
 
+VALIDATION_DECIMALS = 6  # the precision validation errors are recorded (and compared) at
+PROMOTION_TAG = "promotion"  # why the alias did or did not move to this version
+
+
 def promote_if_better(name: str, version: str, validation_error: float, alias: str = CHAMPION) -> bool:
-    """Record the version's validation error; move `alias` to it when it beats
-    the current holder (lower is better). Returns whether the alias moved."""
+    """Record the version's validation error; move `alias` to it when it beats the current
+    holder. Returns whether the alias moved.
+
+    The rule: lower validation error wins, compared at the recorded precision
+    (VALIDATION_DECIMALS). A tie keeps the incumbent: a retrained version that is
+    no better does not replace the one already served and evaluated, so among
+    equals the first registered holds the alias. A non-finite error is never
+    promoted. The decision and its reason are tagged on the version (`promotion`)."""
     from mlflow.exceptions import MlflowException
 
     c = client()
-    c.set_model_version_tag(name, version, VALIDATION_TAG, f"{validation_error:.6f}")
+    finite = math.isfinite(validation_error)
+    recorded = round(validation_error, VALIDATION_DECIMALS) if finite else validation_error
+    c.set_model_version_tag(name, version, VALIDATION_TAG, f"{validation_error:.{VALIDATION_DECIMALS}f}")
     try:
         current = c.get_model_version_by_alias(name, alias)
     except MlflowException:
         current = None
-    if current is not None:
-        best = float(current.tags.get(VALIDATION_TAG, "inf"))
-        if validation_error >= best:
-            log.info("%s v%s (%.3f) does not beat %s v%s (%.3f)", name, version, validation_error, alias,
-                     current.version, best)
-            return False
-    c.set_registered_model_alias(name, alias, version)
-    log.info("%s@%s -> version %s (validation error %.3f)", name, alias, version, validation_error)
-    return True
+    if current is not None and str(current.version) == str(version):
+        reason = f"already {alias}"
+    elif not finite:
+        reason = f"not promoted: validation error {validation_error} is not finite"
+    elif current is not None:
+        best = round(float(current.tags.get(VALIDATION_TAG, "inf")), VALIDATION_DECIMALS)
+        if recorded > best:
+            reason = f"not promoted: {recorded} is worse than {alias} v{current.version} ({best})"
+        elif recorded == best:
+            reason = f"not promoted: ties {alias} v{current.version} at {best} (a tie keeps the incumbent)"
+        else:
+            reason = f"{alias}: {recorded} beats v{current.version} ({best})"
+    else:
+        reason = f"{alias}: first version with a validation error"
+    promoted = reason.startswith(f"{alias}:")
+    c.set_model_version_tag(name, version, PROMOTION_TAG, reason)
+    if promoted:
+        c.set_registered_model_alias(name, alias, version)
+    log.info("%s v%s (validation error %s): %s", name, version, recorded, reason)
+    return promoted
+
+
+def register_and_promote(name: str | None, directory: str | Path, run_id: str | None, validation_error: float,
+                         tags: dict[str, str] | None = None) -> tuple[str | None, bool]:
+    """Register a trained adapter as a new version of model `name` and move the champion alias
+    to it when it beats the holder: (version, promoted). (None, False) when there is no run or
+    no name (registration off)."""
+    if not run_id or not name:
+        return None, False
+    version = register_adapter(name, directory, run_id, tags=tags)
+    return version, promote_if_better(name, version, validation_error)
 
 
 # ---- model registry: tuned settings ----------------------------------------------------
@@ -287,14 +377,9 @@ def register_settings(name: str, directory: str | Path, run_id: str, tags: dict[
 def load_settings(uri: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(method config, info) from a settings YAML file, a settings directory, or
     models:/<name>@<alias> / models:/<name>/<N>; info is {} for a bare YAML file."""
-    import yaml
-
     text = str(uri)
     if text.startswith("models:/"):
-        mlflow = _mlflow()
-        name, _, _ = parse_model_uri(text)
-        version = resolve_version(text)
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+        version, path = download_registered(text)
         if not (path / SETTINGS_FILE).is_file():
             raise FileNotFoundError(f"{text} (version {version}) has no {SETTINGS_FILE}")
     else:
@@ -303,8 +388,8 @@ def load_settings(uri: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise FileNotFoundError(f"settings: no such file or directory {text!r}")
     yaml_path = path / SETTINGS_FILE if path.is_dir() else path
     info_path = yaml_path.parent / SETTINGS_INFO if path.is_dir() else None
-    config = yaml.safe_load(yaml_path.read_text()) or {}
+    config = read_yaml_file(yaml_path, f"settings {text}:") or {}
     if not isinstance(config, dict):
         raise ValueError(f"settings {text}: {yaml_path.name} must hold a mapping of method config fields")
-    info = json.loads(info_path.read_text()) if info_path is not None and info_path.is_file() else {}
+    info = read_json_file(info_path, f"settings {text}:") if info_path is not None and info_path.is_file() else {}
     return config, info

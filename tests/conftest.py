@@ -14,6 +14,16 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
+@pytest.fixture(scope="module")
+def module_mlflow_uri(tmp_path_factory):
+    """One SQLite tracking store for a whole test module (creating one costs seconds of
+    migrations); its tests must use distinct experiment and model names."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     ray = pytest.importorskip("ray")

@@ -14,7 +14,9 @@ from metatta.experiment import ExperimentConfig, MethodSpec, checked_adapter, me
 from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.ssl import load_network
-from trainers.cta import cta_train_config, fit_stage_on_ray, load_stage_state, stage_files, stage_spec, train_cta
+from metatta.ssl.stages import cta_train_config, load_stage_state, stage_files
+from metatta.ssl.training import stage_spec
+from trainers.cta import fit_stage_on_ray, train_cta
 
 CTA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fmnist_c" / "cta.yaml"
 
@@ -53,7 +55,7 @@ def config(tmp_path, checkpoint, **overrides):
     return cta_train_config(values)
 
 
-def test_config_errors(tmp_path, source_checkpoint):
+def test_config_errors(tmp_path, source_checkpoint, domains):
     with pytest.raises(ValueError, match="method"):
         config(tmp_path, source_checkpoint, method="byol")
     with pytest.raises(ValueError, match="train_cta.simclr"):
@@ -62,7 +64,18 @@ def test_config_errors(tmp_path, source_checkpoint):
         config(tmp_path, source_checkpoint, val_corruptions=["fog", "nope"])
     with pytest.raises(ValueError, match="no batch"):
         train_cta(config(tmp_path, source_checkpoint, simclr={"batch_size": 512}), use_ray=False,
-                  data=(np.zeros((8, 28, 28, 1), np.uint8), np.zeros(8, np.int64)))
+                  data=(np.zeros((8, 28, 28, 1), np.uint8), np.zeros(8, np.int64)), domains=domains)
+
+
+def test_validation_images_are_read_before_any_training(tmp_path, source_checkpoint, data, monkeypatch):
+    """A benchmark that cannot give the validation images fails before the first stage trains."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a stage trained before the validation images were checked")
+
+    monkeypatch.setattr("metatta.ssl.training.run_stage", fail)
+    cfg = config(tmp_path, source_checkpoint, benchmark_root=str(tmp_path / "no_benchmark"))
+    with pytest.raises(FileNotFoundError, match="no_benchmark"):
+        train_cta(cfg, use_ray=False, data=data)
 
 
 def test_a_relative_checkpoint_dir_is_resolved_in_the_driver(tmp_path, source_checkpoint, monkeypatch):
@@ -112,7 +125,7 @@ def test_alignment_option_errors(tmp_path, source_checkpoint):
 
 
 def test_alignment_inputs_follow_the_augment_option(tmp_path, source_checkpoint):
-    from trainers.cta import stage_inputs
+    from metatta.ssl.objectives import stage_inputs
 
     x = torch.rand(4, 1, 28, 28)
     for augment, simclr_weight, count in (("light", 0.0, 1), ("simclr", 0.0, 1), ("light", 1.0, 3)):
@@ -240,7 +253,7 @@ def test_cta_reduces_error_versus_its_unadapted_encoder_on_a_corrupted_stream(tm
     the earlier default) the steps hurt (45.50 / 46.50 / 46.33), and the test was a strict xfail."""
     from metatta.evaluation import evaluate
     from metatta.methods import build_method
-    from trainers.source import train_source
+    from metatta.source import train_source
 
     train = _fashion_mnist("train", 4000)
     source = train_source({"epochs": 2, "num_train_images": 4000, "num_test_images": 500, "feature_stats_images": 100,

@@ -1,6 +1,7 @@
 """-C benchmark files: building Fashion-MNIST-C on real data, build-once and interruption safety,
 the CIFAR-10-C style reader and its errors, the ImageNet-C reader."""
 import json
+import os
 import threading
 
 import numpy as np
@@ -300,6 +301,44 @@ def test_reader_missing_files(copy_of, tmp_path):
         bf.read_cifar_c(copy_of, ["fog"], [5])
 
 
+def replace_bytes_keeping_size_and_mtime(path, row):
+    st = path.stat()
+    data = np.load(path, mmap_mode="r+")
+    data[row] = 255 - data[row]
+    data.flush()
+    del data
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_replaced_bytes_with_the_same_size_and_mtime_are_detected(copy_of, monkeypatch):
+    original = np.load(copy_of / "fog.npy")
+    bf.read_cifar_c(copy_of, ["fog"], [5])  # verified once in this process
+    replace_bytes_keeping_size_and_mtime(copy_of / "fog.npy", 4 * N + 3)
+    with pytest.raises(ValueError, match=r"fog.npy: its bytes differ from the sha256 recorded in .*manifest.json"):
+        bf.read_cifar_c(copy_of, ["fog"], [5])
+    monkeypatch.setattr(bf, "_HASHED", {})  # a fresh process
+    with pytest.raises(ValueError, match="fog.npy: its bytes differ"):
+        bf.read_cifar_c(copy_of, ["fog"], [5])
+    # the builder (what fashion_mnist_c runs before reading) finds it too, and rebuilds it identically
+    root = bf.fashion_mnist_c(root=copy_of, num_images=N, corruptions=CORRUPTIONS, progress=False)
+    assert np.array_equal(np.load(copy_of / "fog.npy"), original)
+    assert np.array_equal(bf.read_cifar_c(root, ["fog"], [5])[0].images, original[4 * N:])
+    replace_bytes_keeping_size_and_mtime(copy_of / "labels.npy", 7)
+    with pytest.raises(ValueError, match="labels.npy: its bytes differ"):
+        bf.read_cifar_c(copy_of, ["contrast"], [5])
+
+
+def test_contents_are_hashed_once_per_process(copy_of, monkeypatch):
+    hashed = []
+    real = bf._sha256
+    monkeypatch.setattr(bf, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    monkeypatch.setattr(bf, "_HASHED", {})
+    for _ in range(3):
+        bf.read_cifar_c(copy_of, ["fog", "contrast"], [5])
+    assert sorted(hashed) == ["contrast.npy", "fog.npy", "labels.npy"]
+
+
 def test_reader_truncated_files(copy_of):
     raw = (copy_of / "fog.npy").read_bytes()
     (copy_of / "fog.npy").write_bytes(raw[: len(raw) // 2])
@@ -447,3 +486,22 @@ def test_imagenet_c_grouped_layout(imagenet_c):
     (d,) = bf.read_imagenet_c(imagenet_c, ["fog"], [5], image_size=16)
     assert len(d) == 6 and isinstance(d.images[[0]], np.ndarray)
     assert torch.is_tensor(next(iter(build_stream([d], "continual", 6))).x)
+
+
+def test_an_experiment_caps_num_images_to_what_a_small_benchmark_holds(tmp_path, clean, monkeypatch, caplog):
+    """A digits-sized dataset: a config's 1,000 images per domain become the N there are, with a warning."""
+    import logging
+
+    from metatta.experiment import BenchmarkConfig, images_used, load_domains
+
+    images, labels = clean
+    monkeypatch.setattr("metatta.data.corruptions.corrupt", fake_corrupt)
+    root = bf.build_c_benchmark(images, labels, tmp_path / "small", ["fog"], progress=False)
+    cfg = BenchmarkConfig(root=str(root), corruptions=["fog"], severities=[5], num_images=1000, first_image=10)
+    with caplog.at_level(logging.WARNING, logger="metatta.data.benchmark_files"):
+        domains = load_domains(cfg)
+    assert len(domains[0].labels) == N - 10 and images_used(cfg, domains) == N - 10
+    assert "benchmark.num_images: 1000 asked" in caplog.text and f"using {N - 10}" in caplog.text
+    assert bf.capped_num_images(root, 20) == 20 and bf.capped_num_images(root, None) is None
+    assert images_used(BenchmarkConfig(num_images=None), domains) is None
+    assert bf.images_per_severity(root) == N

@@ -62,16 +62,16 @@ def test_by_default_the_averages_start_from_the_first_test_batch():
     mean_b, sq_b = channel_moments(x)
     torch.testing.assert_close(layer.tbr_mean, mean_b)
     torch.testing.assert_close(layer.tbr_std, torch.sqrt(sq_b - mean_b ** 2 + layer.eps))
-    assert float(layer.tbr_started) == 1.0
+    assert float(layer.tbr_count) == 3.0
 
 
 def test_reset_starts_again_from_the_next_first_batch():
     method = build_method("delta", TinyBNNet(), {"base": "bn"}, batch_size=2)
     layer = method.norms[0]
     method(torch.randn(2, 3, 8, 8))
-    assert float(layer.tbr_started) == 1.0
+    assert float(layer.tbr_count) == 2.0
     method.reset()
-    assert float(layer.tbr_started) == 0.0
+    assert float(layer.tbr_count) == 0.0
     x = torch.randn(2, 3, 8, 8) * 3
     torch.testing.assert_close(method(x), build_method("delta", TinyBNNet(), {"base": "bn"}, batch_size=2)(x))
 
@@ -121,7 +121,7 @@ def test_bad_momentum_is_refused_naming_the_field(value):
 
 
 def test_unknown_init_is_refused_naming_the_field():
-    with pytest.raises(ValueError, match=r"delta: config\.tbr_init must be one of first_batch, source, got 'zero'"):
+    with pytest.raises(ValueError, match=r"delta: config\.tbr_init must be one of cumulative, first_batch, source, got 'zero'"):
         build_method("delta", TinyBNNet(), {"tbr_init": "zero"})
 
 
@@ -130,3 +130,70 @@ def test_bn_with_tbr_beats_plain_bn_at_batch_size_one_on_real_data(one_thread):
     bn = _error_at_batch_one(build_method("bn", copy.deepcopy(model), batch_size=1), x, y)
     delta = _error_at_batch_one(build_method("delta", copy.deepcopy(model), {"base": "bn"}, batch_size=1), x, y)
     assert delta < bn - 20, (delta, bn)
+
+
+# ---- where the averages start: degenerate first batches ---------------------------------------------------
+def test_cumulative_start_weighs_every_image_alike_until_the_moving_average_takes_over():
+    layer = tbr_layer(alpha=0.1, init="cumulative")
+    a, b = torch.randn(1, 4, 5, 5) * 3 + 2, torch.randn(7, 4, 5, 5)
+    for x in (a, b):
+        layer.begin_session(store=True)
+        layer(x)
+        layer.end_session()
+    mean_a, mean_b = channel_moments(a)[0], channel_moments(b)[0]
+    torch.testing.assert_close(layer.tbr_mean, (1 * mean_a + 7 * mean_b) / 8)  # the one image weighs 1/8, not 0.9
+    assert float(layer.tbr_count) == 8.0
+    c = torch.randn(200, 4, 2, 2)  # 200 / 208 of the images: still above alpha, so the share is by count
+    layer.begin_session(store=True)
+    layer(c)
+    layer.end_session()
+    torch.testing.assert_close(layer.tbr_mean, (mean_a + 7 * mean_b + 200 * channel_moments(c)[0]) / 208,
+                               rtol=1e-5, atol=1e-5)
+    before = layer.tbr_mean.clone()
+    d = torch.randn(2, 4, 2, 2)  # 2 / 210 < alpha: the moving average's share
+    layer.begin_session(store=True)
+    layer(d)
+    layer.end_session()
+    torch.testing.assert_close(layer.tbr_mean, before + 0.1 * (channel_moments(d)[0] - before))
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_a_batch_of_constant_images_is_never_taken_into_the_averages(value):
+    method = build_method("delta", TinyBNNet(), {"base": "bn"}, batch_size=4)
+    reference = build_method("delta", TinyBNNet(), {"base": "bn"}, batch_size=4)
+    blank = torch.full((4, 3, 8, 8), value)
+    out = method(blank)
+    assert bool(torch.isfinite(out).all()) and method.degenerate_batches == 1
+    assert all(float(layer.tbr_count) == 0.0 for layer in method.norms)  # nothing stored
+    for x in batches(3, batch_size=4):
+        torch.testing.assert_close(method(x), reference(x))  # as if the blank batch had not come
+    method(blank)
+    assert method.degenerate_batches == 2 and float(method.norms[0].tbr_count) == 12.0
+
+
+def _stream_error(method, x, y, first=None, batch_size=16) -> float:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        if first is not None:
+            method(first)
+        wrong = sum(int((method(x[i:i + batch_size]).argmax(1) != y[i:i + batch_size]).sum())
+                    for i in range(0, len(x), batch_size))
+    return 100.0 * wrong / len(x)
+
+
+def test_a_degenerate_first_batch_costs_about_nothing_on_real_data(one_thread):
+    """Issue #24: with the averages started from whatever came first (tbr_init=first_batch), a
+    zeros batch first cost +56 points and a one-image batch +9 on the rest of the stream."""
+    model, x, y = _real_stream(n=96)
+
+    def error(first=None, **config):
+        return _stream_error(build_method("delta", copy.deepcopy(model), {"base": "bn", **config}, batch_size=16),
+                             x, y, first)
+
+    normal = error()
+    assert error(torch.zeros(16, *x.shape[1:])) == normal
+    assert error(torch.full((16, *x.shape[1:]), 0.5)) == normal
+    one_image = error(x[-1:].clone())
+    assert abs(one_image - normal) <= 2.1, (one_image, normal)  # at most 2 of 96 images
+    authors = error(x[-1:].clone(), tbr_init="first_batch")
+    assert authors > one_image, (authors, one_image)

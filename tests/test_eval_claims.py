@@ -1,5 +1,7 @@
-"""Claim backends for evaluation workers: each version is granted to exactly one worker."""
+"""Claim backends for evaluation workers: each version is granted to exactly one worker at a time,
+and a claim whose holder stops renewing it expires after its lease."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -8,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from metatta.adapter_eval import ClaimLedger, FileClaims, make_claims
+from metatta.claims import ClaimLedger, FileClaims, make_claims
 
 
 def test_ledger_grants_each_version_once():
@@ -46,13 +48,79 @@ def test_file_claims(tmp_path):
     assert claims.list("absent") == {}
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_ledger_claims_expire_after_their_lease_unless_renewed():
+    clock = FakeClock()
+    ledger = ClaimLedger(clock=clock)
+    assert ledger.claim("m", "1", "a", lease_s=10)
+    clock.now += 8
+    assert ledger.renew("m", "1", "a")  # a heartbeat: the lease counts from now
+    clock.now += 8
+    assert not ledger.claim("m", "1", "b", lease_s=10)  # 8 s since the renewal: still held
+    assert not ledger.list("m")["1"]["expired"]
+    clock.now += 3
+    assert ledger.list("m")["1"]["expired"]
+    assert ledger.claim("m", "1", "b", lease_s=10)  # a (dead) holder silent for 11 s: taken over
+    assert not ledger.renew("m", "1", "a")  # the old holder learns it lost the claim
+    with pytest.raises(ValueError, match="held by b, not a"):
+        ledger.complete("m", "1", "a")
+    ledger.complete("m", "1", "b", "failed", "ValueError: bad weights")
+    clock.now += 100
+    entry = ledger.list("m")["1"]
+    assert (entry["state"], entry["reason"], entry["expired"]) == ("failed", "ValueError: bad weights", False)
+    assert not ledger.claim("m", "1", "c")  # finished claims never expire
+    with pytest.raises(ValueError, match="lease_s must be a positive"):
+        ledger.claim("m", "2", "a", lease_s=0)
+
+
+def test_file_claims_expire_after_their_lease_unless_renewed(tmp_path):
+    claims = FileClaims(tmp_path)
+    assert claims.claim("m", "1", "a", lease_s=60)
+    path = tmp_path / "m" / "v1"
+    old = path.stat().st_mtime - 120
+    os.utime(path, (old, old))  # the holder has not renewed for two minutes
+    assert claims.list("m")["1"]["expired"]
+    assert claims.renew("m", "1", "a")  # ... but a live holder's renewal resets it
+    assert not claims.list("m")["1"]["expired"]
+    assert not claims.claim("m", "1", "b", lease_s=60)
+    os.utime(path, (old, old))
+    assert claims.claim("m", "1", "b", lease_s=60)  # taken over
+    assert not claims.renew("m", "1", "a")
+    with pytest.raises(ValueError, match="held by b, not a"):
+        claims.complete("m", "1", "a")
+    claims.complete("m", "1", "b", "failed", "boom")
+    os.utime(path, (old, old))
+    entry = claims.list("m")["1"]
+    assert (entry["worker"], entry["state"], entry["reason"], entry["expired"]) == ("b", "failed", "boom", False)
+    assert not claims.claim("m", "1", "c")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [".lock", "v1"]  # no temporary files left
+
+
+def test_file_claims_read_the_older_format(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "v2").write_text("host:1 1700000000\nhost:1 1700000100 done\n")
+    (tmp_path / "m" / "v3").write_text("host:2 1700000000\n")
+    os.utime(tmp_path / "m" / "v3", (1_700_000_000, 1_700_000_000))
+    listing = FileClaims(tmp_path).list("m")
+    assert (listing["2"]["worker"], listing["2"]["state"]) == ("host:1", "done")
+    assert listing["3"]["expired"]  # a claim left by an old worker, years ago: re-queued by the lease
+    assert FileClaims(tmp_path).claim("m", "3", "new")
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'nfs'"):
         make_claims("nfs")
 
 
 def test_library_imports_without_ray():
-    code = "import sys, metatta.adapter_eval, launch.eval_worker; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, metatta.adapter_eval, launch.eval_worker, launch.claims; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -78,7 +146,7 @@ print(json.dumps([str(v) for v, ref in refs.items() if ray.get(ref)]))
 # machine their 60 s start-up budget ran out once, so it stays out of the default run.
 @pytest.mark.slow
 def test_ray_claims_exactly_once_across_processes(tmp_path, ray_session):
-    from metatta.adapter_eval import CLAIMS_ACTOR_NAME, RayClaims
+    from metatta.claims import ACTOR_NAME as CLAIMS_ACTOR_NAME, RayClaims
 
     ray = ray_session
     address = ray.get_runtime_context().gcs_address

@@ -1,15 +1,23 @@
 """Evaluation workers evaluate each registered version exactly once."""
 import dataclasses
 import json
+import logging
+import os
 import threading
+import time
 
 import pytest
 import torch
 
 from metatta import tracking
-from metatta.adapter_eval import STATUS_TAG, EvalWorker
+from metatta.adapter_eval import ERROR_TAG, STATUS_TAG, EvalWorker
 from metatta.evaluation import Result
 from metatta.experiment import ExperimentConfig, MethodSpec
+
+
+@pytest.fixture
+def mlflow_uri(module_mlflow_uri):  # one store for the module: each test registers its own model names
+    return module_mlflow_uri
 
 
 def register_version(tmp_path, name, value):
@@ -64,7 +72,7 @@ def test_unknown_model_lists_nothing(tmp_path, mlflow_uri):
 
 def test_mean_error_follows_the_row_with_adapter_points_at(tmp_path, mlflow_uri):
     """The tag is the row `with_adapter` gave the adapter, whatever the rows are called."""
-    from metatta.adapter_eval import ClaimLedger
+    from metatta.claims import ClaimLedger
 
     seen = []
 
@@ -87,15 +95,120 @@ def test_mean_error_follows_the_row_with_adapter_points_at(tmp_path, mlflow_uri)
     assert worker.poll_once() == []
 
 
-def test_missing_adapter_row_is_an_error(tmp_path, mlflow_uri):
-    from metatta.adapter_eval import ClaimLedger
+def test_a_failing_version_is_marked_failed_and_the_worker_goes_on(tmp_path, mlflow_uri):
+    from metatta.claims import ClaimLedger
 
     def evaluate(cfg):
         return [dataclasses.replace(fake_result(cfg)[0], method="something else")]
 
     experiment = ExperimentConfig(name="e", methods=[MethodSpec("source")], output_dir=str(tmp_path / "out"))
     register_version(tmp_path, "mgg_m", 1)
-    worker = EvalWorker("mgg_m", experiment, worker_id="w", evaluate_fn=evaluate, claims=ClaimLedger())
-    with pytest.raises(ValueError, match=r"no result for the adapter's row\(s\) \['mgtta'\]"):
+    ledger = ClaimLedger()
+    worker = EvalWorker("mgg_m", experiment, worker_id="w", evaluate_fn=evaluate, claims=ledger)
+    assert worker.poll_once() == ["1"]
+    tags = tracking.client().get_model_version("mgg_m", "1").tags
+    assert tags[STATUS_TAG] == "failed"
+    assert "no result for the adapter's row(s) ['mgtta']" in tags[ERROR_TAG]
+    assert ledger.list("mgg_m")["1"]["state"] == "failed"
+    assert worker.poll_once() == []  # failed is final until released
+
+
+def test_truncated_registered_weights_fail_that_version_only(tmp_path, mlflow_uri, caplog):
+    """A damaged weights.pt: one error line naming the artifact, the version tagged failed with
+    the reason, and the worker evaluates the next version."""
+    from metatta.claims import ClaimLedger
+
+    evaluated = []
+
+    def evaluate(cfg):
+        evaluated.append(cfg.methods[-1].adapter)
+        return fake_result(cfg)
+
+    directory = tmp_path / "broken"
+    directory.mkdir()
+    torch.save({"w": torch.zeros(1000)}, directory / tracking.ADAPTER_WEIGHTS)
+    weights = (directory / tracking.ADAPTER_WEIGHTS).read_bytes()
+    (directory / tracking.ADAPTER_WEIGHTS).write_bytes(weights[: len(weights) // 2])
+    (directory / tracking.ADAPTER_CONFIG).write_text(json.dumps({"kind": "mgg"}))
+    with tracking.start_run("broken", experiment="w") as run:
+        tracking.register_adapter("mgg_b", directory, run.info.run_id)
+    register_version(tmp_path, "mgg_b", 2)
+    experiment = ExperimentConfig(name="e", methods=[MethodSpec("source")], output_dir=str(tmp_path / "out"))
+    worker = EvalWorker("mgg_b", experiment, worker_id="w", evaluate_fn=evaluate, claims=ClaimLedger())
+    with caplog.at_level(logging.INFO, logger="metatta.adapter_eval"):
+        assert worker.poll_once() == ["1", "2"]
+    assert evaluated == ["models:/mgg_b/2"]
+    c = tracking.client()
+    tags = c.get_model_version("mgg_b", "1").tags
+    assert tags[STATUS_TAG] == "failed"
+    assert "registered adapter mgg_b version 1" in tags[ERROR_TAG] and "not a readable weights file" in tags[ERROR_TAG]
+    assert c.get_model_version("mgg_b", "2").tags[STATUS_TAG] == "done"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("error: mgg_b v1 failed: registered adapter mgg_b version 1")
+    assert "\n" not in errors[0] and not any(r.exc_info for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("mgg_b v2: claimed by w" in m for m in messages)
+    with caplog.at_level(logging.INFO, logger="metatta.adapter_eval"):
         worker.poll_once()
-    assert tracking.client().get_model_version("mgg_m", "1").tags[STATUS_TAG] == "claimed"
+    assert any("mgg_b: idle, no version to evaluate" in r.getMessage() for r in caplog.records)
+
+
+def test_a_working_worker_renews_its_claim_and_a_dead_ones_expires(tmp_path, mlflow_uri):
+    from metatta.claims import FileClaims
+
+    claims = FileClaims(tmp_path / "claims")
+    experiment = ExperimentConfig(name="e", methods=[MethodSpec("source")], output_dir=str(tmp_path / "out"))
+    register_version(tmp_path, "mgg_l", 1)
+    register_version(tmp_path, "mgg_l", 2)
+    rival = EvalWorker("mgg_l", experiment, worker_id="rival", evaluate_fn=fake_result, claims=claims, lease_s=0.4)
+    rival_polls = []
+
+    def slow_evaluate(cfg):  # 1.2 s of work, three leases: the claim must be renewed meanwhile
+        for _ in range(4):
+            time.sleep(0.3)
+            rival_polls.append(rival.claim("1"))
+        return fake_result(cfg)
+
+    assert claims.claim("mgg_l", "2", "dead-worker", lease_s=60)  # a worker killed right after claiming
+    worker = EvalWorker("mgg_l", experiment, worker_id="w", evaluate_fn=slow_evaluate, claims=claims, lease_s=0.4)
+    assert worker.poll_once() == ["1"]  # v2 is held by the dead worker until its lease runs out
+    assert rival_polls == [False] * 4  # renewed every 0.1 s: never expired while w worked
+    long_ago = time.time() - 120
+    os.utime(claims.root / "mgg_l" / "v2", (long_ago, long_ago))  # two minutes without a renewal
+    assert rival.poll_once() == ["2"]
+    listing = claims.list("mgg_l")
+    assert {v: (e["worker"], e["state"]) for v, e in listing.items()} == {"1": ("w", "done"), "2": ("rival", "done")}
+
+
+def test_claims_launcher_lists_and_releases(tmp_path, mlflow_uri, capsys):
+    from launch import claims as claims_launcher
+    from metatta.claims import FileClaims
+
+    claims_dir = tmp_path / "claims"
+    claims = FileClaims(claims_dir)
+    experiment = ExperimentConfig(name="e", methods=[MethodSpec("source")], output_dir=str(tmp_path / "out"))
+    for value in (1, 2, 3):
+        register_version(tmp_path, "mgg_c", value)
+    assert claims.claim("mgg_c", "1", "dead-worker", lease_s=60)
+    long_ago = time.time() - 120
+    os.utime(claims_dir / "mgg_c" / "v1", (long_ago, long_ago))
+    failing = EvalWorker("mgg_c", experiment, worker_id="w", claims=claims,
+                         evaluate_fn=lambda cfg: [dataclasses.replace(fake_result(cfg)[0], method="other")])
+    assert failing.poll_once() == ["1", "2", "3"]  # takes v1 over (expired); every evaluation fails
+
+    args = ["--model", "mgg_c", "--claims-dir", str(claims_dir)]
+    claims_launcher.main(["list", *args])
+    table = capsys.readouterr().out
+    assert "| 2 | failed | failed | w |" in table and "no result for the adapter's row" in table
+    claims_launcher.main(["release", "2", *args])
+    assert "v2: re-queued (claim released, evaluation=failed)" in capsys.readouterr().out
+    assert failing.pending_versions() == ["2"]
+    claims_launcher.main(["release", "--failed", *args])
+    out = capsys.readouterr().out
+    assert "v1: re-queued" in out and "v3: re-queued" in out
+    assert failing.pending_versions() == ["1", "2", "3"]
+    assert claims.list("mgg_c") == {}
+    assert claims.claim("mgg_c", "3", "dead-worker", lease_s=60)
+    os.utime(claims_dir / "mgg_c" / "v3", (long_ago, long_ago))
+    claims_launcher.main(["release", "--expired", *args])
+    assert capsys.readouterr().out.strip() == "v3: re-queued (claim released, evaluation=pending)"

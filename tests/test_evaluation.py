@@ -121,3 +121,13 @@ def test_table_and_plot(tmp_path):
         assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="different domains"):
         error_table([fake_result("a", {"fog-5": 1.0}), fake_result("b", {"snow-5": 1.0})])
+
+
+def test_on_batch_sees_the_running_errors_after_every_batch():
+    batches = [make_batch([0, 1], [0, 1], "a-5"), make_batch([0, 0], [0, 1], "a-5"), make_batch([2, 2], [1, 1], "b-5")]
+    seen = []
+    result = evaluate(Oracle(), ListStream(batches), progress=False, on_batch=seen.append)
+    assert [p.batches for p in seen] == [1, 2, 3] and all(p.total_batches == 3 for p in seen)
+    assert [p.images for p in seen] == [2, 4, 6] and [p.domain for p in seen] == ["a-5", "a-5", "b-5"]
+    assert [p.domain_errors for p in seen] == [{"a-5": 0.0}, {"a-5": 25.0}, {"a-5": 25.0, "b-5": 100.0}]
+    assert [p.mean_error for p in seen] == [0.0, 25.0, 62.5] and seen[-1].mean_error == result.mean_error

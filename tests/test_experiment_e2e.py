@@ -8,7 +8,7 @@ import pytest
 from metatta.config import ConfigError
 from metatta.data.benchmark_files import fashion_mnist_c
 from metatta.experiment import experiment_config, run_experiment
-from trainers.source import train_source
+from metatta.source import train_source
 
 CORRUPTIONS = ["gaussian_noise", "contrast", "speckle_noise"]
 
@@ -82,3 +82,26 @@ def test_config_errors_before_any_work(tmp_path, change, match):
     data = {"methods": [{"name": "bn"}], **change}
     with pytest.raises((ValueError, ConfigError), match=match):
         experiment_config(data)
+
+
+def test_a_registered_adapter_is_recorded_by_version_and_sha256(tmp_path, tiny_source, tiny_benchmark, mlflow_uri):
+    """`models:/...@champion` in a row: the Result protocol says which version and which weights ran."""
+    from metatta import tracking
+    from metatta.learned.mgg import MGG, save_mgg
+    from metatta.safe_files import sha256_file
+
+    directory = save_mgg(MGG(), tmp_path / "mgg")
+    with tracking.start_run("train", experiment="e2e_refs") as run:
+        version = tracking.register_adapter("mgg_e2e", directory, run.info.run_id)
+        tracking.promote_if_better("mgg_e2e", version, 20.0)
+    cfg = config(tmp_path, tiny_source, tiny_benchmark, mlflow=False,
+                 methods=[{"name": "bn"}, {"name": "mgtta", "adapter": "models:/mgg_e2e@champion"}])
+    cfg.benchmark.num_images = 32
+    bn, mgtta = run_experiment(cfg)
+    assert "adapter" not in bn.protocol
+    recorded = mgtta.protocol["adapter"]
+    assert (recorded["ref"], recorded["version"], recorded["uri"]) == ("models:/mgg_e2e@champion", "1",
+                                                                       "models:/mgg_e2e/1")
+    assert recorded["sha256"] == sha256_file(directory / tracking.ADAPTER_WEIGHTS)
+    saved = json.loads((tmp_path / "out" / "e2e" / "results.json").read_text())
+    assert saved[1]["protocol"]["adapter"]["sha256"] == recorded["sha256"]

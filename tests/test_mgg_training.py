@@ -11,15 +11,8 @@ from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
 from test_mgg_options import train_split_only  # noqa: F401 (a fixture)
-from trainers.mgg import (
-    RolloutWorker,
-    gpus_per_actor,
-    load_checkpoint,
-    mgg_train_config,
-    split_domains,
-    steps_per_epoch,
-    train_mgg,
-)
+from metatta.learned.meta_training import RolloutWorker, load_checkpoint, mgg_train_config, split_domains, steps_per_epoch
+from trainers.mgg import gpus_per_actor, train_mgg
 
 CORRUPTIONS = ["speckle_noise", "gaussian_blur"]
 

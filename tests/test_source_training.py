@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import trainers.source as source
+import metatta.source as source
 from metatta.config import ConfigError
 from metatta.models import build_model, load_source_model
 from metatta.models.checkpoint import CheckpointError, checkpoint_hash, load_feature_stats, read_header

@@ -46,13 +46,36 @@ def test_uri_and_adapter_errors(tmp_path, mlflow_uri):
     with pytest.raises(ValueError, match="version must be a number"):
         tracking.parse_model_uri("models:/x/latest")
     assert tracking.parse_model_uri("models:/mgg@champion") == ("mgg", None, "champion")
-    with pytest.raises(LookupError, match="alias"):
+    with pytest.raises(LookupError, match="no registered model 'nothing'"):
         tracking.resolve_version("models:/nothing@champion")
     (tmp_path / "empty").mkdir()
     with tracking.start_run("r", experiment="t3") as run:
         with pytest.raises(FileNotFoundError, match="weights.pt"):
             tracking.register_adapter("toy3", tmp_path / "empty", run.info.run_id)
+        tracking.register_adapter("toy3", write_adapter(tmp_path / "a3", 1), run.info.run_id)
+    with pytest.raises(tracking.NotRegistered, match="no version of model 'toy3' has alias 'champion'"):
+        tracking.resolve_version("models:/toy3@champion")
+    with pytest.raises(tracking.NotRegistered, match="has no version 7"):
+        tracking.resolve_version("models:/toy3/7")
 
 
 def test_flatten_nested_params():
     assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
+
+
+def test_promotion_ties_keep_the_incumbent(tmp_path, mlflow_uri):
+    """Lower validation error wins at the recorded precision (6 decimals); a tie keeps the
+    version that holds the alias; a non-finite error never wins; each decision is tagged."""
+    errors = [23.828125, 23.828125, 23.82812549, float("nan"), 23.828124]
+    with tracking.start_run("train", experiment="ties") as run:
+        versions = [tracking.register_adapter("tie", write_adapter(tmp_path / f"a{i}", i), run.info.run_id)
+                    for i in range(len(errors))]
+    moved = [tracking.promote_if_better("tie", v, e) for v, e in zip(versions, errors)]
+    assert moved == [True, False, False, False, True]
+    assert tracking.resolve_version("models:/tie@champion") == "5"
+    tags = {v: tracking.client().get_model_version("tie", v).tags[tracking.PROMOTION_TAG] for v in versions}
+    assert tags["2"] == "not promoted: ties champion v1 at 23.828125 (a tie keeps the incumbent)"
+    assert tags["3"].startswith("not promoted: ties champion v1")  # equal once recorded at 6 decimals
+    assert tags["4"] == "not promoted: validation error nan is not finite"
+    assert tags["5"] == "champion: 23.828124 beats v1 (23.828125)"
+    assert tags["1"] == "champion: first version with a validation error"

@@ -148,7 +148,8 @@ def tiny_data(n: int = 96, seed: int = 0):
 
 def test_joint_training_trains_encoder_classifier_and_rotation_head(tmp_path, tiny_source):
     from metatta.data.types import DomainData
-    from trainers.cta import cta_train_config, train_cta
+    from metatta.ssl.stages import cta_train_config
+    from trainers.cta import train_cta
 
     cfg = cta_train_config({
         "name": "t", "method": "ttt", "source_checkpoint": str(tiny_source), "checkpoint_dir": str(tmp_path),

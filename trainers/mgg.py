@@ -1,276 +1,29 @@
-"""Meta-training of the MGG (MGTTA's learned optimizer) by Ray rollout actors.
+"""MGG meta-training on Ray: the rollout workers of `metatta.learned.meta_training` as Ray actors.
 
-Shape (DESIGN.md, "Distributed shape"):
 - N rollout actors (one GPU each on a cluster, one CPU each here) each own a
-  share of the held-out-corruption images and their own TTA trajectories. Per
-  learner step every actor runs one truncated unroll of K MGG-driven steps
-  (`metatta.learned.unroll.unroll`) and returns the meta-gradient and metrics.
-- The learner averages the meta-gradients, clips, steps Adam on the MGG and
-  sends the new weights with the next request (the MGG has ~160 parameters:
-  broadcasting them costs nothing next to an unroll).
+  share of the held-out-corruption images; the learner (`meta_train`, in the
+  driver) sends the MGG weights with every request (the MGG has ~160
+  parameters: broadcasting them costs nothing next to an unroll).
 - Actors restart on failure (`max_restarts`), and the interrupted request is
-  retried on the restarted actor; its trajectories start afresh. The learner
-  checkpoints atomically every `checkpoint_every` steps; `resume=True` carries
-  on from the last checkpoint, in the same MLflow run.
+  retried on the restarted actor, which first continues from its state in the
+  learner's last checkpoint (data position, trajectory, generators), sent along
+  with every request as a reference that only a restarted actor reads.
+- On `--resume`, every actor starts from its state in the learner checkpoint.
 
-`RolloutWorker` is a plain class and `train_mgg(..., use_ray=False)` runs the
-same loop in one process, so everything here is testable without Ray.
-
-Options beyond the paper (issue #9), every default the paper's configuration
-(configs/fmnist_c/mgg_paper.yaml pins them; none was measured better yet):
-- `learned_step_size` / `init_log_step_scale`: a meta-learned scale on the
-  update (`metatta.learned.mgg`), carried by the saved adapter;
-- `unroll_steps` K > 1 with `outer_loss_over` all | last and `outer_reduction`
-  mean | sum: longer truncations, each actor unrolling its own trajectories;
-- `outer_loss` lookahead | supervised, the latter on labelled held-out
-  corruptions of the clean *training* split (`train_data: train_split`,
-  `metatta.learned.heldout`); supervised on the -C files (test images) is refused;
-- `inner_lr_max`: lr randomization, each trajectory at an inner lr drawn
-  log-uniformly from [inner_lr, inner_lr_max] (an MGG that must work at any
-  step size it meets, as learned optimizers are trained for robustness);
-- stability: non-finite inner updates and truncations are skipped inside the
-  unroll, and a learner step whose averaged meta-gradient or resulting weights
-  are non-finite is undone; the counts are in every history entry and in
-  `TrainOutcome.skipped`.
+`train_mgg(..., use_ray=False)` runs the same loop in one process (`LocalPool`).
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import math
-import time
-from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
-
-from metatta.config import build_dataclass
-from metatta.device import resolve_device
-from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names
 from metatta.data.types import DomainData
-from metatta.learned.unroll import BACKENDS, OUTER_LOSS_OVER, OUTER_LOSSES, REDUCTIONS
+from metatta.learned.meta_training import (LocalPool, MGGTrainConfig, MGGTrainOutcome, RolloutWorker,
+                                           check_worker_states, meta_train)
+from trainers.cluster import cluster_gpus, connect
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class MGGTrainConfig:
-    name: str = "mgg_fmnist"
-    source_checkpoint: str | None = None  # else trained/cached from source_config
-    source_config: str = "configs/fmnist_c/source.yaml"
-    benchmark_root: str | None = None  # Fashion-MNIST-C is built when None
-    corruptions: list[str] = dataclasses.field(default_factory=lambda: list(HELD_OUT_CORRUPTIONS))
-    severity: int = 5
-    train_images: int = 128  # in all, split evenly over corruptions, then over actors (paper: 128)
-    val_images: int = 256  # per corruption, disjoint from the training images
-    batch_size: int = 2  # paper: 2
-    epochs: int = 40  # paper: 40
-    unroll_steps: int = 1  # K; 1 is the paper's one-step lookahead
-    inner_lr: float = 1e-4  # paper: adapt_lr during training
-    # lr randomization: each trajectory draws its inner lr log-uniformly from [inner_lr, inner_lr_max],
-    # so the MGG meets (and must stay useful at) the step sizes a user may set; None: inner_lr always
-    inner_lr_max: float | None = None
-    meta_lr: float = 1e-2  # paper: Adam lr on the MGG
-    grad_clip: float = 1.0  # max global norm of the averaged meta-gradient
-    loss: str = "entropy+stats"  # entropy | entropy+stats
-    stats_lambda: float = 0.4
-    reliable_entropy_factor: float | None = None  # EATA's entropy term (metatta.learned.losses); None: paper
-    num_actors: int = 2
-    eval_every: int = 0  # learner steps between validations; 0: only at the end
-    val_batch_size: int = 64
-    test_lr: float = 1e-3  # adapt_lr of MGTTA at validation/test time
-    checkpoint_dir: str = "outputs/mgg"
-    checkpoint_every: int = 50
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    register_as: str | None = "mgg"  # MLflow registered model name; None: do not register
-    mlflow: bool = True
-    backend: str = "higher"  # unroll engine: higher | func
-    # ---- beyond the paper (defaults = the paper; see the module docstring) ----
-    learned_step_size: bool = False  # meta-learn s in theta <- theta - lr * s * d (MGG.log_step_scale)
-    init_log_step_scale: float = 0.0  # log s at the start (0: s = 1, the paper's step)
-    outer_loss: str = "lookahead"  # lookahead: TTA loss of the next batch (paper) | supervised: its cross-entropy
-    outer_loss_over: str = "all"  # all steps of an unroll | last step only
-    outer_reduction: str = "mean"  # over the steps (outer_loss_over=all): mean | sum
-    train_data: str = "benchmark"  # benchmark: the -C files (test split, as the paper) | train_split
-    dataset: str = "fashion_mnist"  # clean dataset of train_data=train_split
-    data_root: str | None = None  # where that clean dataset is (None: the loader's default places)
-    heldout_seed: int = 0  # image choice and corruption seeds of train_data=train_split
-
-
-TRAIN_DATA = ("benchmark", "train_split")
-CHOICES = {"outer_loss": OUTER_LOSSES, "outer_loss_over": OUTER_LOSS_OVER, "outer_reduction": REDUCTIONS,
-           "train_data": TRAIN_DATA, "backend": BACKENDS}
-
-
-def mgg_train_config(data: dict[str, Any]) -> MGGTrainConfig:
-    """A checked config; every error names the field (train_mgg.<field>)."""
-    cfg = build_dataclass(MGGTrainConfig, data, where="train_mgg")
-    check_corruption_names(cfg.corruptions)
-    for field in ("train_images", "batch_size", "epochs", "unroll_steps", "num_actors", "val_images"):
-        if getattr(cfg, field) < 1:
-            raise ValueError(f"train_mgg.{field} must be >= 1, got {getattr(cfg, field)}")
-    for field in ("inner_lr", "meta_lr", "test_lr"):
-        if not getattr(cfg, field) > 0:
-            raise ValueError(f"train_mgg.{field} must be > 0, got {getattr(cfg, field)}")
-    if cfg.inner_lr_max is not None and not cfg.inner_lr_max >= cfg.inner_lr:
-        raise ValueError(f"train_mgg.inner_lr_max must be >= train_mgg.inner_lr ({cfg.inner_lr}), got {cfg.inner_lr_max}")
-    for field, allowed in CHOICES.items():
-        if getattr(cfg, field) not in allowed:
-            raise ValueError(f"train_mgg.{field} {getattr(cfg, field)!r} is not one of {allowed}")
-    if cfg.init_log_step_scale != 0.0 and not cfg.learned_step_size:
-        raise ValueError("train_mgg.init_log_step_scale is set but train_mgg.learned_step_size is false")
-    if not math.isfinite(cfg.init_log_step_scale):
-        raise ValueError(f"train_mgg.init_log_step_scale must be finite, got {cfg.init_log_step_scale}")
-    if cfg.outer_loss == "supervised" and cfg.train_data != "train_split":
-        raise ValueError("train_mgg.outer_loss 'supervised' needs train_mgg.train_data 'train_split': the "
-                         "benchmark files are built from the test split, whose labels must not train anything")
-    per_actor = cfg.train_images // (len(cfg.corruptions) * cfg.num_actors)
-    needed = cfg.unroll_steps + 1  # a fresh trajectory primes on one batch, then steps K times
-    if per_actor < cfg.batch_size * needed:
-        raise ValueError(
-            f"train_mgg.train_images: {cfg.train_images} training images over {len(cfg.corruptions)} corruptions "
-            f"and {cfg.num_actors} actors leave {per_actor} per actor and corruption; an unroll of "
-            f"train_mgg.unroll_steps={cfg.unroll_steps} needs at least {needed} batches of {cfg.batch_size}"
-        )
-    return cfg
-
-
-def build_mgg(cfg: MGGTrainConfig):
-    """The MGG architecture this config trains (learner and actors build the same one)."""
-    from metatta.learned.mgg import MGG
-
-    return MGG(learned_step_size=cfg.learned_step_size, init_log_step_scale=cfg.init_log_step_scale)
-
-
-# ---- data ---------------------------------------------------------------------------------
-def split_domains(domains: list[DomainData], cfg: MGGTrainConfig) -> tuple[list[list[DomainData]], list[DomainData]]:
-    """Training shares (one list of domains per actor) and the validation domains.
-
-    Per corruption the first `train_images / #corruptions` images train (dealt
-    round-robin to the actors) and the next `val_images` validate."""
-    per_domain = cfg.train_images // len(domains)
-    shares: list[list[DomainData]] = [[] for _ in range(cfg.num_actors)]
-    val = []
-    for d in domains:
-        if len(d) < per_domain + cfg.val_images:
-            raise ValueError(f"{d.name}: {len(d)} images, need {per_domain} to train + {cfg.val_images} to validate")
-        for a in range(cfg.num_actors):
-            idx = np.arange(a, per_domain, cfg.num_actors)
-            shares[a].append(DomainData(d.corruption, d.severity, np.asarray(d.images[idx]), np.asarray(d.labels[idx])))
-        rows = slice(per_domain, per_domain + cfg.val_images)
-        val.append(DomainData(d.corruption, d.severity, np.asarray(d.images[rows]), np.asarray(d.labels[rows])))
-    return shares, val
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div_(255)  # a copy: memmaps are read-only
-
-
-# ---- the rollout side -----------------------------------------------------------------------
-def source_parts(checkpoint: str, device: torch.device):
-    """(source model, clean feature statistics) from a source checkpoint."""
-    from metatta.models import load_source_model
-    from metatta.models.checkpoint import load_feature_stats
-
-    return load_source_model(checkpoint, device=device), load_feature_stats(checkpoint, device=device)
-
-
-def make_loss(cfg: MGGTrainConfig, source_stats):
-    from metatta.learned.losses import TTALoss
-
-    return TTALoss(cfg.loss, source_stats if cfg.loss != "entropy" else None, cfg.stats_lambda,
-                   reliable_factor=cfg.reliable_entropy_factor)
-
-
-class RolloutWorker:
-    """Owns a share of the training images and one persistent trajectory.
-
-    It walks its share domain by domain (a fresh trajectory per domain, as the
-    MGG's memory resets per domain at test time), in a seeded order that
-    changes every epoch."""
-
-    def __init__(self, share: list[DomainData], checkpoint: str, cfg: MGGTrainConfig, index: int):
-        from metatta.learned.unroll import Trajectory
-        from metatta.methods.common import configure_norm_adaptation
-
-        self.cfg, self.index = cfg, index
-        self.device = resolve_device(cfg.device)
-        model, stats = source_parts(checkpoint, self.device)
-        configure_norm_adaptation(model)
-        self.trajectory = Trajectory(model, make_loss(cfg, stats), backend=cfg.backend)
-        self.mgg = build_mgg(cfg).to(self.device)
-        self.domains = [(to_tensor(d.images), torch.from_numpy(np.asarray(d.labels)).long(), d.name) for d in share]
-        self.epoch, self.queue = -1, []
-        self.lr_generator = torch.Generator().manual_seed(cfg.seed * 100_003 + index * 1009 + 7)
-        self.inner_lr = cfg.inner_lr
-        self._next_epoch()
-
-    def _new_trajectory(self) -> None:
-        """Start a fresh trajectory, with a fresh inner lr when `inner_lr_max` is set."""
-        self.trajectory.reset()
-        if self.cfg.inner_lr_max is not None:
-            u = float(torch.rand((), generator=self.lr_generator))
-            low, high = math.log(self.cfg.inner_lr), math.log(self.cfg.inner_lr_max)
-            self.inner_lr = math.exp(low + u * (high - low))
-
-    def _next_epoch(self) -> None:
-        self.epoch += 1
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.index * 1009 + self.epoch)
-        self.queue = []
-        for k in torch.randperm(len(self.domains), generator=g).tolist():
-            x, y, name = self.domains[k]
-            order = torch.randperm(len(y), generator=g)
-            batches = [(x[order[i:i + self.cfg.batch_size]], y[order[i:i + self.cfg.batch_size]])
-                       for i in range(0, len(y) - self.cfg.batch_size + 1, self.cfg.batch_size)]
-            self.queue.append((name, batches))
-        self._new_trajectory()
-
-    def _take(self, count: int) -> list:
-        """`count` batches of the current domain, moving on (and resetting the
-        trajectory) when the domain has fewer left than an unroll needs."""
-        while True:
-            if not self.queue:
-                self._next_epoch()
-            name, batches = self.queue[0]
-            if len(batches) >= count:
-                taken, self.queue[0] = batches[:count], (name, batches[count:])
-                return [(x.to(self.device), y.to(self.device)) for x, y in taken]
-            self.queue.pop(0)
-            self._new_trajectory()
-            count = self.trajectory.batches_needed(self.cfg.unroll_steps)
-
-    def run(self, mgg_state: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """One truncated unroll with the given MGG weights: meta-gradient and metrics."""
-        from metatta.learned.unroll import unroll
-
-        self.mgg.load_state_dict(mgg_state)
-        start = time.perf_counter()
-        batches = self._take(self.trajectory.batches_needed(self.cfg.unroll_steps))
-        cfg = self.cfg
-        result = unroll(self.mgg, self.trajectory, batches, K=cfg.unroll_steps, inner_lr=self.inner_lr,
-                        reduction=cfg.outer_reduction, outer_loss=cfg.outer_loss, outer_loss_over=cfg.outer_loss_over)
-        metrics = {**result.metrics, "unroll_seconds": time.perf_counter() - start, "epoch": float(self.epoch),
-                   "inner_lr": self.inner_lr}
-        return {"grads": result.grads, "metrics": metrics, "steps": cfg.unroll_steps, "skipped": result.skipped}
-
-
-# ---- the learner ------------------------------------------------------------------------------
-class LocalPool:
-    """The rollout workers in this process (no Ray)."""
-
-    def __init__(self, shares, checkpoint, cfg):
-        self.workers = [RolloutWorker(share, checkpoint, cfg, i) for i, share in enumerate(shares)]
-
-    def run(self, mgg_state):
-        return [w.run(mgg_state) for w in self.workers]
-
-    def shutdown(self):
-        self.workers = []
 
 
 def gpus_per_actor(cluster_gpus: float, num_actors: int, device: str) -> float:
@@ -282,146 +35,69 @@ def gpus_per_actor(cluster_gpus: float, num_actors: int, device: str) -> float:
     return 1 if cluster_gpus >= num_actors else math.floor(cluster_gpus / num_actors * 1e4) / 1e4
 
 
-class RayPool:
-    """One Ray actor per share; restarted on failure, interrupted calls retried."""
+class RolloutActor(RolloutWorker):
+    """A `RolloutWorker` that, when Ray has restarted it after a failure, continues from its state
+    in the learner's last checkpoint: Ray rebuilds a restarted actor with its first constructor
+    arguments (the state it started from), so each request carries the latest checkpointed state."""
 
-    def __init__(self, shares, checkpoint, cfg):
+    def __init__(self, *args, **kwargs):
         import ray
 
-        if not ray.is_initialized():
-            ray.init()
-        gpus = gpus_per_actor(ray.cluster_resources().get("GPU", 0), len(shares), cfg.device)
-        actor_cls = ray.remote(RolloutWorker)
+        super().__init__(*args, **kwargs)
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def run_from(self, mgg_state, checkpointed: list) -> dict[str, Any]:
+        """`run(mgg_state)`; `checkpointed`: [a reference to this worker's state in the last checkpoint,
+        or None before the first], wrapped in a list so that Ray passes the reference unread."""
+        if self.restarted:
+            import ray
+
+            self.restarted = False
+            if checkpointed[0] is not None:
+                self.load_state_dict(ray.get(checkpointed[0]))
+                log.warning("rollout actor %d restarted: continues from the last checkpoint (epoch %d)",
+                            self.index, self.epoch)
+        return self.run(mgg_state)
+
+
+class RayPool:
+    """One Ray actor per share; restarted on failure (from the last checkpoint), interrupted calls retried.
+
+    `states`: one `RolloutWorker.state_dict()` per actor to start from (a resumed training)."""
+
+    def __init__(self, shares, checkpoint, cfg, states=None):
+        ray = connect()
+        states = check_worker_states(states, len(shares))
+        gpus = gpus_per_actor(cluster_gpus(), len(shares), cfg.device)
+        actor_cls = ray.remote(RolloutActor)
         self.actors = [
             actor_cls.options(
                 name=f"{cfg.name}-rollout-{i}", num_cpus=1, num_gpus=gpus, max_restarts=-1, max_task_retries=-1,
-            ).remote(share, checkpoint, cfg, i)
-            for i, share in enumerate(shares)
+                scheduling_strategy="SPREAD",  # across the nodes: losing one node loses few actors
+            ).remote(share, checkpoint, cfg, i, state)
+            for i, (share, state) in enumerate(zip(shares, states))
         ]
+        self.checkpointed_refs = [None] * len(self.actors)  # each actor's state in the last checkpoint
         log.info("started %d rollout actors (%s each)", len(self.actors), f"{gpus:g} GPU" if gpus else "1 CPU")
 
     def run(self, mgg_state):
-        import ray
-
+        ray = connect()
         ref = ray.put(mgg_state)
-        return ray.get([a.run.remote(ref) for a in self.actors])
+        return ray.get([a.run_from.remote(ref, [state]) for a, state in zip(self.actors, self.checkpointed_refs)])
+
+    def states(self) -> list[dict[str, Any]]:
+        ray = connect()
+        return ray.get([a.state_dict.remote() for a in self.actors])
+
+    def checkpointed(self, states) -> None:
+        ray = connect()
+        self.checkpointed_refs = [ray.put(state) for state in states]
 
     def shutdown(self):
-        import ray
-
+        ray = connect()
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
-
-
-@dataclasses.dataclass
-class TrainOutcome:
-    mgg: Any
-    steps: int
-    validation_error: float | None
-    adapter_dir: Path
-    registered_version: str | None
-    promoted: bool
-    history: list[dict[str, float]]
-    run_id: str | None
-    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # see skip_totals
-    data_provenance: dict[str, Any] | None = None  # train_data=train_split: where every image came from
-
-
-SKIP_COUNTERS = {"inner_updates": "skipped_inner_updates", "unrolls": "skipped_unrolls",
-                 "meta_steps": "skipped_meta_step"}
-
-
-def average(outputs: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor] | None, dict[str, float]]:
-    """Mean meta-gradient over the actors whose unroll was not skipped (None if all were),
-    mean metrics over those (over all when all were skipped), and skip counts summed."""
-    kept = [o for o in outputs if not o.get("skipped", False)]
-    grads = None
-    if kept:
-        grads = {n: torch.stack([o["grads"][n] for o in kept]).mean(0) for n in kept[0]["grads"]}
-    pool = kept or outputs
-    keys = set.intersection(*(set(o["metrics"]) for o in pool))
-    metrics = {k: float(np.mean([o["metrics"][k] for o in pool])) for k in sorted(keys)}
-    metrics["skipped_inner_updates"] = float(sum(o["metrics"].get("skipped_inner_updates", 0.0) for o in outputs))
-    metrics["skipped_unrolls"] = float(len(outputs) - len(kept))
-    return grads, metrics
-
-
-def guarded_step(mgg, optimizer, grads: dict[str, torch.Tensor] | None, grad_clip: float) -> dict[str, float]:
-    """Clip and apply the averaged meta-gradient; undo the step (weights and optimizer
-    state) when the gradient or the new weights are not finite. Returns metrics."""
-    if grads is None or not all(torch.isfinite(g).all() for g in grads.values()):
-        return {"skipped_meta_step": 1.0}
-    weights = {k: v.clone() for k, v in mgg.state_dict().items()}
-    opt_state = copy.deepcopy(optimizer.state_dict())
-    optimizer.zero_grad(set_to_none=True)
-    for name, p in mgg.named_parameters():
-        if name in grads:
-            p.grad = grads[name].to(p.dtype)
-    norm = float(torch.nn.utils.clip_grad_norm_(mgg.parameters(), grad_clip))
-    optimizer.step()
-    if all(torch.isfinite(p).all() for p in mgg.parameters()):
-        return {"meta_grad_norm_clipped": norm, "skipped_meta_step": 0.0}
-    log.warning("meta step gave non-finite MGG weights; undone")
-    mgg.load_state_dict(weights)
-    optimizer.load_state_dict(opt_state)
-    return {"meta_grad_norm_clipped": norm, "skipped_meta_step": 1.0}
-
-
-def skip_totals(history: list[dict[str, float]]) -> dict[str, int]:
-    """What the stability guards skipped over a training: non-finite inner updates (in
-    all unrolls), unrolls (per actor) and learner steps."""
-    return {name: int(sum(h.get(key, 0.0) for h in history)) for name, key in SKIP_COUNTERS.items()}
-
-
-def steps_per_epoch(shares: list[list[DomainData]], cfg: MGGTrainConfig) -> int:
-    """Learner steps for every actor to see its share once (one priming batch per domain)."""
-    per_actor = []
-    for share in shares:
-        batches = [len(d) // cfg.batch_size for d in share]
-        per_actor.append(sum(max(1, (b - 1) // cfg.unroll_steps) for b in batches))
-    return max(1, min(per_actor))
-
-
-def checkpoint_path(cfg: MGGTrainConfig) -> Path:
-    return Path(cfg.checkpoint_dir) / cfg.name / "learner.pt"
-
-
-def save_checkpoint(path: Path, mgg, optimizer, step: int, run_id: str | None, history) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"mgg": mgg.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "run_id": run_id or "", "history": history}, tmp)
-    tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no learner checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated/corrupt zip files
-        raise ValueError(f"--resume: cannot read learner checkpoint {path}: {e}") from e
-
-
-def mgtta_config(cfg: MGGTrainConfig) -> dict[str, Any]:
-    """The MGTTA config an MGG trained by `cfg` is validated and tested with: its test lr and the
-    test-time loss it was meta-trained on."""
-    return {"lr": cfg.test_lr, "loss": cfg.loss, "stats_lambda": cfg.stats_lambda,
-            "reliable_entropy_factor": cfg.reliable_entropy_factor}
-
-
-def validation_error(mgg, checkpoint: str, val_domains: list[DomainData], cfg: MGGTrainConfig) -> float:
-    """Mean error of MGTTA with this MGG over the validation domains (reset per domain)."""
-    from metatta.data.streams import build_stream
-    from metatta.evaluation import evaluate
-    from metatta.methods.base import build_method
-
-    device = resolve_device(cfg.device)
-    model, stats = source_parts(checkpoint, device)
-    method = build_method("mgtta", model, mgtta_config(cfg), mgg=mgg, source_stats=stats)
-    stream = build_stream(val_domains, "episodic", cfg.val_batch_size, seed=cfg.seed)
-    return evaluate(method, stream, device=device, progress=False).mean_error
 
 
 def train_mgg(
@@ -431,123 +107,6 @@ def train_mgg(
     use_ray: bool = True,
     domains: list[DomainData] | None = None,
     on_step: Callable[[int, Any], None] | None = None,
-) -> TrainOutcome:
-    """Meta-train the MGG; register it in MLflow and move the champion alias
-    when it beats the current one on the validation stream."""
-    from metatta import tracking
-    from metatta.learned.mgg import save_mgg
-
-    torch.manual_seed(cfg.seed)
-    checkpoint = cfg.source_checkpoint or _ensure_source(cfg)
-    provenance = None
-    if domains is None:
-        domains, provenance = _load_domains(cfg)
-    shares, val_domains = split_domains(domains, cfg)
-    total_steps = cfg.epochs * steps_per_epoch(shares, cfg)
-
-    mgg = build_mgg(cfg)
-    optimizer = torch.optim.Adam(mgg.parameters(), lr=cfg.meta_lr)
-    step, run_id, history = 0, None, []
-    ckpt = checkpoint_path(cfg)
-    if resume:
-        state = load_checkpoint(ckpt)
-        mgg.load_state_dict(state["mgg"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, run_id, history = int(state["step"]), state["run_id"] or None, list(state["history"])
-        log.info("resumed from %s at step %d of %d", ckpt, step, total_steps)
-
-    pool = (RayPool if use_ray else LocalPool)(shares, str(checkpoint), cfg)
-    run_ctx = _mlflow_run(cfg, run_id) if cfg.mlflow else _NullRun()
-    try:
-        with run_ctx as run:
-            run_id = run.info.run_id if run is not None else None
-            progress = tqdm(total=total_steps, initial=step, desc=f"meta-train {cfg.name}")
-            while step < total_steps:
-                start = time.perf_counter()
-                outputs = pool.run({k: v.detach().cpu() for k, v in mgg.state_dict().items()})
-                grads, metrics = average(outputs)
-                metrics.update(guarded_step(mgg, optimizer, grads, cfg.grad_clip))
-                step += 1
-                seconds = time.perf_counter() - start
-                metrics["unroll_steps_per_second"] = sum(o["steps"] for o in outputs) / seconds
-                metrics["step"] = float(step)
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    metrics["validation_error"] = validation_error(mgg, checkpoint, val_domains, cfg)
-                history.append(metrics)
-                progress.update(1)
-                progress.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
-                if step % cfg.log_every == 0 or step == total_steps or "validation_error" in metrics:
-                    log.info("step %d/%d meta_loss %.4f%s", step, total_steps, metrics["meta_loss"],
-                             f" val_error {metrics['validation_error']:.2f}" if "validation_error" in metrics else "")
-                    if run is not None:
-                        tracking.log_metrics(metrics, step=step)
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    save_checkpoint(ckpt, mgg, optimizer, step, run_id, history)
-                if on_step is not None:
-                    on_step(step, pool)
-            progress.close()
-            val_error = validation_error(mgg, checkpoint, val_domains, cfg)
-            log.info("final validation error (held-out corruptions, MGTTA): %.2f%%", val_error)
-            adapter_dir = save_mgg(mgg, Path(cfg.checkpoint_dir) / cfg.name / "adapter", extra={
-                "source_checkpoint": str(checkpoint),
-                "source_checkpoint_sha256": _sha(checkpoint),
-                "train_config": dataclasses.asdict(cfg),
-                "validation_error": val_error,
-                "steps": step,
-                "skipped": skip_totals(history),
-                "train_data_provenance": provenance,
-            })
-            version, promoted = None, False
-            if run is not None:
-                tracking.log_metrics({"final_validation_error": val_error}, step=step)
-                if cfg.register_as:
-                    version = tracking.register_adapter(cfg.register_as, adapter_dir, run_id)
-                    promoted = tracking.promote_if_better(cfg.register_as, version, val_error)
-    finally:
-        pool.shutdown()
-    return TrainOutcome(mgg, step, val_error, adapter_dir, version, promoted, history, run_id,
-                        skip_totals(history), provenance)
-
-
-class _NullRun:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _mlflow_run(cfg: MGGTrainConfig, run_id: str | None):
-    from metatta import tracking
-
-    if run_id:
-        return tracking.resume_run(run_id)
-    return tracking.start_run(cfg.name, params=dataclasses.asdict(cfg), tags={"kind": "mgg-meta-training"})
-
-
-def _sha(path) -> str:
-    from metatta.models.checkpoint import checkpoint_hash
-
-    return checkpoint_hash(path)
-
-
-def _ensure_source(cfg: MGGTrainConfig) -> str:
-    from metatta.config import load_config
-    from trainers.source import ensure_source_model
-
-    return str(ensure_source_model(load_config(cfg.source_config)))
-
-
-def _load_domains(cfg: MGGTrainConfig) -> tuple[list[DomainData], dict[str, Any] | None]:
-    """The held-out-corruption domains and, for train_data=train_split, their provenance."""
-    if cfg.train_data == "train_split":
-        from metatta.learned.heldout import build_heldout_train_set
-
-        per_domain = cfg.train_images // len(cfg.corruptions) + cfg.val_images
-        held_out = build_heldout_train_set(cfg.corruptions, cfg.severity, per_domain, cfg.dataset, cfg.data_root,
-                                           cfg.heldout_seed)
-        return held_out.domains, held_out.provenance
-    from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
-
-    root = Path(cfg.benchmark_root) if cfg.benchmark_root else fashion_mnist_c(corruptions=cfg.corruptions)
-    return read_cifar_c(root, cfg.corruptions, [cfg.severity]), None
+) -> MGGTrainOutcome:
+    """`meta_train` with the rollout workers as Ray actors (`use_ray=False`: in this process)."""
+    return meta_train(cfg, RayPool if use_ray else LocalPool, resume=resume, domains=domains, on_step=on_step)

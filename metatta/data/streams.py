@@ -32,6 +32,14 @@ Settings (options in brackets):
   classes. Even a large alpha is not i.i.d., since a class's chunk stays
   contiguous within its slot. Every image appears exactly once.
 
+Generated settings (GENERATED_SETTINGS; not lists of rows of the domains given):
+- ccc [model (required), difficulty, target_accuracy, tolerance, num_images,
+  transition_images, corruptions, calibration_images, cache]: Continuously
+  Changing Corruptions, generated lazily from one domain of clean test images;
+  the corruption blends from one (corruption, severity) to the next along a walk
+  that holds the source model's accuracy near a target. See metatta/data/ccc.py
+  (a `CCCStream`, not a `Stream`: the same iteration interface).
+
 `shuffle` (default True) shuffles the images within each domain (for
 label_shift, within each class). Order is a fixed function of (seed, domain
 name, occurrence of that name in the stream): a domain is seen in the same
@@ -49,10 +57,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from metatta.data import ccc
 from metatta.data.domains import SEVERITIES
 from metatta.data.types import Batch, DomainData
 
 SETTINGS = ("episodic", "continual", "gradual", "mixed", "label_shift")
+GENERATED_SETTINGS = ("ccc",)  # options: ccc.OPTIONS
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 GRADUAL_FIRST_HIGH = (5, 4, 3, 2, 1)  # CoTTA's code: the first corruption starts at severity 5
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -188,16 +198,18 @@ def build_stream(
     batch_size: int,
     seed: int = 0,
     **options: Any,
-) -> Stream:
+) -> Stream | ccc.CCCStream:
     """A stream over `domains` (in the order given) for `setting`; deterministic for `seed`.
 
     settings: see the module docstring and SETTINGS; options per setting: OPTIONS."""
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown stream setting {setting!r}; known: {', '.join(SETTINGS)}")
+    if setting not in SETTINGS + GENERATED_SETTINGS:
+        raise ValueError(f"unknown stream setting {setting!r}; known: {', '.join(SETTINGS + GENERATED_SETTINGS)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if setting == "ccc":
+        return ccc.build_ccc_stream(domains, int(batch_size), int(seed), options)
     unknown = sorted(set(options) - set(OPTIONS[setting]))
     if unknown:
         allowed = ", ".join(OPTIONS[setting]) or "none"

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from metatta.learned.gml import GradientMemoryLayer, Memory
+from metatta.safe_files import read_json_file, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -253,14 +254,12 @@ def load_mgg(path: str | Path, map_location: str | torch.device = "cpu", **hpara
         if not weights.is_file():
             raise FileNotFoundError(f"MGG directory {path} has no {WEIGHTS_FILE}")
         if config_file.is_file():
-            stored = json.loads(config_file.read_text()).get("hparams", {})
+            stored = read_json_file(config_file, "MGG config").get("hparams", {})
             hparams = {**stored, **hparams}
         path = weights
     elif not path.is_file():
         raise FileNotFoundError(f"MGG weights not found: {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = read_state_dict(path, "MGG weights", map_location)
     hparams.pop("width", None)
     hparams.pop("learnable_token_eta", None)
     hparams.pop("learned_step_size", None)

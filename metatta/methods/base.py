@@ -3,6 +3,12 @@
 The base class owns the update loop (steps per batch, episodic reset, saving and
 restoring the source state). A method supplies only what is specific to it:
 
+- its `Config` dataclass (a subclass of `MethodConfig`, the one place for its
+  defaults) with `validate()`: its own value rules, after `super().validate()`,
+  raising a ValueError that names the method and the field. `make_config`,
+  `build_method` and the constructor call it, so a bad value is refused before
+  anything is built (and an experiment refuses it before its first row runs);
+
 - `configure_model()`: train/eval modes, which BN layers use batch statistics,
   which parameters require gradients;
 - `init_extra_state()` with `extra_state()` / `load_extra_state()`: state of its
@@ -32,6 +38,13 @@ Non-finite guard (every method gets it, including those that override
   still returned. The default step also refuses a non-finite loss before
   backpropagating it.
 
+Seams for a method that wraps another (the BN plug-ins, methods/plugin.py) drive
+the wrapped method through public hooks, never its private state:
+`unguarded_step(x)` (one step without the guard, and whether the step refused its
+update) and `gate_updates(gate)` (every parameter update of the method's innermost
+optimizer, below SAM, goes through `gate`, which may hold it back, e.g. to
+accumulate gradients, or act after it).
+
 `skipped_updates` counts both kinds; evaluation reports it in every Result. The
 copy costs one clone of the adapted tensors and the optimizer state per update
 (measured: about 1% of a Tent or CoTTA step on the default ResNet-8 at batch 200).
@@ -48,18 +61,26 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
 
+from metatta.config import build_dataclass
+from metatta.methods.guard import CollapseGuard, GuardConfig
+
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
+# gate(params, update): called instead of an optimizer step with the adapted tensors (their
+# gradients set) and `update`, which performs the step; the gate decides whether to call it.
+UpdateGate = Callable[[list[torch.Tensor], Callable[[], Any]], Any]
 
 _REGISTRY: dict[str, type["TTAMethod"]] = {}
 
 NONFINITE_INPUT_POLICIES = ("skip", "error")
+OPTIMIZERS = ("sgd", "adam", "mgg")
 
 
 @dataclasses.dataclass
@@ -85,6 +106,63 @@ class MethodConfig:
     lr_batch_size: int | None = None
     scale_lr: bool = True
     batch_size: int | None = None  # the test batch size; set by build_method(batch_size=...), not by hand
+    # RDumb (Press et al., NeurIPS 2023): back to the source state and a fresh optimizer every
+    # `reset_every` updates (adapted batches x steps); None: never on a schedule.
+    reset_every: int | None = None
+    # The label-free collapse guard (methods/guard.py). The default only watches the class marginal
+    # and warns (Result.collapse_events counts it); `guard: {action: reset, ...}` resets on collapse;
+    # null switches it off.
+    guard: GuardConfig | None = dataclasses.field(default_factory=lambda: WATCH)
+
+    # The registered name of the method this config is for (set by `register`), for messages.
+    method_name: ClassVar[str] = "method"
+    # The fewest adaptation steps per batch that mean something (TTT and CTA: 0, predict unadapted).
+    min_steps: ClassVar[int] = 1
+
+    def validate(self) -> None:
+        """Refuse values that cannot be meant, naming the method and the field (ValueError).
+        A subclass calls `super().validate()` first, then checks its own fields (`refuse`)."""
+        if not _is_int(self.steps) or self.steps < self.min_steps:
+            self.refuse("steps", f"an integer >= {self.min_steps}")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            self.refuse("optimizer", ", ".join(map(repr, OPTIMIZERS[:-1])) + f" or {OPTIMIZERS[-1]!r}")
+        for field in ("lr", "weight_decay"):
+            value = getattr(self, field)
+            if value is not None and not (_is_finite(value) and value >= 0):
+                self.refuse(field, "a finite number >= 0")
+        if self.momentum is not None and not (_is_finite(self.momentum) and 0 <= self.momentum <= 1):
+            self.refuse("momentum", "a number in [0, 1]")
+        if self.betas is not None and (len(self.betas) != 2 or not all(_is_finite(b) and 0 <= b < 1
+                                                                        for b in self.betas)):
+            self.refuse("betas", "two numbers in [0, 1)")
+        if self.on_nonfinite_input not in NONFINITE_INPUT_POLICIES:
+            self.refuse("on_nonfinite_input", "one of " + ", ".join(map(repr, NONFINITE_INPUT_POLICIES)))
+        for field in ("lr_batch_size", "batch_size", "reset_every"):
+            value = getattr(self, field)
+            if value is not None and not (_is_int(value) and value >= 1):
+                self.refuse(field, "an integer >= 1 or null")
+        if self.guard is not None:
+            if not isinstance(self.guard, GuardConfig):
+                self.refuse("guard", "a mapping of guard settings or null")
+            self.guard.validate(f"{self.method_name}: config.guard")
+
+    def refuse(self, field: str, rule: str) -> None:
+        """Raise the ValueError of a bad value: '<method>: config.<field> must be <rule>, got <value>'."""
+        raise ValueError(f"{self.method_name}: config.{field} must be {rule}, got {getattr(self, field)!r}")
+
+
+# What every method wears unless told otherwise: a warning (and a count in the Result) when its
+# predictions fall onto one or two classes for 8 batches running. Warn only: a label-shifted stream can
+# legitimately look like that, and nothing is reset without being asked for.
+WATCH = GuardConfig(action="warn", min_marginal_entropy=0.15, min_agreement=None, window=8)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def register(name: str):
@@ -93,6 +171,13 @@ def register(name: str):
     def wrap(cls: type[TTAMethod]) -> type[TTAMethod]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        owner = cls.Config.__dict__.get("method_name")
+        if cls.Config is MethodConfig or owner not in (None, name):
+            # A config names its method in its messages: each method has a Config class of its own.
+            raise ValueError(f"method {name!r}: its Config {cls.Config.__name__} is "
+                             f"{'the base class' if owner == 'method' else f'the config of method {owner!r}'}; "
+                             "give it a subclass of its own")
+        cls.Config.method_name = name
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -129,6 +214,8 @@ def build_method(
     cls = method_class(name)
     if config is None or isinstance(config, dict):
         config = cls.make_config(config or {})
+    else:
+        config.validate()
     scaling = None
     if batch_size is not None:
         config, scaling = scaled_to_batch(config, batch_size, where=name)
@@ -194,14 +281,17 @@ class TTAMethod(nn.Module):
         self._mgg = mgg  # the learned optimizer of `optimizer: mgg`
         if context:
             raise TypeError(f"{type(self).__name__} takes no extra inputs, got {sorted(context)}")
-        self.config = config if config is not None else self.Config()
+        self.config = self.checked_config(config)
         if self.config.channels_last:
             # Before the method copies anything (teachers, anchors, snapshots), so all share the layout.
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        if self.config.on_nonfinite_input not in NONFINITE_INPUT_POLICIES:
-            raise ValueError(f"{self.name}: config.on_nonfinite_input must be one of {NONFINITE_INPUT_POLICIES}, "
-                             f"got {self.config.on_nonfinite_input!r}")
+        # The collapse guard's reference is the source model as it is now, before the method configures it.
+        self.guard = (CollapseGuard(self.config.guard, source=model, where=f"{self.name} guard")
+                      if self.config.guard is not None else None)
+        self.collapse_events = 0  # times the guard fired (not reset by reset())
+        self.scheduled_resets = 0  # resets by `reset_every` (not reset by reset())
+        self._updates_since_reset = 0
         self.skipped_updates = 0  # updates refused by the non-finite guard (not reset by reset())
         self._warned: set[str] = set()
         self._refuse_step = False  # set by a step that found its loss non-finite
@@ -213,6 +303,14 @@ class TTAMethod(nn.Module):
             factory = optimizer_factory or self.build_optimizer
             self.optimizer = factory(params)
         self._source_state = self._snapshot()
+
+    @classmethod
+    def checked_config(cls, config: MethodConfig | None) -> MethodConfig:
+        """`config` (None: the method's defaults), validated (`MethodConfig.validate`); a constructor
+        that reads its config before the base's calls this first."""
+        config = config if config is not None else cls.Config()
+        config.validate()
+        return config
 
     @classmethod
     def inputs_for(cls, config: MethodConfig) -> tuple[str, ...]:
@@ -243,6 +341,21 @@ class TTAMethod(nn.Module):
         if self.config.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """`forward` (the method's, whatever it overrides), then what every method wears: the
+        collapse guard and the `reset_every` schedule, both acting between batches."""
+        logits = super().__call__(x, *args, **kwargs)
+        if self.guard is not None and self.guard.observe(x, logits):
+            self.collapse_events += 1
+            if self.guard.config.action == "reset":
+                self.reset()
+        if self.config.reset_every is not None and self.optimizer is not None and bool(torch.isfinite(x).all()):
+            self._updates_since_reset += self.config.steps
+            if self._updates_since_reset >= self.config.reset_every:
+                self.reset()
+                self.scheduled_resets += 1
+        return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.in_layout(x)
@@ -277,6 +390,32 @@ class TTAMethod(nn.Module):
         """Called by a step that finds its loss non-finite: the guard rolls the step back."""
         self._refuse_step = True
 
+    # ---- seams for a method that wraps this one (methods/plugin.py) ---------------------------
+    def unguarded_step(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One adaptation step (`forward_and_adapt`) without the non-finite guard's transaction:
+        the logits, and whether the step refused its update (`refuse_update`). For a wrapper
+        that runs this method's step inside its own guard."""
+        self._refuse_step = False
+        logits = self.forward_and_adapt(x)
+        return logits, self._refuse_step
+
+    def gate_updates(self, gate: UpdateGate) -> None:
+        """Route every parameter update of this method through `gate(params, update)` (see
+        UpdateGate). The gate sits at the innermost optimizer's `step` (below SAM, for SAR), so it
+        sees one update per real step whatever the method's own step does around it."""
+        if self.optimizer is None:
+            raise ValueError(f"{self.name}: adapts no parameters, so it has no updates to gate")
+        optimizer = self.optimizer
+        while hasattr(optimizer, "base_optimizer"):  # a wrapper such as SAM
+            optimizer = optimizer.base_optimizer
+        step = optimizer.step
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+
+        def gated_step(*args: Any, **kwargs: Any) -> Any:
+            return gate(params, lambda: step(*args, **kwargs))
+
+        optimizer.step = gated_step
+
     # ---- the non-finite guard ------------------------------------------------------------
     def _nonfinite_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.on_nonfinite_input == "error":
@@ -287,9 +426,8 @@ class TTAMethod(nn.Module):
 
     def _guarded_step(self, x: torch.Tensor) -> torch.Tensor:
         saved = self._capture()
-        self._refuse_step = False
-        logits = self.forward_and_adapt(x)
-        if self._refuse_step or not self._update_is_finite():
+        logits, refused = self.unguarded_step(x)
+        if refused or not self._update_is_finite():
             self._rollback(saved)
             self._count_skip("a non-finite loss, gradient or update: the update was undone")
         return logits
@@ -350,9 +488,24 @@ class TTAMethod(nn.Module):
         raise ValueError(f"{self.name}: unknown optimizer {cfg.optimizer!r}; use 'sgd', 'adam' or 'mgg'")
 
     # ---- state -----------------------------------------------------------------------
+    def schedule_state(self) -> dict[str, Any]:
+        """The counters and the guard's windows: what a resumed run needs besides the weights,
+        the optimizer and the extra state (`metatta.lifelong` saves it with them)."""
+        return {"updates_since_reset": self._updates_since_reset, "collapse_events": self.collapse_events,
+                "scheduled_resets": self.scheduled_resets, "skipped_updates": self.skipped_updates,
+                "guard": self.guard.state() if self.guard is not None else None}
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        self._updates_since_reset = state["updates_since_reset"]
+        self.collapse_events, self.scheduled_resets = state["collapse_events"], state["scheduled_resets"]
+        self.skipped_updates = state["skipped_updates"]
+        if self.guard is not None and state["guard"] is not None:
+            self.guard.load_state(state["guard"])
+
     def reset(self) -> None:
         """Return the model (and the method's own state) to the source state."""
         self._restore(self._source_state)
+        self._updates_since_reset = 0
 
     def _snapshot(self) -> dict[str, Any]:
         return {
@@ -377,9 +530,10 @@ class TTAMethod(nn.Module):
 
     @classmethod
     def make_config(cls, overrides: dict[str, Any]) -> MethodConfig:
-        from metatta.config import build_dataclass
-
-        return build_dataclass(cls.Config, overrides, where=f"method {cls.name}")
+        """The method's defaults with `overrides`, type-checked and validated (`MethodConfig.validate`)."""
+        config = build_dataclass(cls.Config, overrides, where=f"method {cls.name}")
+        config.validate()
+        return config
 
     def adapted_parameter_count(self) -> int:
         if self.optimizer is None:

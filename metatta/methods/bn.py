@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
+from metatta.methods.base import MethodConfig, TTAMethod, register
 from metatta.methods.common import BN_TYPES, use_batch_statistics
 
 STATISTICS = ("test", "alpha", "ema")
@@ -48,9 +48,7 @@ class BNConfig(MethodConfig):
     ema_momentum: float | None = None  # "ema": None = each layer's own momentum (PyTorch default 0.1)
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if self.statistics not in STATISTICS:
             raise ValueError(f"bn: config.statistics must be one of {STATISTICS}, got {self.statistics!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -172,17 +170,6 @@ def frozen_running_statistics(model: nn.Module) -> Iterator[None]:
 @register("bn")
 class BatchNormAdapt(TTAMethod):
     Config = BNConfig
-
-    def __init__(
-        self,
-        model: nn.Module,
-        config: BNConfig | None = None,
-        optimizer_factory: OptimizerFactory | None = None,
-        **context: Any,
-    ):
-        config = config if config is not None else BNConfig()
-        config.validate()
-        super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
 
     def configure_model(self) -> None:
         self.model.eval()

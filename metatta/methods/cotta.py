@@ -65,6 +65,14 @@ class CoTTAConfig(MethodConfig):
     # num_augmentations augment + forward calls (the reference path, same distribution).
     batched_views: bool = True
 
+    def validate(self) -> None:
+        super().validate()
+        for field in ("teacher_momentum", "restore_prob"):
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                self.refuse(field, "in [0, 1]")
+        if self.num_augmentations < 1:
+            self.refuse("num_augmentations", ">= 1")
+
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Per-sample -sum softmax(teacher) * log_softmax(student)."""
@@ -82,13 +90,7 @@ class CoTTA(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else CoTTAConfig()
-        for name in ("teacher_momentum", "restore_prob"):
-            value = getattr(config, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"cotta: config.{name} must be in [0, 1], got {value}")
-        if config.num_augmentations < 1:
-            raise ValueError(f"cotta: config.num_augmentations must be >= 1, got {config.num_augmentations}")
+        config = self.checked_config(config)
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         self.augment = CoTTAAugment(soft=config.soft_augmentation, noise_std=config.aug_noise_std)
         source = self._source_state["model"]

@@ -34,10 +34,13 @@ class CTAConfig(SelfSupervisedTTAConfig):
     crop_scale: tuple[float, float] = (0.2, 1.0)  # SimCLR random resized crop, area fraction
     projection_dim: int = 64  # only for the fresh head made when no trained network is given
 
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"cta: config.temperature must be > 0, got {self.temperature}")
-        SimCLRAugment(crop_scale=tuple(self.crop_scale))  # bad crop ranges fail when the config is made
+    def validate(self) -> None:
+        super().validate()
+        if not self.temperature > 0:
+            self.refuse("temperature", "> 0")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            self.refuse("crop_scale", "(low, high) with 0 < low <= high <= 1")
 
 
 @register("cta")

@@ -28,7 +28,7 @@ code: train mode; the same without dropout).
 Defaults: the paper's CIFAR-10-C settings (Sec. 5): SGD, momentum 0.9, lr 0.005
 (batch 64), E0 = 0.4 ln C, d_margin 0.4, fisher_alpha 1, 2,000 Fisher samples.
 Their code only has ImageNet-C: lr 2.5e-4, d_margin 0.05, fisher_alpha 2000
-(configs/methods/eata.yaml lists both).
+(EATAConfig notes both).
 """
 from __future__ import annotations
 

@@ -83,32 +83,21 @@ class LAWConfig(MethodConfig):
     soft_augmentation: bool = False  # their get_tta_transforms(dataset) uses the strong ranges
     aug_noise_std: float = 0.005
 
+    def validate(self) -> None:
+        super().validate()  # steps, lr, weight_decay, betas, ...
+        for field in ("tau", "consistency_weight", "aug_noise_std"):
+            value = getattr(self, field)
+            if not math.isfinite(value) or value < 0:
+                self.refuse(field, "a finite number >= 0")
+        if not math.isfinite(self.eps) or self.eps <= 0:
+            self.refuse("eps", "a finite number > 0")
+        if self.optimizer == "sgd" and not 0 <= self.momentum < 1:
+            self.refuse("momentum", "in [0, 1)")
+
 
 def consistency(logits: torch.Tensor, logits_aug: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of softmax(logits_aug) against softmax(logits) (both differentiable)."""
     return -(logits.softmax(1) * logits_aug.log_softmax(1)).sum(1).mean()
-
-
-def _check_config(cfg: LAWConfig) -> None:
-    def bad(field: str, rule: str, value: Any) -> ValueError:
-        return ValueError(f"law: config.{field} must be {rule}, got {value!r}")
-
-    def finite(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not isinstance(cfg.steps, int) or isinstance(cfg.steps, bool) or cfg.steps < 1:
-        raise bad("steps", "an integer >= 1", cfg.steps)
-    for field in ("lr", "tau", "consistency_weight", "weight_decay", "aug_noise_std"):
-        value = getattr(cfg, field)
-        if not finite(value) or value < 0:
-            raise bad(field, "a finite number >= 0", value)
-    if not finite(cfg.eps) or cfg.eps <= 0:
-        raise bad("eps", "a finite number > 0", cfg.eps)
-    if cfg.optimizer == "sgd" and (not finite(cfg.momentum) or not 0 <= cfg.momentum < 1):
-        raise bad("momentum", "in [0, 1)", cfg.momentum)
-    betas = tuple(cfg.betas)
-    if len(betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in betas):
-        raise bad("betas", "two numbers in [0, 1)", cfg.betas)
 
 
 @register("law")
@@ -116,8 +105,7 @@ class LAW(TTAMethod):
     Config = LAWConfig
 
     def __init__(self, model: nn.Module, config: LAWConfig | None = None, optimizer_factory=None, **context):
-        config = config if config is not None else LAWConfig()
-        _check_config(config)
+        config = self.checked_config(config)
         self._built_own_optimizer = False
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         if self.optimizer is None:

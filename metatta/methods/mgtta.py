@@ -44,8 +44,15 @@ class MGTTAConfig(MethodConfig):
     stats_reduction: str = "per_layer_mse"  # per_layer_mse | authors (sum of squared errors / 64)
     mgg_path: str | None = None  # used when no `mgg` / `mgg_path` context is given
     # EATA's entropy term (reliable samples, H < factor * ln C, reweighted) instead of the mean entropy;
-    # None: the paper's. Set it as the MGG was meta-trained (trainers/mgg.py, same field).
+    # None: the paper's. Set it as the MGG was meta-trained (metatta/learned/meta_training.py, same field).
     reliable_entropy_factor: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss not in LOSS_KINDS:
+            self.refuse("loss", f"one of {LOSS_KINDS}")
+        if self.stats_reduction not in STATS_REDUCTIONS:
+            self.refuse("stats_reduction", f"one of {STATS_REDUCTIONS}")
 
 
 @register("mgtta")
@@ -66,11 +73,7 @@ class MGTTA(TTAMethod):
         source_stats: Mapping[str, torch.Tensor] | None = None,
         **context: Any,
     ):
-        config = config if config is not None else MGTTAConfig()
-        if config.loss not in LOSS_KINDS:
-            raise ValueError(f"mgtta: config.loss {config.loss!r} is not one of {LOSS_KINDS}")
-        if config.stats_reduction not in STATS_REDUCTIONS:
-            raise ValueError(f"mgtta: config.stats_reduction {config.stats_reduction!r} is not one of {STATS_REDUCTIONS}")
+        config = self.checked_config(config)
         device = next(model.parameters()).device
         stats = {k: v.to(device) for k, v in source_stats.items()} if source_stats else None
         loss_fn = TTALoss(config.loss, stats, config.stats_lambda, config.stats_reduction,

@@ -82,6 +82,15 @@ class NanoAdaptConfig(PluginConfig):
     pcg: bool = True  # proxy computation graph
     num_views: int = 3  # k: augmented views forwarded with each sample
 
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.dbc_momentum <= 1.0:
+            self.refuse("dbc_momentum", "in [0, 1]")
+        if self.num_views < 0:
+            self.refuse("num_views", ">= 0")
+        if self.accumulation_steps < 1:
+            self.refuse("accumulation_steps", ">= 1")
+
 
 # ---- DBC -------------------------------------------------------------------------------------------
 class DBCNorm(PluginNorm):
@@ -211,19 +220,6 @@ def proxy_views(x: torch.Tensor, k: int, generator: torch.Generator | None = Non
 class NanoAdapt(BNPlugin):
     Config = NanoAdaptConfig
     layer_classes = DBC_CLASSES
-
-    @classmethod
-    def validate(cls, config: NanoAdaptConfig) -> None:
-        def fail(field: str, rule: str) -> None:
-            raise ValueError(f"{cls.name}: config.{field} must be {rule}, got {getattr(config, field)!r}")
-
-        if not 0.0 <= config.dbc_momentum <= 1.0:
-            fail("dbc_momentum", "in [0, 1]")
-        if config.num_views < 0:
-            fail("num_views", ">= 0")
-        if config.accumulation_steps < 1:
-            fail("accumulation_steps", ">= 1")
-        super().validate(config)
 
     def layer_options(self, config: NanoAdaptConfig) -> dict[str, Any]:
         return {"momentum": config.dbc_momentum, "per_image": config.dbc_per_image, "enabled": config.dbc}

@@ -109,6 +109,31 @@ class PALMConfig(MethodConfig):
     soft_augmentation: bool = False
     aug_noise_std: float = 0.005
 
+    def validate(self) -> None:
+        super().validate()  # steps, lr, weight_decay, betas, ...
+        if self.optimizer != "adam":
+            self.refuse("optimizer", "'adam'")
+        if self.variant not in VARIANTS:
+            self.refuse("variant", _one_of(VARIANTS))
+        for field in ("eta", "lambda_consistency", "entropy_margin"):
+            if not getattr(self, field) >= 0:
+                self.refuse(field, ">= 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            self.refuse("alpha", "in [0, 1]")
+        for field in ("temperature", "eps"):
+            if not getattr(self, field) > 0:
+                self.refuse(field, "> 0")
+        if self.entropy_margin_scale not in MARGIN_SCALES:
+            self.refuse("entropy_margin_scale", _one_of(MARGIN_SCALES))
+        if self.consistency_scale not in CONSISTENCY_SCALES:
+            self.refuse("consistency_scale", _one_of(CONSISTENCY_SCALES))
+        if self.uncertainty_loss not in UNCERTAINTY_LOSSES:
+            self.refuse("uncertainty_loss", _one_of(UNCERTAINTY_LOSSES))
+
+
+def _one_of(values: Sequence[str]) -> str:
+    return " or ".join(map(repr, values))
+
 
 def palm_candidates(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of the weight and bias of every norm layer and Conv2d, in module order."""
@@ -228,8 +253,7 @@ class PALM(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else PALMConfig()
-        _validate(config)
+        config = self.checked_config(config)
         if optimizer_factory is not None:
             raise ValueError("palm: builds its own optimizer (per-parameter learning rates); "
                              "an optimizer_factory is not supported")
@@ -341,37 +365,3 @@ class PALM(TTAMethod):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.s_hat = [s.to(p.device) for s, p in zip(state["s_hat"], self.candidates)]
         self.rates = [None if r is None else r.to(p.device) for r, p in zip(state["rates"], self.candidates)]
-
-
-def _validate(cfg: PALMConfig) -> None:
-    def fail(field: str, rule: str) -> None:
-        raise ValueError(f"palm: config.{field} must be {rule}, got {getattr(cfg, field)!r}")
-
-    if cfg.optimizer != "adam":
-        fail("optimizer", "'adam'")
-    if cfg.variant not in VARIANTS:
-        fail("variant", " or ".join(map(repr, VARIANTS)))
-    if not cfg.eta >= 0:
-        fail("eta", ">= 0")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        fail("alpha", "in [0, 1]")
-    if not cfg.temperature > 0:
-        fail("temperature", "> 0")
-    if not cfg.lambda_consistency >= 0:
-        fail("lambda_consistency", ">= 0")
-    if not cfg.lr >= 0:
-        fail("lr", ">= 0")
-    if not cfg.eps > 0:
-        fail("eps", "> 0")
-    if not cfg.weight_decay >= 0:
-        fail("weight_decay", ">= 0")
-    if not cfg.entropy_margin >= 0:
-        fail("entropy_margin", ">= 0")
-    if cfg.entropy_margin_scale not in MARGIN_SCALES:
-        fail("entropy_margin_scale", " or ".join(map(repr, MARGIN_SCALES)))
-    if cfg.consistency_scale not in CONSISTENCY_SCALES:
-        fail("consistency_scale", " or ".join(map(repr, CONSISTENCY_SCALES)))
-    if cfg.uncertainty_loss not in UNCERTAINTY_LOSSES:
-        fail("uncertainty_loss", " or ".join(map(repr, UNCERTAINTY_LOSSES)))
-    if not 0.0 <= cfg.betas[0] < 1.0 or not 0.0 <= cfg.betas[1] < 1.0:
-        fail("betas", "in [0, 1)")

@@ -13,12 +13,13 @@ BN layers (EATA, SAR, MGTTA, PALM, ...), and needs no code specific to any of th
    model, saved, restored and rolled back with it;
 2. the base method is built on that model (`build_method`), with the optimizer
    factory and context it would get on its own;
-3. the plug-in drives the base's own step (`forward_and_adapt`) per test batch and
-   hooks two seams every method shares: the model's forward (forward hooks: extra
-   views, the batch's first logits) and the optimizer's parameter update (the
-   innermost optimizer's `step`, below SAM for SAR: accumulation, corrections after
-   an update). The base class's non-finite guard wraps the whole of it: the
-   plug-in's buffers are model buffers, its other state is extra state.
+3. the plug-in drives the base's own step per test batch (`TTAMethod.unguarded_step`:
+   the plug-in's guard replaces the base's) and uses two seams every method shares:
+   the model's forward (forward hooks: extra views, the batch's first logits) and the
+   method's parameter updates (`TTAMethod.gate_updates`, at the innermost optimizer's
+   step, below SAM for SAR: accumulation, corrections after an update). The base
+   class's non-finite guard wraps the whole of it: the plug-in's buffers are model
+   buffers, its other state is extra state.
 
 Per test batch each plug-in layer (`PluginNorm`) runs a session: it keeps the
 statistics it had at the start of the batch as the prior of every forward the base
@@ -58,6 +59,28 @@ class PluginConfig(MethodConfig):
     momentum: float | None = None
     weight_decay: float | None = None
     betas: tuple[float, float] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        base = method_class(self.base)  # unknown names fail with the list of known ones
+        owned = sorted(set(self.base_config) & set(WRAPPER_FIELDS))
+        if owned:
+            raise ValueError(f"{self.method_name}: config.base_config sets {owned}; "
+                             f"set them on {self.method_name} itself")
+        if issubclass(base.Config, PluginConfig):
+            raise ValueError(f"{self.method_name}: config.base {self.base!r} is a BN plug-in itself; "
+                             "plug-ins do not nest")
+        base.make_config(self.base_overrides())  # the base's own rules, naming the base
+
+    def base_overrides(self) -> dict[str, Any]:
+        """The base's config: `base_config`, then the optimizer fields set on the plug-in. A plug-in
+        lr was already scaled to the test batch by build_method, so the base takes it unscaled."""
+        out = dict(self.base_config)
+        out.update({f: getattr(self, f) for f in OPTIMIZER_FIELDS if getattr(self, f) is not None})
+        if self.lr is not None:
+            out["scale_lr"] = False
+        out["channels_last"] = self.channels_last
+        return out
 
 
 # ---- layers -------------------------------------------------------------------------------------
@@ -167,8 +190,9 @@ def convert_batchnorms(model: nn.Module, classes: dict[type, type], **options: A
 class BNPlugin(TTAMethod):
     """Base class of the plug-ins: wraps `config.base` (see the module docstring).
 
-    A subclass sets `layer_classes` (BatchNorm class -> plug-in layer class) and
-    may override `validate`, `layer_options`, `base_batch_size`, `expand_batch`, `accumulate`
+    A subclass sets `layer_classes` (BatchNorm class -> plug-in layer class) and its
+    `Config` (a PluginConfig with its own `validate`), and
+    may override `layer_options`, `base_batch_size`, `expand_batch`, `accumulate`
     (what the optimizer's step does with this batch's gradients; default: step) and
     `after_update` (run right after a parameter update, with the values before it).
     """
@@ -183,16 +207,13 @@ class BNPlugin(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else self.Config()
-        self.validate(config)
+        config = self.checked_config(config)
         # The base, built with this channels_last (base_config), moves the model to its layout.
         layers = convert_batchnorms(model, self.layer_classes, **self.layer_options(config))
         if not layers:
             raise ValueError(f"{self.name}: the model has no BatchNorm layer to take the statistics of")
-        base = build_method(config.base, model, self.base_config(config), optimizer_factory=optimizer_factory,
+        base = build_method(config.base, model, config.base_overrides(), optimizer_factory=optimizer_factory,
                             batch_size=self.base_batch_size(config), **context)
-        if isinstance(base, BNPlugin):
-            raise ValueError(f"{self.name}: config.base {config.base!r} is a BN plug-in itself; plug-ins do not nest")
         self.norms = layers  # a plain list: the layers are registered under self.model
         self._base_params = [p for g in base.optimizer.param_groups for p in g["params"]] if base.optimizer else []
         super().__init__(base.model, config, optimizer_factory=lambda params: base.optimizer)
@@ -204,7 +225,7 @@ class BNPlugin(TTAMethod):
         self.model.register_forward_pre_hook(self._before_forward)
         self.model.register_forward_hook(self._after_forward)
         if base.optimizer is not None:
-            self._hook_update(base.optimizer)
+            base.gate_updates(self._gated_update)
         self._source_state = self._snapshot()  # again, now with the base method's own state
 
     # ---- configuration -------------------------------------------------------------------------
@@ -214,30 +235,12 @@ class BNPlugin(TTAMethod):
         base = method_class(config.base)
         return base.inputs_for(base.make_config(config.base_config))
 
-    @classmethod
-    def validate(cls, config: PluginConfig) -> None:
-        """Refuse bad values naming the field; a classmethod, so a search can check its space up front."""
-        method_class(config.base)  # unknown names fail with the list of known ones
-        owned = sorted(set(config.base_config) & set(WRAPPER_FIELDS))
-        if owned:
-            raise ValueError(f"{cls.name}: config.base_config sets {owned}; set them on {cls.name} itself")
-
     def layer_options(self, config: PluginConfig) -> dict[str, Any]:
         return {}
 
     def base_batch_size(self, config: PluginConfig) -> int | None:
         """The batch size the base's published lr is scaled to (None: not scaled)."""
         return config.batch_size
-
-    def base_config(self, config: PluginConfig) -> dict[str, Any]:
-        """The base's config: its overrides, then the optimizer fields set on the plug-in. A plug-in
-        lr was already scaled to the test batch by build_method, so the base takes it unscaled."""
-        out = dict(config.base_config)
-        out.update({f: getattr(config, f) for f in OPTIMIZER_FIELDS if getattr(config, f) is not None})
-        if config.lr is not None:
-            out["scale_lr"] = False
-        out["channels_last"] = config.channels_last
-        return out
 
     @property
     def lr_scaling(self) -> dict[str, Any] | None:  # type: ignore[override]
@@ -275,10 +278,8 @@ class BNPlugin(TTAMethod):
         """The base's own step (not its `forward`: the plug-in's guard and loop replace the base's);
         a step the base refuses (a non-finite loss) is refused here, so the guard rolls it back."""
         with self._session(x):
-            base = self.base_method
-            base._refuse_step = False
-            logits = base.forward_and_adapt(x)
-            if base._refuse_step:
+            logits, refused = self.base_method.unguarded_step(x)
+            if refused:
                 self.refuse_update()
         return logits
 
@@ -328,22 +329,15 @@ class BNPlugin(TTAMethod):
         return output if expanded is not None else None
 
     # ---- the optimizer's update -------------------------------------------------------------------------
-    def _hook_update(self, optimizer: Any) -> None:
-        """Route the innermost optimizer's `step` (below wrappers such as SAM) through `accumulate`."""
-        while hasattr(optimizer, "base_optimizer"):
-            optimizer = optimizer.base_optimizer
-        real_step = optimizer.step
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if not self.accumulate(params):
-                return None
-            before = [p.detach().clone() for p in params]
-            out = real_step(*args, **kwargs)
-            self.after_update(params, before)
-            return out
-
-        optimizer.step = step
+    def _gated_update(self, params: list[torch.Tensor], update: Any) -> Any:
+        """The base's every parameter update (`TTAMethod.gate_updates`): `accumulate` decides
+        whether it happens now, `after_update` follows it."""
+        if not self.accumulate(params):
+            return None
+        before = [p.detach().clone() for p in params]
+        out = update()
+        self.after_update(params, before)
+        return out
 
     def accumulate(self, params: list[torch.Tensor]) -> bool:
         """Called with this batch's gradients in `params[i].grad`; True: update now."""

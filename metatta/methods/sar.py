@@ -68,7 +68,15 @@ class SARConfig(MethodConfig):
     reset_threshold: float = 0.2  # e_m: recover when the EMA of the loss drops below it
     ema_momentum: float = 0.9  # ema <- ema_momentum * ema + (1 - ema_momentum) * loss
     clear_ema_on_recovery: bool = False  # their code keeps the EMA through a recovery
-    excluded_modules: tuple[str, ...] | None = None  # None: top_layers(model), their rule
+    # Norm layers not adapted: their collect_params skips the top layers (ResNet-50 layer4; ViT-B/16
+    # blocks 9-11 and the final norm). None: that rule for any network (`top_layers`: the last quarter
+    # of the stages/blocks and the norm after them); or module names, e.g. [stages.2]; []: every norm layer.
+    excluded_modules: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.rho >= 0:
+            self.refuse("rho", ">= 0")
 
 
 def is_excluded(module_name: str, excluded: Sequence[str]) -> bool:
@@ -119,9 +127,7 @@ class SAR(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else SARConfig()
-        if config.rho < 0:
-            raise ValueError(f"sar: config.rho must be >= 0, got {config.rho}")
+        config = self.checked_config(config)
 
         def sam_factory(params: list) -> SAM:
             # Build lazily: the default base optimizer needs self.config, set by the base __init__.

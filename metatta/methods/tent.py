@@ -24,11 +24,14 @@ from metatta.methods.common import configure_norm_adaptation, norm_affine_params
 
 @dataclasses.dataclass
 class TentConfig(MethodConfig):
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    lr_batch_size: int | None = 200  # their CIFAR-10-C batch
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
+    """The authors' CIFAR-10-C settings (DequanWang/tent cfgs/tent.yaml + conf.py). ImageNet-C
+    (paper; EATA's and SAR's code for Tent): sgd, lr 0.00025, momentum 0.9, batch 64."""
+
+    optimizer: str = "adam"  # OPTIM.METHOD
+    lr: float = 1e-3  # OPTIM.LR
+    lr_batch_size: int | None = 200  # their CIFAR-10-C batch (TEST.BATCH_SIZE)
+    betas: tuple[float, float] = (0.9, 0.999)  # OPTIM.BETA 0.9; Adam's beta2 default
+    weight_decay: float = 0.0  # OPTIM.WD
 
 
 @register("tent")

@@ -52,6 +52,8 @@ class SelfSupervisedTTAConfig(MethodConfig):
     episodic: bool = False  # true: reset to the trained weights before every batch
     head_hidden: int = 128  # only for the fresh head made when no trained network is given
 
+    min_steps: ClassVar[int] = 0
+
 
 class SelfSupervisedTTA(TTAMethod):
     """Adapt the encoder of a MultiHeadNet with an auxiliary loss, then predict."""
@@ -63,14 +65,12 @@ class SelfSupervisedTTA(TTAMethod):
     def __init__(self, model: nn.Module, config: SelfSupervisedTTAConfig | None = None,
                  optimizer_factory: OptimizerFactory | None = None, **context: Any):
         net = context.pop(self.adapter_input, None)
-        config = config if config is not None else self.Config()
+        config = self.checked_config(config)
         if net is None:
             net = model if isinstance(model, MultiHeadNet) else self._fresh_network(model, config)
         if not isinstance(net, MultiHeadNet):
             raise TypeError(f"{self.name}: {self.adapter_input} must be a MultiHeadNet, got {type(net).__name__}")
         net.head(self.head_name)  # a network without the auxiliary head fails here, naming it
-        if config.steps < 0:
-            raise ValueError(f"{self.name}: config.steps must be >= 0, got {config.steps}")
         device = next(model.parameters()).device
         super().__init__(net.to(device), config, optimizer_factory=optimizer_factory, **context)
 

@@ -11,7 +11,7 @@ Choices the paper leaves open: the loss acts on the encoders' pooled features
 directly (no projection heads), because at test time the frozen supervised
 classifier reads the SSL encoder's features, so those features themselves must
 land where the supervised ones are; the temperature is fixed (config, default
-0.03; see trainers/cta.py for why it is low), not learned as in CLIP.
+0.03; docs/results/cta-training.md says why it is low), not learned as in CLIP.
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from metatta.safe_files import read_json_file, read_state_dict
 from metatta.ssl.simclr import MLPHead
 
 CLASSIFIER = "classifier"
@@ -116,13 +117,13 @@ def load_network(directory: str | Path, kind: str | None = None,
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"adapter directory {directory} lacks {name}")
-    info = json.loads((directory / CONFIG_FILE).read_text())
+    info = read_json_file(directory / CONFIG_FILE, f"adapter {directory}:")
     if kind is not None and info.get("kind") != kind:
         raise ValueError(f"adapter {directory} is a {info.get('kind')!r} adapter, not {kind!r}")
     arch = info["source_model"]
     source = build_model(arch["model"], arch["num_classes"], arch["in_channels"], **arch["model_kwargs"])
     net = build_network(source, info["heads"])
-    state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    state = read_state_dict(directory / WEIGHTS_FILE, f"adapter {directory}:", map_location)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:

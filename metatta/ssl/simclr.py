@@ -5,7 +5,7 @@ each one's positive is the other view of its image, its negatives the other
 2N - 2 projections of the batch. Cosine similarity divided by the temperature,
 cross-entropy per anchor, mean over all 2N anchors (their `NT-Xent` exactly).
 
-Choices the CTA paper leaves open (written here, used by trainers/cta.py and
+Choices the CTA paper leaves open (written here, used by metatta/ssl/objectives.py and
 methods/cta.py):
 - projection head: SimCLR v1's MLP, Linear -> ReLU -> Linear, on the encoder's
   pooled features (hidden width and output size in the training config);

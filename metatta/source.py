@@ -12,8 +12,10 @@ After training: the clean test error (eval mode), MGTTA's clean feature
 statistics on `feature_stats_images` clean training images (no augmentation),
 and `metatta.models.checkpoint.save_checkpoint`.
 
-`train_source` is a plain function (no Ray); `ensure_source_model` trains only
-when the checkpoint is not there yet, so `make demo` reuses it.
+`ensure_source_model` trains only when the checkpoint is not there yet, so
+`make demo` reuses it; `source_checkpoint` is the one place that turns "a
+checkpoint or a training config" into a checkpoint path (experiments, searches
+and every trainer call it).
 """
 from __future__ import annotations
 
@@ -30,8 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from metatta.config import build_dataclass
+from metatta.config import ConfigError, build_dataclass, load_config
+from metatta.data.clean import load_clean
 from metatta.device import resolve_device
+from metatta.models import build_model
+from metatta.models.checkpoint import header_path, save_checkpoint, verify_checkpoint
+from metatta.models.feature_stats import compute_feature_stats
+from metatta.paths import models_dir
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +109,6 @@ def source_train_config(data: dict[str, Any] | SourceTrainConfig | None) -> Sour
     if cfg.crop_padding < 0:
         raise ValueError(f"train_source.crop_padding must be >= 0, got {cfg.crop_padding}")
     if cfg.output is None:
-        from metatta.paths import models_dir
-
         cfg = dataclasses.replace(cfg, output=str(models_dir() / f"{cfg.model.replace(':', '_')}.pt"))
     return cfg
 
@@ -111,8 +116,6 @@ def source_train_config(data: dict[str, Any] | SourceTrainConfig | None) -> Sour
 # ---- data ---------------------------------------------------------------------------------
 def load_clean_split(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images (N, H, W, C), int64 labels (N,)) of a clean dataset split (fashion_mnist, cifar10, cifar100)."""
-    from metatta.data.clean import load_clean
-
     return load_clean(dataset, split)
 
 
@@ -215,10 +218,6 @@ def _train_source(cfg: SourceTrainConfig, load_split: SplitLoader) -> SourceTrai
     # Deterministic for a seed and thread count (the caller enables deterministic algorithms): one
     # seeded generator draws the data order and the augmentation, no loader workers, and the model's
     # initialisation follows torch.manual_seed(seed).
-    from metatta.models import build_model
-    from metatta.models.checkpoint import save_checkpoint
-    from metatta.models.feature_stats import compute_feature_stats
-
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -308,8 +307,6 @@ def ensure_source_model(config: dict[str, Any] | SourceTrainConfig, load_split: 
     configured model/dataset; anything else is an error rather than a silent
     retrain, so a checkpoint is never overwritten by accident.
     """
-    from metatta.models.checkpoint import header_path, verify_checkpoint
-
     cfg = source_train_config(config)
     path = Path(cfg.output)
     if not path.exists() and not header_path(path).exists():
@@ -325,3 +322,17 @@ def ensure_source_model(config: dict[str, Any] | SourceTrainConfig, load_split: 
     log.info("using cached source model %s (%s, clean test error %s%%)", path, header["model"],
              header.get("clean_test_error"))
     return path
+
+
+def source_checkpoint(checkpoint: str | Path | None, config: str | Path | None,
+                      fields: tuple[str, str] = ("source.checkpoint", "source.config")) -> Path:
+    """The source checkpoint to use: `checkpoint` when given (it must exist), else the cached
+    model of the source training config file `config` (trained first when not cached).
+    `fields` name the two settings in errors."""
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"{fields[0]}: no file {checkpoint}")
+        return Path(checkpoint)
+    if config is None:
+        raise ConfigError(f"give {fields[0]} or {fields[1]}")
+    return ensure_source_model(load_config(config))

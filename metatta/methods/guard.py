@@ -1,0 +1,145 @@
+"""A label-free collapse guard that any method can wear (`guard:` in its config).
+
+Adapting without labels can drift into a degenerate model: one or a few classes
+predicted for everything, or predictions that no longer have much to do with the
+input. Two signals see that without labels:
+
+- the class marginal: the entropy of the batch's mean predicted distribution,
+  divided by log(num_classes). A healthy model on a balanced stream stays near 1;
+  a model that predicts one class for everything goes to 0. Free: it reads the
+  logits the method has already computed.
+- agreement with a reference: the fraction of the batch on which the adapted
+  model's prediction matches the source model's with BatchNorm re-estimated on
+  the same batch (the `bn` method; for a model without BN, the source model as
+  it is). The reference does not adapt, so it cannot drift; a model that keeps
+  improving on it still agrees with it on most images, a collapsing one does not.
+  It costs a no-grad forward of the source model, so it runs every
+  `check_every` batches.
+
+Each signal is averaged over the last `window` observations, so one hard batch
+does not fire the guard. When an average falls below its threshold the guard
+fires: `action: reset` returns the method to the source state with a fresh
+optimizer (as RDumb does on a schedule, but only when needed); `action: warn`
+only counts and logs. After firing, the windows start empty again.
+
+The thresholds are settings of the guard; `benchmarks/lifelong.py` chooses them
+on the held-out corruptions only (never on the benchmark's).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from collections import deque
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from metatta.methods.common import BN_TYPES, use_batch_statistics
+
+log = logging.getLogger(__name__)
+
+GUARD_ACTIONS = ("reset", "warn")
+
+
+@dataclasses.dataclass
+class GuardConfig:
+    action: Literal["reset", "warn"] = "reset"
+    # Thresholds on windowed averages; None switches that signal off.
+    min_marginal_entropy: float | None = 0.5  # entropy of the mean prediction / log(num_classes)
+    min_agreement: float | None = 0.6  # fraction of images whose argmax matches the reference's
+    window: int = 8  # observations averaged before deciding
+    check_every: int = 4  # batches between reference forwards (its cost, amortized)
+
+    def validate(self, where: str = "guard") -> None:
+        if self.action not in GUARD_ACTIONS:
+            raise ValueError(f"{where}: action must be one of {GUARD_ACTIONS}, got {self.action!r}")
+        for field in ("min_marginal_entropy", "min_agreement"):
+            value = getattr(self, field)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{where}: {field} must be a number in [0, 1] or null, got {value!r}")
+        for field in ("window", "check_every"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{where}: {field} must be an integer >= 1, got {value!r}")
+        if self.min_marginal_entropy is None and self.min_agreement is None:
+            raise ValueError(f"{where}: both signals are off (min_marginal_entropy and min_agreement are null)")
+
+
+def marginal_entropy(logits: torch.Tensor) -> float:
+    """Entropy of the batch's mean softmax, in units of log(num_classes): 1 uniform, 0 one class."""
+    marginal = logits.float().softmax(dim=1).mean(dim=0)
+    entropy = -(marginal * marginal.clamp_min(1e-12).log()).sum()
+    return float(entropy) / math.log(logits.shape[1])
+
+
+def agreement(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == reference_logits.argmax(dim=1)).float().mean())
+
+
+def reference_model(source: nn.Module) -> nn.Module:
+    """A frozen copy of the source model; BatchNorm layers use the batch's statistics."""
+    reference = copy.deepcopy(source).eval().requires_grad_(False)
+    if any(isinstance(m, BN_TYPES) for m in reference.modules()):
+        use_batch_statistics(reference)
+    return reference
+
+
+class CollapseGuard:
+    """Watches a method's predictions batch by batch; `observe` says when it has collapsed."""
+
+    def __init__(self, config: GuardConfig, source: nn.Module | None = None, where: str = "guard"):
+        config.validate(where)
+        self.config = config
+        self.where = where
+        needs_reference = config.min_agreement is not None
+        if needs_reference and source is None:
+            raise ValueError(f"{where}: min_agreement needs the source model for its reference")
+        self.reference = reference_model(source) if needs_reference else None
+        self.fired = 0  # times the guard fired (never cleared by a reset)
+        self._batches = 0
+        self._marginals: deque[float] = deque(maxlen=config.window)
+        self._agreements: deque[float] = deque(maxlen=config.window)
+
+    def observe(self, x: torch.Tensor, logits: torch.Tensor) -> bool:
+        """Record one batch (its input and the method's logits); True when the guard fires."""
+        cfg = self.config
+        if cfg.min_marginal_entropy is not None and len(logits) > 1:
+            self._marginals.append(marginal_entropy(logits))
+        if self.reference is not None and self._batches % cfg.check_every == 0:
+            with torch.no_grad():
+                self._agreements.append(agreement(logits, self.reference(x)))
+        self._batches += 1
+        why = self._collapse_reason()
+        if why is None:
+            return False
+        self.fired += 1
+        log.warning("%s: collapse suspected (%s); %s", self.where, why,
+                    "resetting to the source state" if cfg.action == "reset" else "warning only")
+        self._marginals.clear()
+        self._agreements.clear()
+        return True
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to go on exactly as an uninterrupted one would."""
+        return {"fired": self.fired, "batches": self._batches, "marginals": list(self._marginals),
+                "agreements": list(self._agreements)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.fired, self._batches = state["fired"], state["batches"]
+        self._marginals = deque(state["marginals"], maxlen=self.config.window)
+        self._agreements = deque(state["agreements"], maxlen=self.config.window)
+
+    def _collapse_reason(self) -> str | None:
+        cfg = self.config
+        if len(self._marginals) == cfg.window:
+            mean = sum(self._marginals) / cfg.window
+            if mean < cfg.min_marginal_entropy:
+                return f"class-marginal entropy {mean:.3f} < {cfg.min_marginal_entropy}"
+        if len(self._agreements) == cfg.window:
+            mean = sum(self._agreements) / cfg.window
+            if mean < cfg.min_agreement:
+                return f"agreement with the BN-adapted source {mean:.3f} < {cfg.min_agreement}"
+        return None
