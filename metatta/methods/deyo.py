@@ -80,9 +80,7 @@ class DeYOConfig(MethodConfig):
     excluded_modules: tuple[str, ...] | None = None  # None: SAR's top layers of the network
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"deyo: config.augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         if self.patch_grid < 1:
@@ -169,8 +167,7 @@ class DeYO(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else DeYOConfig()
-        config.validate()
+        config = self.checked_config(config)
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         # Diagnostics of the latest batch (not state: nothing reads them back).
         self.last_entropy_selection: torch.Tensor | None = None  # bool mask over the batch

@@ -76,9 +76,7 @@ class RMTConfig(MethodConfig):
     classifier: str | None = None  # the linear classifier's module name; None: the last nn.Linear
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if not 0.0 <= self.teacher_momentum <= 1.0:
             raise ValueError(f"rmt: config.teacher_momentum must be in [0, 1], got {self.teacher_momentum}")
         if self.temperature <= 0:
@@ -169,8 +167,7 @@ class RMT(TTAMethod):
         source_batches: Iterable[Any] | None = None,
         **context: Any,
     ):
-        config = config if config is not None else RMTConfig()
-        config.validate()
+        config = self.checked_config(config)
         self._source = labelled_batches(source_batches, "rmt")
         self._projector_dim = config.projection_dim
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)

@@ -67,9 +67,7 @@ class ROIDConfig(MethodConfig):
     temperature: float = 1 / 3  # ROID.TEMPERATURE
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         for name in ("momentum_src", "momentum_probs"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"roid: config.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -140,8 +138,7 @@ class ROID(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else ROIDConfig()
-        config.validate()
+        config = self.checked_config(config)
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         source = self._source_state["model"]
         self._ensemble_pairs = [(p, source[n]) for n, p in self.model.named_parameters() if p.requires_grad]

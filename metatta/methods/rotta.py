@@ -70,9 +70,7 @@ class RoTTAConfig(MethodConfig):
     aug_noise_std: float = 0.005
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         for name in ("memory_size", "update_frequency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rotta: config.{name} must be >= 1, got {getattr(self, name)}")
@@ -239,8 +237,7 @@ class RoTTA(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else RoTTAConfig()
-        config.validate()
+        config = self.checked_config(config)
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         self.augment = CoTTAAugment(soft=config.soft_augmentation, noise_std=config.aug_noise_std)
         self.updates = 0  # diagnostic: optimizer steps taken (not reset by reset())

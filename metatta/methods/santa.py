@@ -63,9 +63,7 @@ class SANTAConfig(MethodConfig):
     classifier: str | None = None  # the linear classifier's module name; None: the last nn.Linear
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if self.temperature <= 0:
             raise ValueError(f"santa: config.temperature must be > 0, got {self.temperature}")
         if self.projection_dim < 1:
@@ -94,8 +92,7 @@ class SANTA(TTAMethod):
         source_batches: Iterable[Any] | None = None,
         **context: Any,
     ):
-        config = config if config is not None else SANTAConfig()
-        config.validate()
+        config = self.checked_config(config)
         source = labelled_batches(source_batches, "santa")
         self._projector_dim = config.projection_dim
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
