@@ -3,10 +3,12 @@
     python launch/evaluate.py --config configs/fmnist_c/baselines.yaml stream.batch_size=16
     python launch/evaluate.py --config configs/fmnist_c/mgtta.yaml --adapter models:/mgg@champion
 """
+import dataclasses
 import sys
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 from metatta.experiment import experiment_config, run_experiment, with_adapter, with_settings
+from metatta.output_paths import resolve_output_path
 
 
 def main(argv=None):
@@ -29,6 +31,7 @@ def main(argv=None):
         cfg = with_settings(cfg, method.strip(), uri.strip())
     require_file(cfg.source.checkpoint, "source.checkpoint")
     require_file(cfg.source.config if cfg.source.checkpoint is None else None, "source.config")
+    cfg = dataclasses.replace(cfg, output_dir=resolve_output_path(cfg.output_dir, "output_dir"))
     require_writable_dir(cfg.output_dir, "output_dir")
     run_experiment(cfg)
 

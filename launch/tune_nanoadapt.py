@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the R
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
 from metatta.config import ConfigError
+from metatta.output_paths import resolve_output_path
 from metatta.search import search_config
+from trainers.cluster import connect
 from trainers.tune import run_search
 
 log = logging.getLogger("tune_nanoadapt")
@@ -72,11 +74,9 @@ def main(argv=None):
     first = searches[0]
     require_file(first.source.checkpoint, "source.checkpoint")
     require_file(first.source.config if first.source.checkpoint is None else None, "source.config")
-    require_writable_dir(first.output_dir, "output_dir")
-    import ray
-
-    # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
-    ray.init()
+    data = {**data, "output_dir": resolve_output_path(first.output_dir, "output_dir")}
+    require_writable_dir(data["output_dir"], "output_dir")
+    connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one
     run_searches(data)
 
 

@@ -187,10 +187,22 @@ def benchmark_root(cfg: BenchmarkConfig) -> Path:
 
 
 def load_domains(cfg: BenchmarkConfig):
-    from metatta.data.benchmark_files import read_cifar_c
+    """The benchmark's domains; `num_images` is capped, with a warning, to what the files hold
+    (a small dataset, e.g. a digits-sized one, cannot give a config's 1,000 images per domain)."""
+    from metatta.data.benchmark_files import capped_num_images, read_cifar_c
 
-    return read_cifar_c(benchmark_root(cfg), cfg.corruption_names(), cfg.severities, num_images=cfg.num_images,
+    root = benchmark_root(cfg)
+    num_images = capped_num_images(root, cfg.num_images, cfg.first_image, "benchmark.num_images")
+    return read_cifar_c(root, cfg.corruption_names(), cfg.severities, num_images=num_images,
                         first_image=cfg.first_image)
+
+
+def images_used(cfg: BenchmarkConfig, domains) -> int | None:
+    """The images per domain the run used: the config's number, or fewer when load_domains capped it
+    (None, all of them, stays None so that results keep matching recorded ones)."""
+    if cfg.num_images is None or not domains:
+        return cfg.num_images
+    return min(cfg.num_images, len(domains[0].labels))
 
 
 def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Module, Path]:
@@ -314,7 +326,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
         "domains": [d.name for d in domains],
         "severities": cfg.benchmark.severities,
         "batch_size": cfg.stream.batch_size,
-        "num_images_per_domain": cfg.benchmark.num_images,
+        "num_images_per_domain": images_used(cfg.benchmark, domains),
         "first_image": cfg.benchmark.first_image,
         "seed": cfg.stream.seed,
         "source_checkpoint": str(checkpoint),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from metatta.cli import UserError
+from metatta.output_paths import resolve_output_path
 from metatta.safe_files import read_json_file, read_state_dict, read_yaml_file
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,9 @@ DEFAULT_EXPERIMENT = "metatta"
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        uri = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+        # ./mlflow.db; under `ray job submit` only with $METATTA_OUTPUT_ROOT (metatta.output_paths)
+        db = resolve_output_path("mlflow.db", "MLFLOW_TRACKING_URI (default: ./mlflow.db)")
+        uri = f"sqlite:///{Path(db).resolve()}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
 
@@ -105,6 +108,11 @@ def log_run_metrics(run_id: str, metrics: dict[str, float], step: int, prefix: s
     now = int(time.time() * 1000)
     batch = [Metric(metric_key(f"{prefix}{k}"), float(v), now, step) for k, v in metrics.items()]
     client().log_batch(run_id, metrics=batch)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which run `run_id` has a value of metric `key`."""
+    return {m.step for m in client().get_metric_history(run_id, metric_key(key))}
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from metatta.config import build_dataclass
 from metatta.methods import available_methods, build_method, method_class
-from metatta.methods.base import MethodConfig, TTAMethod, register
+from metatta.methods.base import TTAMethod, register
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "methods"

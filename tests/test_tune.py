@@ -2,6 +2,7 @@
 plain function, and a tiny real search (Tent's lr on 2 held-out Fashion-MNIST-C
 corruptions) with MLflow parent/child runs, the best YAML, the registry and
 loading the tuned settings back into an experiment."""
+import logging
 import math
 
 import mlflow
@@ -17,7 +18,7 @@ from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
 from metatta.search import run_trial, search_config
-from trainers.tune import run_search, tune_space
+from trainers.tune import named_trainable, run_search, tune_space
 
 HELD_OUT = ["speckle_noise", "gaussian_blur"]
 
@@ -53,6 +54,15 @@ def data(tmp_path=None, checkpoint=None, root=None, **extra):
         d["output_dir"] = str(tmp_path / "out")
     d.update(extra)
     return d
+
+
+def test_trials_are_named_after_the_method_not_implicitfunc():
+    cls = named_trainable(lambda config: None, "nanoadapt")
+    assert cls.__name__ == "NanoadaptTrial"
+    trial = cls.__new__(cls)  # __repr__ only: no Tune session needed
+    trial.config, trial._trial_info = {"lr": 0.0012345, "optimizer": "adam"}, None
+    cls.trial_id = "abc_00001"
+    assert repr(trial) == "nanoadapt trial abc_00001 lr=0.00123 optimizer=adam"
 
 
 # ---- parsing and errors ----------------------------------------------------------------------
@@ -115,9 +125,10 @@ def test_run_trial_reports_running_error(source_checkpoint, held_out_root):
 
 
 # ---- a tiny real search on Ray -------------------------------------------------------------------
-def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint, held_out_root):
+def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint, held_out_root, caplog):
     cfg = search_config(data(tmp_path, source_checkpoint, held_out_root))
-    outcome = run_search(cfg)
+    with caplog.at_level(logging.INFO, logger="trainers.tune"):
+        outcome = run_search(cfg)
     assert len(outcome.trials) == 2 and any(t["completed"] for t in outcome.trials)
     assert all(1e-5 <= t["config"]["lr"] <= 1e-2 for t in outcome.trials)
     assert 0 <= outcome.best_error <= 100 and set(outcome.best_params) == {"lr"}
@@ -128,7 +139,17 @@ def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint,
     children = runs[runs["tags.mlflow.parentRunId"] == outcome.parent_run_id]
     assert len(parent) == 1 and parent["metrics.best_mean_error"].iloc[0] == pytest.approx(outcome.best_error)
     assert len(children) == 2 and "params.lr" in children
-    assert set(children["status"]) <= {"FINISHED", "KILLED"}
+    # a trial that completed is FINISHED (even when ASHA stops it at its last report); one that
+    # ASHA stopped early is KILLED with stopped_by=asha
+    completed = {t["trial_id"] for t in outcome.trials if t["completed"]}
+    for _, child in children.iterrows():
+        if child["tags.tune_trial_id"] in completed:
+            assert child["status"] == "FINISHED"
+        else:
+            assert child["status"] == "KILLED" and child["tags.stopped_by"] == "asha"
+    # the job log has a line per trial that ended
+    ended = [r.getMessage() for r in caplog.records if "ended)" in r.getMessage()]
+    assert len(ended) == 2 and all("mean error" in line for line in ended)
     assert children["metrics.mean_error"].min() == pytest.approx(outcome.best_error)
 
     # best YAML: a full Tent config with the best lr

@@ -10,7 +10,10 @@ mean error every `report_every` batches so ASHA stops bad trials early.
   `device` is not cpu, `gpus_per_trial` (default 1) GPU per trial.
 - MLflow: one parent run for the search, one child run per trial (tag
   `mlflow.parentRunId`), with the trial's parameters, its running error and its
-  final error; trials that ASHA stopped are closed as KILLED by the driver. The
+  final error. A trial that completed marks its run FINISHED *before* its last
+  `tune.report` (ASHA stops a trial at its last report, which would cut off
+  anything after it); trials that ASHA stopped are closed as KILLED with
+  `stopped_by=asha` by the driver, failed ones FAILED. The
   tracking URI (absolute SQLite, see metatta/tracking.py) is passed to the
   trials explicitly, since Tune changes each trial's working directory.
 - Result: the best completed trial's full method config is written as YAML
@@ -105,13 +108,59 @@ def make_trainable(cfg: SearchConfig, checkpoint: str, tracking_uri: str | None,
                     for key, value in metrics.items():
                         client.log_metric(run_id, key.replace("/", "_") if key != "mean_error" else key,
                                           value, step=step)
+                    # Before tune.report: ASHA may stop the trial right at its last report.
+                    client.set_terminated(run_id, "FINISHED")
             tune.report(dict(metrics))
 
         run_trial(trial_cfg, params, checkpoint, report=report)
-        if client is not None:
-            client.set_terminated(run_id, "FINISHED")
 
-    return trainable
+    return named_trainable(trainable, cfg.method)
+
+
+def named_trainable(trainable, method: str):
+    """A trainable class named after the method (`TentTrial`, not Tune's anonymous
+    `ImplicitFunc`) whose actors show as `<method> trial <id> <params>` in the Ray dashboard
+    (Ray takes an actor's dashboard name from its `__repr__`)."""
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    base = wrap_function(trainable)
+
+    def describe(self) -> str:
+        params = " ".join(f"{k}={_short(v)}" for k, v in sorted((self.config or {}).items()))
+        return f"{method} trial {self.trial_id} {params}".strip()
+
+    class_name = "".join(part.capitalize() for part in method.split("_")) + "Trial"
+    return type(class_name, (base,), {"__repr__": describe, "_name": class_name})
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def progress_callback(cfg: SearchConfig):
+    """A Tune callback that logs one line per trial that ends (the job log is otherwise silent
+    while `verbose=0`), with its id, parameters, how it ended and its error."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.ended = 0
+
+        def _line(self, trial, how: str, result: dict | None) -> None:
+            self.ended += 1
+            params = {k: _short(v) for k, v in (trial.config or {}).items() if k in cfg.space}
+            error = f"mean error {result['mean_error']:.2f}%" if result and "mean_error" in result else "no result"
+            log.info("search %s: trial %s %s (%d/%d ended) %s -> %s", cfg.name, trial.trial_id, how, self.ended,
+                     cfg.num_samples, params, error)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            result = trial.last_result or {}
+            self._line(trial, "completed" if result.get("final") else "stopped by ASHA", result)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._line(trial, "failed", trial.last_result)
+
+    return TrialProgress()
 
 
 def run_search(cfg: SearchConfig) -> SearchOutcome:
@@ -150,7 +199,7 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
             param_space=tune_space(cfg.space),
             tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=searcher, scheduler=scheduler,
                                         num_samples=cfg.num_samples),
-            run_config=_run_config(cfg.name, out / "ray_results"),
+            run_config=_run_config(cfg.name, out / "ray_results", [progress_callback(cfg)]),
         )
         log.info("search %s: %d trials of %s over %s (%d reports each, %s GPU per trial)", cfg.name,
                  cfg.num_samples, cfg.method, sorted(cfg.space), max_reports, gpus)
@@ -189,10 +238,10 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
     return SearchOutcome(best_params, best_config, best_error, settings_path, trials, parent_id, version, promoted)
 
 
-def _run_config(name: str, storage: Path):
+def _run_config(name: str, storage: Path, callbacks: list):
     from ray import tune
 
-    kwargs = dict(name=name, storage_path=str(storage), verbose=0)
+    kwargs = dict(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks)
     run_config_cls = getattr(tune, "RunConfig", None)
     if run_config_cls is None:  # Ray < 2.40
         from ray.train import RunConfig as run_config_cls
@@ -210,13 +259,17 @@ def _collect(grid) -> list[dict[str, Any]]:
 
 
 def _close_stopped_runs(parent_id: str, experiment_id: str, trials) -> None:
-    """Child runs of trials that ASHA stopped (or that failed) are left RUNNING: close them."""
+    """Child runs left RUNNING are closed: FINISHED where the trial completed (its own
+    set_terminated was lost), FAILED where it raised, else KILLED with stopped_by=asha."""
     c = tracking.client()
     status = {t["trial_id"]: t for t in trials}
     for run in c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"):
         if run.info.status != "RUNNING":
             continue
         trial = status.get(run.data.tags.get(TRIAL_TAG, ""))
+        if trial is not None and trial["completed"]:
+            c.set_terminated(run.info.run_id, "FINISHED")
+            continue
         failed = trial is not None and trial["error"]
         c.set_tag(run.info.run_id, "stopped_by", "error" if failed else "asha")
         c.set_terminated(run.info.run_id, "FAILED" if failed else "KILLED")

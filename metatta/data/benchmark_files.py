@@ -388,6 +388,26 @@ def _load_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: unreadable or truncated .npy file ({e})") from None
 
 
+def images_per_severity(root: str | Path) -> int:
+    """N, the images of each (corruption, severity) block of a CIFAR-10-C style directory (from labels.npy)."""
+    labels = _load_npy(Path(root) / LABELS)
+    return len(labels) // len(SEVERITIES)
+
+
+def capped_num_images(root: str | Path, num_images: int | None, first_image: int = 0,
+                      field: str = "num_images") -> int | None:
+    """`num_images`, or the images each (corruption, severity) block holds from `first_image` on when
+    that is fewer (a small dataset, e.g. a digits-sized one), with a warning naming `field`."""
+    if num_images is None:
+        return None
+    available = images_per_severity(root) - first_image
+    if 1 <= available < num_images:
+        log.warning("%s: %d asked, but %s holds %d images per corruption and severity from image %d on; "
+                    "using %d", field, num_images, root, available, first_image, available)
+        return available
+    return num_images
+
+
 def read_cifar_c(
     root: str | Path,
     corruptions: Sequence[str],

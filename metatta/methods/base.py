@@ -488,6 +488,20 @@ class TTAMethod(nn.Module):
         raise ValueError(f"{self.name}: unknown optimizer {cfg.optimizer!r}; use 'sgd', 'adam' or 'mgg'")
 
     # ---- state -----------------------------------------------------------------------
+    def schedule_state(self) -> dict[str, Any]:
+        """The counters and the guard's windows: what a resumed run needs besides the weights,
+        the optimizer and the extra state (`metatta.lifelong` saves it with them)."""
+        return {"updates_since_reset": self._updates_since_reset, "collapse_events": self.collapse_events,
+                "scheduled_resets": self.scheduled_resets, "skipped_updates": self.skipped_updates,
+                "guard": self.guard.state() if self.guard is not None else None}
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        self._updates_since_reset = state["updates_since_reset"]
+        self.collapse_events, self.scheduled_resets = state["collapse_events"], state["scheduled_resets"]
+        self.skipped_updates = state["skipped_updates"]
+        if self.guard is not None and state["guard"] is not None:
+            self.guard.load_state(state["guard"])
+
     def reset(self) -> None:
         """Return the model (and the method's own state) to the source state."""
         self._restore(self._source_state)
