@@ -18,7 +18,8 @@ from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
 from metatta.search import run_trial, search_config
-from trainers.tune import named_trainable, run_search, tune_space
+from trainers.tune import run_search, tune_space
+from trainers.tune_trials import named_trainable
 
 HELD_OUT = ["speckle_noise", "gaussian_blur"]
 
