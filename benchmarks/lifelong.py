@@ -55,7 +55,8 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=1_000_000)
     parser.add_argument("--slow-num-images", type=int, default=200_000)
     parser.add_argument("--fast-img-s", type=float, default=1000.0, help="probed speed for the full length")
-    parser.add_argument("--window", type=int, default=10_000)
+    parser.add_argument("--window", type=int, default=10_000,
+                        help="images per window, rounded down to whole batches (10,000 -> 9,984 at batch 64)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=list(ROWS), choices=list(ROWS))
@@ -65,6 +66,7 @@ def main(argv=None):
     parser.add_argument("--work-dir", default=None, help="per-window results (resumable); default under the cache")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
+    args.window -= args.window % args.batch_size  # windows hold whole batches
     setup_logging("WARNING")
     torch.manual_seed(args.seed)
     out = Path(args.out)
