@@ -48,7 +48,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from metatta.methods.augment import STRONG, color_jitter_pro
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import configure_norm_adaptation, norm_affine_params, softmax_entropy
+from metatta.methods.common import adaptable_norm_params, configure_norm_adaptation, softmax_entropy
 from metatta.methods.rmt import symmetric_cross_entropy
 
 
@@ -148,10 +148,7 @@ class ROID(TTAMethod):
         configure_norm_adaptation(self.model)
 
     def collect_params(self) -> list:
-        params = norm_affine_params(self.model)
-        if not params:
-            raise ValueError(f"{self.name}: the model has no normalization layer with affine parameters to adapt")
-        return params
+        return adaptable_norm_params(self.model, self.name)
 
     def init_extra_state(self) -> None:
         self.class_probs: torch.Tensor | None = None  # uniform on the first batch, when K is known

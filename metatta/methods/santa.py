@@ -39,10 +39,10 @@ from torch import nn
 from metatta.methods.augment import CoTTAAugment
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
 from metatta.methods.common import (
+    adaptable_norm_params,
     classifier_layer,
     configure_norm_adaptation,
     features_and_logits,
-    norm_affine_params,
 )
 from metatta.methods.rmt import contrastive_loss, labelled_batches, nearest_prototype_views, source_prototypes
 
@@ -110,10 +110,7 @@ class SANTA(TTAMethod):
                                        nn.Linear(self._projector_dim, self._projector_dim)).to(self.classifier.weight.device)
 
     def collect_params(self) -> list:
-        params = norm_affine_params(self.model)
-        if not params:
-            raise ValueError("santa: the model has no normalization layer with affine parameters to adapt")
-        return params + list(self.projector.parameters())
+        return adaptable_norm_params(self.model, "santa") + list(self.projector.parameters())
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
