@@ -52,7 +52,13 @@ from tqdm import tqdm
 
 from metatta.methods.augment import CoTTAAugment
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import classifier_layer, features_and_logits, use_batch_statistics
+from metatta.methods.common import (
+    classifier_layer,
+    ema_update,
+    features_and_logits,
+    step_or_refuse,
+    use_batch_statistics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,20 +248,12 @@ class RMT(TTAMethod):
             if cfg.lambda_ce_src > 0:
                 x_src, y_src = self._source_batch()
                 loss = loss + cfg.lambda_ce_src * F.cross_entropy(self.model(x_src), y_src)
-            if not bool(torch.isfinite(loss)):
-                self.refuse_update()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+            if step_or_refuse(self, loss):
                 self.update_teacher()
         return (logits + teacher_logits).detach()
 
-    @torch.no_grad()
     def update_teacher(self) -> None:
-        m = self.config.teacher_momentum
-        for t, s in zip(self.teacher.parameters(), self.model.parameters()):
-            t.mul_(m).add_(s.detach(), alpha=1.0 - m)
+        ema_update(zip(self.teacher.parameters(), self.model.parameters()), self.config.teacher_momentum)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -43,6 +43,7 @@ from metatta.methods.common import (
     classifier_layer,
     configure_norm_adaptation,
     features_and_logits,
+    step_or_refuse,
 )
 from metatta.methods.rmt import contrastive_loss, labelled_batches, nearest_prototype_views, source_prototypes
 
@@ -123,12 +124,7 @@ class SANTA(TTAMethod):
             projected = F.normalize(self.projector(views), p=2, dim=2)
             loss = (cfg.lambda_ce_trg * anchored_cross_entropy(logits, logits_aug, anchor_logits).mean(0)
                     + cfg.lambda_cont * contrastive_loss(projected, cfg.temperature))
-            if not bool(torch.isfinite(loss)):
-                self.refuse_update()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+            step_or_refuse(self, loss)
         return logits.detach()
 
     # ---- state ---------------------------------------------------------------------------
