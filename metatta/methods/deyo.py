@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import freeze_all, norm_layers, softmax_entropy, use_batch_statistics
-from metatta.methods.sar import is_excluded, top_layers
+from metatta.methods.common import freeze_all, softmax_entropy, use_batch_statistics
+from metatta.methods.sar import norm_affine_params_outside, top_layers
 
 log = logging.getLogger(__name__)
 
@@ -187,18 +187,7 @@ class DeYO(TTAMethod):
         return top_layers(self.model)
 
     def collect_params(self) -> list:
-        excluded = self.excluded_modules()
-        params = []
-        for module_name, module in norm_layers(self.model):
-            if is_excluded(module_name, excluded):
-                continue
-            for pname in ("weight", "bias"):
-                p = getattr(module, pname, None)
-                if isinstance(p, nn.Parameter):
-                    p.requires_grad_(True)
-                    params.append(p)
-        if not params:
-            raise ValueError(f"deyo: no normalization affine parameters left to adapt (excluded_modules={excluded})")
+        params, _ = norm_affine_params_outside(self.model, self.excluded_modules(), "deyo")
         return params
 
     def destroy(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 
 from metatta.methods.augmix import augmix_views
 from metatta.methods.base import MethodConfig, TTAMethod, register
+from metatta.methods.common import step_or_refuse
 from metatta.methods.ttaug import mix_bn_statistics, validate_views
 
 
@@ -92,10 +93,5 @@ class MEMO(TTAMethod):
         with torch.enable_grad():
             logits = self.model(views)
             loss = marginal_entropy(logits)
-            if not bool(torch.isfinite(loss)):
-                self.refuse_update()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+            step_or_refuse(self, loss)
         return logits.detach()

@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 from metatta.methods.base import MethodConfig, TTAMethod, register
-from metatta.methods.common import configure_norm_adaptation, norm_affine_params
+from metatta.methods.common import adaptable_norm_params, configure_norm_adaptation
 
 
 @dataclasses.dataclass
@@ -55,10 +55,7 @@ class RPL(TTAMethod):
         configure_norm_adaptation(self.model)
 
     def collect_params(self) -> list:
-        params = norm_affine_params(self.model)
-        if not params:
-            raise ValueError(f"{self.name}: the model has no normalization layer with affine parameters to adapt")
-        return params
+        return adaptable_norm_params(self.model, self.name)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return generalized_cross_entropy(logits, logits.detach().argmax(1), self.config.q).mean(0)
