@@ -21,122 +21,30 @@ corruption), what *labels* could get out of those parameters:
 
 The gap BN -> online oracle is what a perfect feedback signal makes of these parameters in
 this protocol; the agreement says how much of that signal the entropy gradient carries. Writes benchmarks/results/<--tag>.{json,md}.
+The analysis itself is `metatta.adaptation_room`.
 
     python benchmarks/adaptation_room.py [--num-images 1000] [--lrs 1e-3 1e-2 3e-2]
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from metatta.adaptation_room import floor_errors, gradient_agreement, online_errors
 from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.data.streams import build_stream
 from metatta.experiment import experiment_config, load_domains, source_model
-from metatta.methods.common import configure_norm_adaptation
 from metatta.reporting import benchmark_command
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-def norm_adapted(model: torch.nn.Module) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """A copy of the source model set up as every compared method adapts it."""
-    model = copy.deepcopy(model)
-    return model, configure_norm_adaptation(model)
-
-
-def online_errors(model: torch.nn.Module, stream, lr: float | None) -> dict[str, float]:
-    """Error (%) per domain of predict-then-update on the labelled stream (lr None: BN, no update);
-    reset to the source model at every domain (the stream is episodic)."""
-    wrong: dict[str, list[int]] = {}
-    net, params, optimizer, current = None, None, None, None
-    for x, y, domain in stream:
-        if domain != current:
-            net, params = norm_adapted(model)
-            optimizer = torch.optim.Adam(params, lr=lr) if lr is not None else None
-            current = domain
-        logits = net(x)
-        wrong.setdefault(domain, []).append(int((logits.argmax(1) != y).sum()))
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(logits, y).backward()
-            optimizer.step()
-    return {d: 100.0 * sum(w) / _domain_size(stream, d) for d, w in wrong.items()}
-
-
-def floor_errors(model: torch.nn.Module, stream, epochs: int, lr: float, seed: int) -> dict[str, float]:
-    """Error (%) per domain after fitting the norm affines to all of that domain's labelled
-    images (the stream's batches, shuffled each epoch), predicted in the stream's batches."""
-    batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for x, y, domain in stream:
-        batches.setdefault(domain, []).append((x, y))
-    generator = torch.Generator().manual_seed(seed)
-    errors = {}
-    for domain, pairs in batches.items():
-        net, params = norm_adapted(model)
-        optimizer = torch.optim.Adam(params, lr=lr)
-        xs, ys = torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
-        size = pairs[0][0].shape[0]
-        for _ in range(epochs):
-            order = torch.randperm(len(xs), generator=generator)
-            for start in range(0, len(xs), size):
-                idx = order[start:start + size]
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(net(xs[idx]), ys[idx]).backward()
-                optimizer.step()
-        with torch.no_grad():
-            wrong = sum(int((net(x).argmax(1) != y).sum()) for x, y in pairs)
-        errors[domain] = 100.0 * wrong / len(xs)
-    return errors
-
-
-def label_free_losses() -> dict[str, Callable[[torch.Tensor], torch.Tensor | None]]:
-    """The label-free losses whose gradients are compared with the labelled one: Tent's (and the
-    MGG's input) mean entropy, and EATA's entropy term on its reliable samples (H < 0.4 ln C, weighted
-    by 1 / exp(H - E0); its redundancy filter and Fisher term left out). None: no reliable sample."""
-    from metatta.losses import reliable_entropy, softmax_entropy
-    from metatta.methods.eata import EATAConfig
-
-    factor = EATAConfig().entropy_factor
-
-    def reliable(logits: torch.Tensor) -> torch.Tensor | None:
-        return reliable_entropy(logits, factor)
-
-    return {"entropy": lambda logits: softmax_entropy(logits).mean(), "eata_reliable": reliable}
-
-
-def gradient_agreement(model: torch.nn.Module, stream) -> dict[str, dict[str, dict[str, float]]]:
-    """Per label-free loss and domain, means over the domain's batches of cos(grad loss, grad CE)
-    and of the share of coordinates with the same sign, at the unadapted state (BN on the batch)."""
-    net, params = norm_adapted(model)
-    sums: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for x, y, domain in stream:
-        logits = net(x)
-        flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])  # noqa: E731
-        ce = flat(F.cross_entropy(logits, y))
-        for name, loss_fn in label_free_losses().items():
-            loss = loss_fn(logits)
-            if loss is None:
-                continue
-            g = flat(loss)
-            sums.setdefault(name, {}).setdefault(domain, []).append(
-                (float(F.cosine_similarity(g, ce, dim=0)), float((torch.sign(g) == torch.sign(ce)).float().mean())))
-    return {name: {d: {"cosine": float(np.mean([c for c, _ in v])), "sign_agreement": float(np.mean([a for _, a in v])),
-                       "batches": len(v)} for d, v in by_domain.items()}
-            for name, by_domain in sums.items()}
-
-
-def _domain_size(stream, domain: str) -> int:
-    return sum(len(s) for s in stream.segments if s.name == domain)
 
 
 def parse_args(argv):
@@ -209,6 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

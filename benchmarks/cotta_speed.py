@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from metatta.cli import setup_logging
+from metatta.config import load_config
+from metatta.experiment import experiment_config, load_domains, run_experiment, source_model
+from metatta.methods import build_method
 from metatta.methods.augment import CoTTAAugment
+from metatta.models import build_model
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE.parent / "configs" / "fmnist_c" / "baselines.yaml"
@@ -67,12 +74,6 @@ def run_interleaved(args) -> list[dict]:
     """Loop and batched CoTTA alternated over the same `--interleaved` real batches for
     `--rounds` rounds, CPU and wall seconds per batch: a ratio that holds on a shared machine,
     where two runs one after the other see different loads."""
-    import copy
-
-    from metatta.config import load_config
-    from metatta.experiment import experiment_config, load_domains, source_model
-    from metatta.methods import build_method
-
     cfg = experiment_config(load_config(BASE_CONFIG, [f"benchmark.num_images={args.num_images}"]))
     model, _ = source_model(cfg.source, "cpu")
     batches = []
@@ -93,10 +94,6 @@ def run_interleaved(args) -> list[dict]:
 
 
 def run_stream(args) -> list[dict]:
-    from metatta.cli import setup_logging
-    from metatta.config import load_config
-    from metatta.experiment import experiment_config, run_experiment
-
     setup_logging("WARNING")
     overrides = [f"stream.batch_size={args.batch_size}", f"benchmark.num_images={args.num_images}", "progress=false",
                  "name=cotta_speed", f"output_dir={Path(args.out) / 'runs'}"]
@@ -121,9 +118,6 @@ def run_stream(args) -> list[dict]:
 def run_synthetic(args) -> list[dict]:
     """Random-init ResNet-8 on random 28x28 images; the anchor's confidence is low, so every
     batch is augmented (the worst case). Errors are meaningless here (reported as nan)."""
-    from metatta.methods import build_method
-    from metatta.models import build_model
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     model = build_model("resnet_fmnist", num_classes=10, in_channels=1).to(device).eval()
@@ -131,7 +125,7 @@ def run_synthetic(args) -> list[dict]:
     rows = []
     for label, name, config in [("tent", "tent", {}), ("cotta_loop", "cotta", LOOP),
                                 ("cotta_batched", "cotta", BATCHED)]:
-        method = build_method(name, __import__("copy").deepcopy(model), config)
+        method = build_method(name, copy.deepcopy(model), config)
         with count_augmentation() as counts:
             method(stream[0])  # warm-up, not timed
             counts["views"] = counts["forward"] = 0
@@ -202,6 +196,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

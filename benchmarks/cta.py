@@ -36,8 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the R
 
 from metatta.cli import setup_logging
 from metatta.config import load_config
+from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
+from metatta.data.domains import BENCHMARK_CORRUPTIONS
 from metatta.experiment import MethodSpec, experiment_config, run_experiment
 from metatta.reporting import benchmark_command, error_table
+from metatta.source import source_checkpoint
+from metatta.ssl.diagnostics import encoder_modes
+from metatta.ssl.stages import cta_train_config, load_stage_state, stage_files
+from metatta.ssl.training import stage_spec
+from trainers.cta import fit_stage_on_ray, train_cta
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -46,9 +53,6 @@ BATCH = 200
 
 def train(method: str, work: Path, epochs: int | None, train_images: int | None, extra: list[str] = ()) -> Path:
     """Train CTA or TTT with its config (registry off) and `extra` overrides; returns the adapter directory."""
-    from metatta.ssl.stages import cta_train_config
-    from trainers.cta import train_cta
-
     overrides = [f"checkpoint_dir={work}", "register_as=null", "mlflow=false", "progress=false"]
     if train_images:
         overrides.append(f"train_images={train_images}")
@@ -65,11 +69,6 @@ def train(method: str, work: Path, epochs: int | None, train_images: int | None,
 
 def scaling(work: Path, images: int) -> list[dict]:
     """SimCLR-stage throughput of Ray Train with 1 and 2 workers, one epoch over `images` images."""
-    from metatta.ssl.stages import cta_train_config, load_stage_state, stage_files
-    from metatta.ssl.training import stage_spec
-    from trainers.cta import fit_stage_on_ray
-    from metatta.source import source_checkpoint
-
     rows = []
     for workers in (1, 2):
         cfg = cta_train_config(load_config(ROOT / "configs" / "fmnist_c" / "cta.yaml", [
@@ -91,26 +90,6 @@ def method_rows(cta: Path, ttt: Path, steps: list[int]) -> list[MethodSpec]:
         rows += [MethodSpec(name, label=f"{name} ({k} steps)", adapter=str(adapter),
                             config={"steps": k, "episodic": True}) for k in steps]
     return rows
-
-
-def encoder_modes(cta: Path, domains) -> dict[str, float]:
-    """Mean error over `domains` (the benchmark: the 15 corruptions) of the frozen classifier on the CTA adapter's SSL encoder and
-    on the supervised encoder, each with batch and with source (running) BN statistics, no adaptation."""
-    import importlib.util
-
-    from metatta.models import load_source_model
-    from metatta.ssl.networks import load_network, split_classifier
-
-    spec = importlib.util.spec_from_file_location("benchmarks_cta_sweep", HERE / "cta_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
-    net, info = load_network(cta, kind="cta")
-    supervised = split_classifier(load_source_model(info["source_checkpoint"]))[0]
-    out = {}
-    for statistics in sweep.STATISTICS:
-        d = sweep.domains_diagnostics(net, supervised, domains, statistics=statistics)
-        out[f"ssl_{statistics}"], out[f"sup_{statistics}"] = d["ssl_error"], d["sup_error"]
-    return out
 
 
 def write_report(out: Path, results, scale: list[dict], steps: list[int], args, command: list[str],
@@ -193,15 +172,10 @@ def main(argv=None):
         f"output_dir={work / 'runs'}", f"stream.batch_size={min(BATCH, args.num_images)}"]))
     cfg.methods = method_rows(cta, ttt, args.steps)
     results = run_experiment(cfg)
-    from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
-    from metatta.data.domains import BENCHMARK_CORRUPTIONS
-
     root = fashion_mnist_c(corruptions=BENCHMARK_CORRUPTIONS)
     modes = encoder_modes(cta, read_cifar_c(root, BENCHMARK_CORRUPTIONS, [5], num_images=args.num_images))
     write_report(out, results, scale, args.steps, args, benchmark_command(__file__, argv), modes)
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

@@ -15,7 +15,8 @@ reported ones) and on clean test images:
 - CTA's held-out error after `--steps` test-time SimCLR steps per batch (reset
   per batch, as benchmarks/cta.py evaluates it), at each `--lrs` lr.
 
-Writes benchmarks/results/<--tag>.json and .md (the command included).
+The diagnostics are `metatta.ssl.diagnostics`. Writes benchmarks/results/<--tag>.json and .md
+(the command included).
 
     python benchmarks/cta_sweep.py --train-images 10000 --simclr-epochs 10 \\
         --variant paper --variant fm1 align.feature_weight=1 --variant t01 align.temperature=0.1
@@ -23,27 +24,31 @@ Writes benchmarks/results/<--tag>.json and .md (the command included).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from metatta.cli import setup_logging
 from metatta.config import load_config
+from metatta.models import load_source_model
+from metatta.models.checkpoint import checkpoint_hash
 from metatta.reporting import benchmark_command
+from metatta.source import load_clean_split, source_checkpoint
+from metatta.ssl.diagnostics import domains_diagnostics, encoder_diagnostics
+from metatta.ssl.networks import split_classifier
+from metatta.ssl.stages import cta_train_config, load_stage_state, stage_complete, stage_files
+from metatta.ssl.training import (run_stage, save_adapter, stage_spec, trained_network, validation_domains,
+                                  validation_error)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-BATCH = 200
 
 
 def base_config(args, name: str, overrides: list[str]):
-    from metatta.ssl.stages import cta_train_config
-
     return cta_train_config(load_config(ROOT / "configs" / "fmnist_c" / "cta.yaml", [
         f"name={name}", f"checkpoint_dir={args.work}", "mlflow=false", "register_as=null", "progress=false",
         f"train_images={args.train_images}", f"simclr.epochs={args.simclr_epochs}",
@@ -52,9 +57,6 @@ def base_config(args, name: str, overrides: list[str]):
 
 def train_stage(cfg, stage: str, checkpoint: str) -> list[dict]:
     """One stage in this process (one worker); skipped when its checkpoint is complete."""
-    from metatta.ssl.stages import load_stage_state, stage_complete, stage_files
-    from metatta.ssl.training import run_stage, stage_spec
-
     path = stage_files(cfg)[stage]
     if not stage_complete(path, getattr(cfg, stage).epochs):
         path.unlink(missing_ok=True)
@@ -65,60 +67,10 @@ def train_stage(cfg, stage: str, checkpoint: str) -> list[dict]:
 def export_adapter(net, cfg, checkpoint: str) -> Path:
     """The variant's network as an adapter directory (`<work>/<name>/adapter`), usable with
     `benchmarks/cta.py --cta-adapter` and `launch/evaluate.py --adapter`."""
-    from metatta.models.checkpoint import checkpoint_hash
-    from metatta.ssl.training import save_adapter
-
     return save_adapter(net, cfg, checkpoint, checkpoint_hash(checkpoint), trained_by="benchmarks/cta_sweep.py")
 
 
-STATISTICS = ("batch", "source")
-
-
-@torch.no_grad()
-def encoder_diagnostics(net, supervised: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
-                        scale: float = 1.0, statistics: str = "batch") -> dict:
-    """Frozen classifier on the SSL encoder (its features times `scale`) vs the supervised encoder.
-
-    `statistics`: what both encoders' BN layers normalize with: "batch", the statistics of each test
-    batch (as CTA predicts, and the BN baseline); "source", each encoder's own running buffers from
-    training (the supervised encoder's are the source model's: the Source baseline; the SSL encoder's
-    were accumulated during SimCLR and alignment on clean training images)."""
-    from metatta.methods.common import use_batch_statistics
-    from metatta.ssl.align import feature_agreement
-
-    if statistics not in STATISTICS:
-        raise ValueError(f"encoder_diagnostics: statistics must be one of {STATISTICS}, got {statistics!r}")
-    ssl_enc, sup_enc = copy.deepcopy(net.encoder).eval(), copy.deepcopy(supervised).eval()
-    if statistics == "batch":
-        use_batch_statistics(ssl_enc)
-        use_batch_statistics(sup_enc)
-    f_ssl, f_sup = [], []
-    for start in range(0, len(images), BATCH):
-        x = torch.from_numpy(images[start:start + BATCH]).permute(0, 3, 1, 2).float().div_(255)
-        f_ssl.append(ssl_enc(x))
-        f_sup.append(sup_enc(x))
-    f_ssl, f_sup = scale * torch.cat(f_ssl), torch.cat(f_sup)
-    y = torch.from_numpy(np.asarray(labels))
-    out = feature_agreement(f_ssl, f_sup)
-    for who, f in (("ssl", f_ssl), ("sup", f_sup)):
-        p = net.classifier(f).softmax(1)
-        out[f"{who}_error"] = 100 * float((p.argmax(1) != y).float().mean())
-        out[f"{who}_confidence"] = 100 * float(p.max(1).values.mean())
-    return out
-
-
-def domains_diagnostics(net, supervised, domains, scale: float = 1.0, statistics: str = "batch") -> dict:
-    """encoder_diagnostics per domain, averaged over the domains."""
-    per = [encoder_diagnostics(net, supervised, d.images, d.labels, scale, statistics) for d in domains]
-    return {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-
-
 def run_variant(args, name: str, overrides: list[str], checkpoint: str, simclr_file: Path, data) -> dict:
-    from metatta.ssl.networks import split_classifier
-    from metatta.models import load_source_model
-    from metatta.ssl.stages import stage_files
-    from metatta.ssl.training import trained_network, validation_error
-
     cfg = base_config(args, name, overrides)
     files = stage_files(cfg)
     if not files["simclr"].is_file() or files["simclr"].read_bytes() != simclr_file.read_bytes():
@@ -216,10 +168,6 @@ def main(argv=None):
     setup_logging("WARNING")
     torch.set_num_threads(args.threads)
     variants = parse_variants(args.variant)
-    from metatta.ssl.stages import stage_files
-    from metatta.ssl.training import validation_domains
-    from metatta.source import load_clean_split, source_checkpoint
-
     cfg = base_config(args, f"simclr_n{args.train_images}_e{args.simclr_epochs}", [])
     checkpoint = str(source_checkpoint(cfg.source_checkpoint, cfg.source_config))
     start = time.perf_counter()
@@ -238,6 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

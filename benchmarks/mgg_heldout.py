@@ -35,7 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the R
 
 from metatta.cli import setup_logging
 from metatta.config import load_config
+from metatta.experiment import experiment_config, run_experiment
+from metatta.learned.meta_training import mgg_train_config, mgtta_config
 from metatta.reporting import benchmark_command
+from trainers.mgg import train_mgg
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -90,8 +93,6 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
 
 def variant_config(name: str, extra: list[str], out: Path):
     """The checked meta-training config of a variant (trained unregistered, outside MLflow)."""
-    from metatta.learned.meta_training import mgg_train_config
-
     file, overrides, _ = VARIANTS[name]
     data = load_config(CONFIGS / file, [*overrides, *extra, f"checkpoint_dir={out / 'mgg_runs'}",
                                         "register_as=null", "mlflow=false"])
@@ -112,8 +113,6 @@ def check_disjoint(cfg, val_first: int) -> None:
 
 
 def experiment(out: Path, val_first: int, val_images: int, methods: list[dict[str, Any]]):
-    from metatta.experiment import experiment_config
-
     data = load_config(CONFIGS / "mgtta.yaml", [
         "benchmark.corruptions=held_out", f"benchmark.first_image={val_first}", f"benchmark.num_images={val_images}",
         "stream.setting=episodic", "stream.batch_size=64", "progress=false", "mlflow=false",
@@ -132,10 +131,6 @@ def row_key(row: dict[str, Any]) -> str:
 
 
 def measure_variant(name: str, cfg, out: Path, val_first: int, val_images: int) -> dict[str, Any]:
-    from metatta.experiment import run_experiment
-    from metatta.learned.meta_training import mgtta_config
-    from trainers.mgg import train_mgg
-
     check_disjoint(cfg, val_first)
     start = time.perf_counter()
     outcome = train_mgg(cfg, use_ray=True)
@@ -153,8 +148,6 @@ def measure_variant(name: str, cfg, out: Path, val_first: int, val_images: int) 
 
 
 def measure_baselines(out: Path, val_first: int, val_images: int) -> list[dict[str, Any]]:
-    from metatta.experiment import run_experiment
-
     results = run_experiment(experiment(out, val_first, val_images, baseline_methods()))
     return [{"method": r.method, "heldout_error": r.mean_error, "heldout_domain_errors": r.domain_errors}
             for r in results]

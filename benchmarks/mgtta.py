@@ -40,62 +40,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
+from metatta.adaptation_speed import EARLY_BATCHES, batches_to_reach, batches_to_within, early_error, error_curve
 from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import MethodSpec, experiment_config, run_experiment
-from metatta.reporting import benchmark_command, error_table, markdown_table
 from metatta.learned.meta_training import mgg_train_config, mgtta_config
+from metatta.methods.base import method_class
+from metatta.reporting import benchmark_command, error_table, markdown_table
 from trainers.mgg import train_mgg
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-EARLY_BATCHES = 3
 LR_SWEEP_METHODS = ("tent", "sar", "eata", "mgtta")
-
-
-def early_error(result: Result, batches: int = EARLY_BATCHES) -> float:
-    """Mean error over the first `batches` batches of every domain: how fast a method adapts."""
-    seen: dict[str, int] = {}
-    errors = []
-    for domain, error in zip(result.batch_domains, result.error_over_stream):
-        seen[domain] = seen.get(domain, 0) + 1
-        if seen[domain] <= batches:
-            errors.append(error)
-    return float(np.mean(errors))
-
-
-def error_curve(result: Result) -> list[float]:
-    """Error (%) at the b-th adaptation batch, averaged over the domains that have a b-th batch."""
-    per_domain: dict[str, list[float]] = {}
-    for domain, error in zip(result.batch_domains, result.error_over_stream):
-        per_domain.setdefault(domain, []).append(error)
-    longest = max(len(e) for e in per_domain.values())
-    return [float(np.mean([e[b] for e in per_domain.values() if len(e) > b])) for b in range(longest)]
-
-
-def trailing_means(curve: list[float], window: int) -> np.ndarray:
-    """means[i]: the mean of batches i..i+window-1 (window clipped to the curve's length)."""
-    window = max(1, min(window, len(curve)))
-    return np.convolve(curve, np.ones(window) / window, mode="valid")
-
-
-def batches_to_reach(curve: list[float], target: float, window: int = 5) -> int | None:
-    """The first b whose trailing `window`-batch mean of the curve is at or below `target`
-    (e.g. Tent's final error); None when the curve never gets there."""
-    smooth = trailing_means(curve, window)
-    hits = np.flatnonzero(smooth <= target)
-    return int(hits[0]) + len(curve) - len(smooth) + 1 if len(hits) else None
-
-
-def batches_to_within(curve: list[float], tolerance: float = 0.2, window: int = 5) -> tuple[int, float]:
-    """(batches needed, final error): the first b whose trailing `window`-batch mean of the curve
-    is within `tolerance` points of the final error, the mean of the last `window` batches.
-
-    One batch of 64 has a standard error of several points; averaged over 15 domains and a
-    window of batches it is a fraction of a point, which the 0.2 tolerance needs."""
-    final = float(trailing_means(curve, window)[-1])
-    return batches_to_reach(curve, final + tolerance, window), final
 
 
 def meta_train(base: dict, run_name: str, **overrides):
@@ -143,8 +100,6 @@ def scaling_ratios(scaling: list[dict]) -> dict[int, float]:
 
 def lr_sweep_specs(specs: list[MethodSpec], multipliers: list[float]) -> list[MethodSpec]:
     """Copies of the Tent, SAR, EATA and MGTTA rows at lr x m (m != 1; x1 is the row itself)."""
-    from metatta.methods.base import method_class
-
     out = []
     for spec in specs:
         base_name = spec.name
@@ -318,6 +273,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

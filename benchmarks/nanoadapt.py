@@ -23,6 +23,7 @@ from metatta.cli import setup_logging
 from metatta.config import load_config
 from metatta.evaluation import Result
 from metatta.experiment import experiment_config, run_experiment
+from metatta.methods.nanoadapt import NanoAdaptConfig
 from metatta.reporting import benchmark_command, markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -111,8 +112,6 @@ def main(argv=None):
     setup_logging("WARNING")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from metatta.methods.nanoadapt import NanoAdaptConfig
-
     command = benchmark_command(__file__, argv)  # recorded for benchmarks/reproduce.py
     runs, records = {}, []
     for batch_size in args.batch_sizes:

@@ -28,7 +28,7 @@ from metatta.cli import setup_logging
 from metatta.config import ConfigError, apply_override, load_config
 from metatta.evaluation import Result
 from metatta.experiment import experiment_config, run_experiment, source_model
-from metatta.reporting import _short, benchmark_command, error_table, markdown_table
+from metatta.reporting import benchmark_command, error_table, markdown_table, short_domain
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE.parent / "configs" / "fmnist_c" / "baselines.yaml"
@@ -41,7 +41,7 @@ ROWS = {"source": {"name": "source"}, "bn": {"name": "bn"}, "tent": {"name": "te
 def share_table(results: list[Result], total_parameters: int) -> str:
     """Percent of the model's parameters adapted, per domain (mean over its batches)."""
     domains = list(results[0].domain_errors)
-    header = ["method"] + [_short(d) for d in domains] + ["mean"]
+    header = ["method"] + [short_domain(d) for d in domains] + ["mean"]
     rows = []
     for r in results:
         shares = [100.0 * r.domain_adapted_parameters.get(d, 0.0) / total_parameters for d in domains]
@@ -54,7 +54,7 @@ def corruption_table(results: list[Result]) -> str:
     by_corruption: dict[str, list[str]] = {}
     for domain in results[0].domain_errors:
         by_corruption.setdefault(domain.rpartition("-")[0], []).append(domain)
-    header = ["method"] + [_short(f"{c}-5").removesuffix("-5") for c in by_corruption] + ["mean", "img/s"]
+    header = ["method"] + [short_domain(f"{c}-5").removesuffix("-5") for c in by_corruption] + ["mean", "img/s"]
     rows = []
     for r in results:
         cells = [sum(r.domain_errors[d] for d in ds) / len(ds) for ds in by_corruption.values()]

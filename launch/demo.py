@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the R
 
 from metatta.cli import experiment_parser, parse_experiment, run_main
 from metatta.config import load_config
+from metatta.experiment import experiment_config, run_experiment, with_adapter
+from metatta.learned.meta_training import mgg_train_config
+from trainers.mgg import train_mgg
 
 log = logging.getLogger("demo")
 
@@ -26,10 +29,6 @@ def main(argv=None):
     parser.add_argument("--mgg-epochs", type=int, default=40, help="meta-training epochs (paper: 40)")
     args, eval_data = parse_experiment(parser, argv)
     start = time.perf_counter()
-    from metatta.experiment import experiment_config, run_experiment, with_adapter
-    from metatta.learned.meta_training import mgg_train_config
-    from trainers.mgg import train_mgg
-
     # Check both configs before the slow part starts.
     eval_cfg = experiment_config(eval_data)
     mgg_cfg = mgg_train_config(load_config(args.mgg_config, [f"epochs={args.mgg_epochs}", "num_actors=2"]))

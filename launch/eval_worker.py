@@ -11,10 +11,14 @@ A claim is a lease the worker renews while it evaluates; the claim of a worker
 that died expires after `--lease` seconds and another worker takes it over.
 See and release claims with `python launch/claims.py`.
 """
+import dataclasses
 import sys
 
+from metatta.adapter_eval import EvalWorker
 from metatta.claims import DEFAULT_LEASE_S
 from metatta.cli import experiment_parser, parse_experiment, run_main
+from metatta.experiment import experiment_config
+from metatta.output_paths import resolve_output_path
 
 
 def main(argv=None):
@@ -38,11 +42,10 @@ def main(argv=None):
         raise ValueError(f"--interval must be positive, got {args.interval}")
     if not args.lease > 0:
         raise ValueError(f"--lease must be positive, got {args.lease}")
-    from metatta.adapter_eval import EvalWorker
-    from metatta.experiment import experiment_config
-
-    worker = EvalWorker(args.model, experiment_config(data), claims_dir=args.claims_dir, claims=args.claims,
-                        lease_s=args.lease)
+    experiment = experiment_config(data)
+    experiment = dataclasses.replace(experiment, output_dir=resolve_output_path(experiment.output_dir, "output_dir"))
+    claims_dir = resolve_output_path(args.claims_dir, "--claims-dir") if args.claims_dir else None
+    worker = EvalWorker(args.model, experiment, claims_dir=claims_dir, claims=args.claims, lease_s=args.lease)
     worker.run_forever(args.interval, max_polls=1 if args.once else None)
 
 

@@ -3,9 +3,12 @@
     python launch/evaluate.py --config configs/fmnist_c/baselines.yaml stream.batch_size=16
     python launch/evaluate.py --config configs/fmnist_c/mgtta.yaml --adapter models:/mgg@champion
 """
+import dataclasses
 import sys
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.experiment import experiment_config, run_experiment, with_adapter, with_settings
+from metatta.output_paths import resolve_output_path
 
 
 def main(argv=None):
@@ -16,22 +19,19 @@ def main(argv=None):
                         help="tuned settings for METHOD's rows (added if absent): a YAML file or "
                              "models:/<name>@<alias>, e.g. palm=models:/palm_settings@champion (repeatable)")
     args, data = parse_experiment(parser, argv)
-    from metatta.experiment import experiment_config, run_experiment, with_adapter
-
     cfg = experiment_config(data)
     if args.adapter:
         if not args.adapter.startswith("models:/"):
             require_file(args.adapter, "--adapter")
         cfg = with_adapter(cfg, args.adapter)
     for item in args.settings:
-        from metatta.experiment import with_settings
-
         method, sep, uri = item.partition("=")
         if not sep or not method or not uri:
             raise ValueError(f"--settings {item!r}: expected METHOD=URI")
         cfg = with_settings(cfg, method.strip(), uri.strip())
     require_file(cfg.source.checkpoint, "source.checkpoint")
     require_file(cfg.source.config if cfg.source.checkpoint is None else None, "source.config")
+    cfg = dataclasses.replace(cfg, output_dir=resolve_output_path(cfg.output_dir, "output_dir"))
     require_writable_dir(cfg.output_dir, "output_dir")
     run_experiment(cfg)
 

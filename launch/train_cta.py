@@ -14,6 +14,10 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.output_paths import resolve_output_path
+from metatta.ssl.stages import CTATrainConfig, cta_train_config, stage_files
+from trainers.cluster import connect
+from trainers.cta import train_cta
 
 log = logging.getLogger("train_cta")
 
@@ -23,9 +27,9 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the stage checkpoints")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (one worker, no Ray Train)")
     args, data = parse_experiment(parser, argv)
-    from metatta.ssl.stages import cta_train_config, stage_files
-    from trainers.cta import train_cta
-
+    # before cta_train_config, which makes it absolute against the current directory
+    data = {**data, "checkpoint_dir": resolve_output_path(data.get("checkpoint_dir", CTATrainConfig.checkpoint_dir),
+                                                          "checkpoint_dir")}
     cfg = cta_train_config(data)
     require_file(cfg.source_checkpoint, "source_checkpoint")
     require_file(cfg.source_config if cfg.source_checkpoint is None else None, "source_config")
@@ -33,10 +37,7 @@ def main(argv=None):
     if args.resume and not any(path.is_file() for path in stage_files(cfg).values()):
         require_file(next(iter(stage_files(cfg).values())), "--resume: stage checkpoint")
     if not args.no_ray:
-        import ray
-
-        # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
-        ray.init()
+        connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one
     outcome = train_cta(cfg, resume=args.resume, use_ray=not args.no_ray)
     log.info("%s: validation error %.2f%% (%.2f%% before adaptation); adapter %s; registered version %s%s",
              cfg.method, outcome.validation_error, outcome.unadapted_validation_error, outcome.adapter_dir,

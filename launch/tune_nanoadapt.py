@@ -23,15 +23,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.config import ConfigError
+from metatta.output_paths import resolve_output_path
+from metatta.search import search_config
+from trainers.cluster import connect
+from trainers.tune import run_search
 
 log = logging.getLogger("tune_nanoadapt")
 
 
 def batch_size_searches(data: dict[str, Any]) -> list:
     """One checked SearchConfig per entry of `batch_sizes` (default: the stream's batch size)."""
-    from metatta.config import ConfigError
-    from metatta.search import search_config
-
     data = copy.deepcopy(data)
     sizes = data.pop("batch_sizes", None) or [data.get("stream", {}).get("batch_size", 1)]
     if not isinstance(sizes, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
@@ -54,8 +56,6 @@ def batch_size_searches(data: dict[str, Any]) -> list:
 
 def run_searches(data: dict[str, Any]) -> dict[int, Any]:
     """Run the search of every batch size; returns {batch size: SearchOutcome}."""
-    from trainers.tune import run_search
-
     outcomes = {}
     for cfg in batch_size_searches(data):
         outcome = run_search(cfg)
@@ -74,11 +74,9 @@ def main(argv=None):
     first = searches[0]
     require_file(first.source.checkpoint, "source.checkpoint")
     require_file(first.source.config if first.source.checkpoint is None else None, "source.config")
-    require_writable_dir(first.output_dir, "output_dir")
-    import ray
-
-    # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
-    ray.init()
+    data = {**data, "output_dir": resolve_output_path(first.output_dir, "output_dir")}
+    require_writable_dir(data["output_dir"], "output_dir")
+    connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one
     run_searches(data)
 
 

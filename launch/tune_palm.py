@@ -10,6 +10,7 @@ the NanoAdapt search uses the same trainer (trainers/tune.py).
 Set MLFLOW_TRACKING_URI to an absolute sqlite:/// path under `ray job submit`, whose
 working directory is a temporary copy.
 """
+import dataclasses
 import logging
 from pathlib import Path
 import sys
@@ -17,6 +18,10 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # trainers/ (the Ray layer) is not installed
 
 from metatta.cli import experiment_parser, parse_experiment, require_file, require_writable_dir, run_main
+from metatta.output_paths import resolve_output_path
+from metatta.search import search_config
+from trainers.cluster import connect
+from trainers.tune import run_search
 
 log = logging.getLogger("tune_palm")
 
@@ -24,17 +29,12 @@ log = logging.getLogger("tune_palm")
 def main(argv=None):
     parser = experiment_parser(__doc__, default_config="configs/fmnist_c/tune_palm.yaml")
     args, data = parse_experiment(parser, argv)
-    from metatta.search import search_config
-    from trainers.tune import run_search
-
     cfg = search_config(data)
     require_file(cfg.source.checkpoint, "source.checkpoint")
     require_file(cfg.source.config if cfg.source.checkpoint is None else None, "source.config")
+    cfg = dataclasses.replace(cfg, output_dir=resolve_output_path(cfg.output_dir, "output_dir"))
     require_writable_dir(cfg.output_dir, "output_dir")
-    import ray
-
-    # Attaches to a running cluster (`ray job submit`, `ray start --head`), else starts a local one.
-    ray.init()
+    connect()  # a running cluster (`ray job submit`, `ray start --head`), else a local one
     outcome = run_search(cfg)
     log.info("best %s setting %s: held-out mean error %.2f%%; wrote %s; registered version %s%s", cfg.method,
              outcome.best_params, outcome.best_error, outcome.settings_path, outcome.registered_version,

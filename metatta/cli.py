@@ -23,6 +23,8 @@ import os
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
+from metatta.config import load_config
+
 USER_ERROR_STATUS = 2
 
 
@@ -49,8 +51,6 @@ def experiment_parser(description: str, default_config: str | None = None) -> Ar
 
 def parse_experiment(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[Any, dict]:
     """Parse options and overrides in any order; load the config with the overrides applied."""
-    from metatta.config import load_config
-
     args = parser.parse_intermixed_args(argv)
     setup_logging(args.log_level)
     overrides = list(args.overrides)

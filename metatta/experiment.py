@@ -22,13 +22,22 @@ from typing import Any, Protocol
 
 import torch
 
+from metatta import tracking
 from metatta.config import build_dataclass
+from metatta.data.benchmark_files import capped_num_images, fashion_mnist_c, read_cifar_c
+from metatta.data.clean import load_clean
+from metatta.data.domains import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, check_corruption_names
+from metatta.data.streams import SETTINGS, build_stream
 from metatta.device import resolve_device
-from metatta.data.domains import BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, ALL_CORRUPTIONS, check_corruption_names
 from metatta.evaluation import Result, evaluate, save_results
+from metatta.learned.mgg import load_mgg
 from metatta.methods.base import TTAMethod, build_method, method_class
+from metatta.models import load_source_model
+from metatta.models.checkpoint import checkpoint_hash, load_feature_stats
 from metatta.references import pin_references
+from metatta.reporting import error_table, plot_results, protocol_line
 from metatta.source import source_checkpoint
+from metatta.ssl.networks import load_network
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +110,6 @@ def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
         raise ValueError(f"benchmark.name: unknown benchmark {cfg.benchmark.name!r}; known: {list(BENCHMARKS)}")
     if not cfg.methods:
         raise ValueError("experiment: `methods` is empty; list at least one method")
-    from metatta.data.streams import SETTINGS
 
     if cfg.stream.setting not in SETTINGS:
         raise ValueError(f"stream.setting: unknown stream setting {cfg.stream.setting!r}; known: {', '.join(SETTINGS)}")
@@ -150,7 +158,6 @@ def method_config(spec: MethodSpec) -> dict[str, Any]:
     """The spec's method config: its tuned `settings` (if any), overridden by its explicit `config`."""
     if spec.settings is None:
         return dict(spec.config)
-    from metatta import tracking
 
     settings, info = tracking.load_settings(spec.settings)
     if info.get("method") and info["method"] != spec.name:
@@ -181,21 +188,28 @@ def benchmark_root(cfg: BenchmarkConfig) -> Path:
         return Path(cfg.root)
     if cfg.name != "fashion_mnist_c":
         raise ValueError(f"benchmark.root is required for {cfg.name} (a directory of <corruption>.npy files)")
-    from metatta.data.benchmark_files import fashion_mnist_c
 
     return fashion_mnist_c(corruptions=cfg.corruption_names())  # only the files this benchmark reads
 
 
 def load_domains(cfg: BenchmarkConfig):
-    from metatta.data.benchmark_files import read_cifar_c
-
-    return read_cifar_c(benchmark_root(cfg), cfg.corruption_names(), cfg.severities, num_images=cfg.num_images,
+    """The benchmark's domains; `num_images` is capped, with a warning, to what the files hold
+    (a small dataset, e.g. a digits-sized one, cannot give a config's 1,000 images per domain)."""
+    root = benchmark_root(cfg)
+    num_images = capped_num_images(root, cfg.num_images, cfg.first_image, "benchmark.num_images")
+    return read_cifar_c(root, cfg.corruption_names(), cfg.severities, num_images=num_images,
                         first_image=cfg.first_image)
 
 
-def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Module, Path]:
-    from metatta.models import load_source_model
+def images_used(cfg: BenchmarkConfig, domains) -> int | None:
+    """The images per domain the run used: the config's number, or fewer when load_domains capped it
+    (None, all of them, stays None so that results keep matching recorded ones)."""
+    if cfg.num_images is None or not domains:
+        return cfg.num_images
+    return min(cfg.num_images, len(domains[0].labels))
 
+
+def source_model(cfg: SourceConfig, device: torch.device) -> tuple[torch.nn.Module, Path]:
     path = source_checkpoint(cfg.checkpoint, cfg.config)
     return load_source_model(path, device=device), path
 
@@ -243,9 +257,6 @@ def method_context(spec: MethodSpec, cfg: ContextSettings, checkpoint: Path, dev
 def checked_adapter(spec: MethodSpec, checkpoint: Path, kind: str) -> Path:
     """The local directory of the adapter a method spec names, refused when its adapter.json
     says it was trained for another source checkpoint (sha256) than `checkpoint`."""
-    from metatta import tracking
-    from metatta.models.checkpoint import checkpoint_hash
-
     if spec.adapter is None:
         raise ValueError(f"method {spec.name}: needs a trained adapter "
                          f"(set `adapter: models:/{kind}@champion` or a path)")
@@ -260,26 +271,20 @@ def checked_adapter(spec: MethodSpec, checkpoint: Path, kind: str) -> Path:
 
 def load_adapter_mgg(spec: MethodSpec, checkpoint: Path):
     """The trained MGG a method spec names, checked against the source model it was trained for."""
-    from metatta.learned.mgg import load_mgg
-
     return load_mgg(checked_adapter(spec, checkpoint, "mgg"))
 
 
 def load_adapter_network(spec: MethodSpec, checkpoint: Path, kind: str, device: torch.device):
     """The trained CTA/TTT network (`metatta.ssl.networks`) a method spec names, checked likewise."""
-    from metatta.ssl.networks import load_network
-
     net, _ = load_network(checked_adapter(spec, checkpoint, kind), kind=kind)
     return net.to(device)
 
 
 def _build_context(key: str, cfg: ContextSettings, checkpoint: Path, device: torch.device) -> Any:
     if key == "source_stats":
-        from metatta.models.checkpoint import load_feature_stats
 
         return load_feature_stats(checkpoint, device=device)
     if key in ("fisher_batches", "source_batches"):
-        from metatta.data.clean import load_clean
 
         name = cfg.benchmark.name.removesuffix("_c")
         images, labels = load_clean(name, "train")
@@ -297,9 +302,6 @@ def _build_context(key: str, cfg: ContextSettings, checkpoint: Path, device: tor
 
 
 def run_experiment(cfg: ExperimentConfig) -> list[Result]:
-    from metatta.data.streams import build_stream
-    from metatta.models.checkpoint import checkpoint_hash
-
     check_rows(cfg)  # a bad row fails before the first row runs, not after the rows before it
     # models:/...@alias resolved (and adapters checked) once, before any work: rows load those versions,
     # results record them
@@ -314,7 +316,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
         "domains": [d.name for d in domains],
         "severities": cfg.benchmark.severities,
         "batch_size": cfg.stream.batch_size,
-        "num_images_per_domain": cfg.benchmark.num_images,
+        "num_images_per_domain": images_used(cfg.benchmark, domains),
         "first_image": cfg.benchmark.first_image,
         "seed": cfg.stream.seed,
         "source_checkpoint": str(checkpoint),
@@ -338,8 +340,6 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
 
 
 def write_report(results: list[Result], cfg: ExperimentConfig) -> Path:
-    from metatta.reporting import error_table, plot_results, protocol_line
-
     out = Path(cfg.output_dir) / cfg.name
     json_path = save_results(results, out / "results.json")
     table = error_table(results)
@@ -347,7 +347,6 @@ def write_report(results: list[Result], cfg: ExperimentConfig) -> Path:
     plot = plot_results(results, out / "errors.png", title=f"{cfg.name}: {protocol_line(results[0])}")
     print(f"\n{cfg.name}: error (%), {protocol_line(results[0])}\n{table}\n\nwrote {json_path}, {plot}")
     if cfg.mlflow:
-        from metatta import tracking
 
         with tracking.start_run(cfg.name, params=dataclasses.asdict(cfg)):
             tracking.log_results(results, artifacts=[json_path, out / "table.md", plot])
@@ -358,8 +357,6 @@ def with_adapter(cfg: ExperimentConfig, adapter: str, method: str | None = None)
     """Point every method that takes this adapter's kind (adapter.json "kind": an MGG, a CTA or
     a TTT network; anything else counts as an MGG) at `adapter`; add a row of `method` (default:
     the kind's method, e.g. mgtta, cta) if none does."""
-    from metatta import tracking
-
     kind = tracking.adapter_info(tracking.adapter_directory(adapter)).get("kind")
     kind = kind if kind in DEFAULT_ADAPTER_METHODS else "mgg"
     inputs = {key for key, k in ADAPTER_INPUTS.items() if k == kind}

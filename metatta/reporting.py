@@ -9,7 +9,7 @@ import numpy as np
 from metatta.evaluation import Result
 
 
-def _short(domain: str) -> str:
+def short_domain(domain: str) -> str:
     """'gaussian_noise-5' -> 'gauss-5' style column headers that keep tables narrow."""
     name, _, severity = domain.rpartition("-")
     head = name.split("_")[0][:6] if name else domain
@@ -30,7 +30,7 @@ def error_table(results: Sequence[Result], *, digits: int = 1, extra_columns: bo
     for r in results[1:]:
         if list(r.domain_errors) != domains:
             raise ValueError(f"results cover different domains: {r.method} has {list(r.domain_errors)}")
-    header = ["method"] + [_short(d) for d in domains] + ["mean"]
+    header = ["method"] + [short_domain(d) for d in domains] + ["mean"]
     if extra_columns:
         header += ["ECE", "img/s"]
     rows = []
@@ -74,7 +74,7 @@ def plot_results(results: Sequence[Result], path: str | Path, title: str = "") -
     xs = np.arange(len(domains))
     for r in results:
         ax.plot(xs, [r.domain_errors[d] for d in domains], marker="o", ms=3, label=f"{r.method} ({r.mean_error:.1f})")
-    ax.set_xticks(xs, [_short(d) for d in domains], rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(xs, [short_domain(d) for d in domains], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("error (%)")
     ax.set_title("error per domain")
     ax.grid(alpha=0.3)
@@ -102,7 +102,7 @@ def _draw_heatmap(fig, ax, results: Sequence[Result], domains: Sequence[str]) ->
     """Error (%) of every method (rows) on every domain (columns), plus the mean, annotated."""
     errors = np.array([[r.domain_errors[d] for d in domains] + [r.mean_error] for r in results], dtype=float)
     image = ax.imshow(errors, aspect="auto", cmap="viridis_r")
-    ax.set_xticks(np.arange(len(domains) + 1), [_short(d) for d in domains] + ["mean"], rotation=60, ha="right",
+    ax.set_xticks(np.arange(len(domains) + 1), [short_domain(d) for d in domains] + ["mean"], rotation=60, ha="right",
                   fontsize=7)
     ax.set_yticks(np.arange(len(results)), [r.method for r in results], fontsize=7)
     ax.axvline(len(domains) - 0.5, color="white", lw=2)

@@ -53,6 +53,9 @@ class SourceTrainConfig:
     num_classes: int = 10
     in_channels: int = 1
     epochs: int = 6
+    # With the whole training split (num_train_images null), at least this many steps: on a small
+    # dataset (a digits-sized one) the epochs are raised to reach them, with a warning. 0: off.
+    min_steps: int = 0
     batch_size: int = 128
     lr: float = 0.1  # peak learning rate
     momentum: float = 0.9
@@ -99,6 +102,8 @@ def source_train_config(data: dict[str, Any] | SourceTrainConfig | None) -> Sour
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"train_source.{name} must be >= 1 or null, got {value}")
+    if cfg.min_steps < 0:
+        raise ValueError(f"train_source.min_steps must be >= 0, got {cfg.min_steps}")
     if cfg.feature_stats_images < 1:
         raise ValueError(f"train_source.feature_stats_images must be >= 1, got {cfg.feature_stats_images}")
     if cfg.lr <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.momentum < 1:
@@ -117,6 +122,18 @@ def source_train_config(data: dict[str, Any] | SourceTrainConfig | None) -> Sour
 def load_clean_split(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images (N, H, W, C), int64 labels (N,)) of a clean dataset split (fashion_mnist, cifar10, cifar100)."""
     return load_clean(dataset, split)
+
+
+def epochs_for_min_steps(cfg: SourceTrainConfig, steps_per_epoch: int, train_images: int) -> SourceTrainConfig:
+    """`cfg` with its epochs raised so that training makes `min_steps` steps, when it trains on the
+    whole split (a deliberately small `num_train_images` is a quick run and stays as asked)."""
+    steps = cfg.epochs * steps_per_epoch
+    if cfg.num_train_images is not None or steps >= cfg.min_steps:
+        return cfg
+    epochs = math.ceil(cfg.min_steps / steps_per_epoch)
+    log.warning("train_source: %d epochs of %d %s images are %d steps, fewer than min_steps %d; training %d epochs",
+                cfg.epochs, train_images, cfg.dataset, steps, cfg.min_steps, epochs)
+    return dataclasses.replace(cfg, epochs=epochs)
 
 
 def _checked_split(images: np.ndarray, labels: np.ndarray, cfg: SourceTrainConfig, split: str,
@@ -232,6 +249,7 @@ def _train_source(cfg: SourceTrainConfig, load_split: SplitLoader) -> SourceTrai
                                 nesterov=cfg.nesterov and cfg.momentum > 0)
     # Drop the last incomplete batch: a BN batch of one image would fail, and it changes little.
     steps_per_epoch = max(len(x_train) // cfg.batch_size, 1)
+    cfg = epochs_for_min_steps(cfg, steps_per_epoch, len(x_train))
     scheduler = _scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training %s (%.2fM parameters) on %d %s images for %d epochs (%d steps of %d) on %s, %d threads",

@@ -12,11 +12,15 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import psutil
+
 from metatta.cli import UserError
+from metatta.output_paths import resolve_output_path
 from metatta.safe_files import read_json_file, read_state_dict, read_yaml_file
 
 log = logging.getLogger(__name__)
@@ -27,7 +31,9 @@ DEFAULT_EXPERIMENT = "metatta"
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        uri = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+        # ./mlflow.db; under `ray job submit` only with $METATTA_OUTPUT_ROOT (metatta.output_paths)
+        db = resolve_output_path("mlflow.db", "MLFLOW_TRACKING_URI (default: ./mlflow.db)")
+        uri = f"sqlite:///{Path(db).resolve()}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
 
@@ -71,11 +77,47 @@ def start_run(
     nested: bool = False,
 ) -> Iterator[Any]:
     mlflow = _mlflow()
-    set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=tags) as run:
+    experiment_id = set_experiment(experiment)
+    if not nested:
+        close_orphaned_runs(experiment_id)
+    owner = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    with mlflow.start_run(run_name=run_name, nested=nested, tags={**owner, **(tags or {})}) as run:
         if params:
             mlflow.log_params(flatten(params))
         yield run
+
+
+HOST_TAG, PID_TAG = "metatta.host", "metatta.pid"  # which process owns a run (for orphan cleanup)
+
+
+def close_orphaned_runs(experiment_id: str) -> list[str]:
+    """Close the runs left RUNNING by a process of this host that no longer exists (a driver that
+    was SIGKILLed never ends its run): KILLED, tagged with why. Runs of other hosts, and runs
+    without an owner tag, are left alone. Returns the run ids closed."""
+    c = client()
+    host, closed = socket.gethostname(), []
+    for run in c.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit():
+            continue
+        pid = int(tags[PID_TAG])
+        if _alive_since(pid, run.info.start_time):
+            continue
+        c.set_tag(run.info.run_id, "metatta.closed_by", f"orphan cleanup: its driver (pid {pid}) is gone")
+        c.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d MLflow run(s) left RUNNING by a driver that died: %s", len(closed), ", ".join(closed))
+    return closed
+
+
+def _alive_since(pid: int, start_ms: int) -> bool:
+    """Whether process `pid` exists and is older than a run started at `start_ms` (a younger one
+    reuses a dead owner's pid)."""
+    try:
+        return psutil.Process(pid).create_time() * 1000 <= start_ms + 1000
+    except psutil.NoSuchProcess:
+        return False
 
 
 @contextlib.contextmanager
@@ -105,6 +147,11 @@ def log_run_metrics(run_id: str, metrics: dict[str, float], step: int, prefix: s
     now = int(time.time() * 1000)
     batch = [Metric(metric_key(f"{prefix}{k}"), float(v), now, step) for k, v in metrics.items()]
     client().log_batch(run_id, metrics=batch)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which run `run_id` has a value of metric `key`."""
+    return {m.step for m in client().get_metric_history(run_id, metric_key(key))}
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

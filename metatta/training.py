@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from metatta.data.benchmark_files import fashion_mnist_c, read_cifar_c
+from metatta.data.benchmark_files import capped_num_images, fashion_mnist_c, read_cifar_c
 from metatta.data.streams import build_stream
 from metatta.data.types import DomainData
 from metatta.evaluation import evaluate
@@ -58,6 +58,7 @@ def benchmark_domains(root: str | Path | None, corruptions: Sequence[str], sever
     """The domains of `corruptions` x `severities` from a directory of "-C" files; `root` None:
     Fashion-MNIST-C, built (only these corruptions' files) when not cached."""
     root = Path(root) if root else fashion_mnist_c(corruptions=list(corruptions))
+    num_images = capped_num_images(root, num_images)  # a small dataset: what it holds, with a warning
     return read_cifar_c(root, list(corruptions), list(severities), num_images=num_images)
 
 

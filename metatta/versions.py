@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
+import metatta
+
 OPTIONAL = ("timm", "higher")
 
 
@@ -15,8 +17,6 @@ def library_versions() -> dict[str, str]:
     import numpy as np
     import torch
     import torchvision
-
-    import metatta
 
     versions = {
         "python": platform.python_version(),

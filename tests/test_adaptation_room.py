@@ -1,12 +1,15 @@
-"""benchmarks/adaptation_room.py: the labelled oracles that bound what an optimizer of the norm
-affines can add on the MGTTA benchmark's stream."""
+"""metatta.adaptation_room: the labelled oracles that bound what an optimizer of the norm affines
+can add on the MGTTA benchmark's stream (benchmarks/adaptation_room.py runs them)."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from metatta import adaptation_room as room
 from metatta.data.streams import build_stream
 from metatta.data.types import DomainData
+from metatta.methods.common import softmax_entropy
 from repo_scripts import load_script
 
 
@@ -29,35 +32,29 @@ def tiny_stream(setting: str = "episodic"):
 
 
 def test_bn_row_is_the_unadapted_error_and_the_oracles_use_labels():
-    bench = load_script("benchmarks/adaptation_room.py")
     model, stream = tiny_classifier(), tiny_stream()
-    bn = bench.online_errors(model, stream, None)
+    bn = room.online_errors(model, stream, None)
     assert list(bn) == ["noise-5", "blur-5"]
     with torch.no_grad():  # BN on batch statistics, no update: the same as predicting each batch afresh
-        net, _ = bench.norm_adapted(model)
+        net, _ = room.norm_adapted(model)
         wrong = {d: 0 for d in bn}
         for x, y, d in stream:
             wrong[d] += int((net(x).argmax(1) != y).sum())
     assert bn == {d: 100.0 * w / 48 for d, w in wrong.items()}
     assert np.mean(list(bn.values())) > 40  # the source model has not learnt the task
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    online = bench.online_errors(model, stream, 0.3)
-    floor = bench.floor_errors(model, stream, epochs=30, lr=0.1, seed=0)
+    online = room.online_errors(model, stream, 0.3)
+    floor = room.floor_errors(model, stream, epochs=30, lr=0.1, seed=0)
     assert np.mean(list(floor.values())) < np.mean(list(online.values())) < np.mean(list(bn.values()))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the source model is untouched
 
 
 def test_gradient_agreement_per_domain_means_of_per_batch_values():
-    import torch.nn.functional as F
-
-    from metatta.methods.common import softmax_entropy
-
-    bench = load_script("benchmarks/adaptation_room.py")
     model, stream = tiny_classifier(), tiny_stream()
-    agreement = bench.gradient_agreement(model, stream)["entropy"]
+    agreement = room.gradient_agreement(model, stream)["entropy"]
     assert list(agreement) == ["noise-5", "blur-5"]
     x, y, domain = next(iter(stream))  # by hand, the first batch: one of the six the mean is over
-    net, params = bench.norm_adapted(model)
+    net, params = room.norm_adapted(model)
     flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])  # noqa: E731
     g_entropy, g_ce = flat(softmax_entropy(net(x)).mean()), flat(F.cross_entropy(net(x), y))
     first = float(g_entropy @ g_ce / (g_entropy.norm() * g_ce.norm()))
@@ -73,10 +70,7 @@ def test_gradient_agreement_per_domain_means_of_per_batch_values():
 
 
 def test_eata_reliable_loss_is_eatas_term_and_none_without_a_reliable_sample():
-    from metatta.methods.common import softmax_entropy
-
-    bench = load_script("benchmarks/adaptation_room.py")
-    losses = bench.label_free_losses()
+    losses = room.label_free_losses()
     confident = torch.tensor([[8.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # one reliable sample, one uniform
     h = softmax_entropy(confident)
     margin = 0.4 * np.log(3)

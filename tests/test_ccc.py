@@ -11,6 +11,8 @@ from torch import nn
 from metatta.data import ccc
 from metatta.data.streams import build_stream
 from metatta.data.types import Batch, DomainData
+from metatta.evaluation import evaluate
+from metatta.methods import build_method
 
 NOISES = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"]
 TARGET, TOLERANCE = 60.0, 8.0
@@ -159,3 +161,17 @@ def test_needs_a_model_and_one_clean_domain(data):
     small = DomainData("clean", 0, np.zeros((4, 6, 6, 1), np.uint8), np.zeros(4, np.int64))
     with pytest.raises(ValueError, match="at least 8x8"):
         build_stream([small], "ccc", 8, model=model)
+
+
+def test_the_evaluator_runs_a_method_over_it(data):
+    stream = make(data, num_images=500)
+    result = evaluate(build_method("source", data[1]), stream, progress=False)
+    assert result.num_images == 500 and list(result.domain_errors) == ["ccc-medium"]
+    assert result.protocol["setting"] == "ccc" and len(result.error_over_stream) == len(stream)
+
+
+def test_the_walk_does_not_depend_on_what_else_is_cached(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("METATTA_CACHE", str(tmp_path / "fresh"))
+    alone = [make(data, seed=5).walk[k] for k in range(8)]
+    make(data, target_accuracy=90.0, tolerance=12.0)  # another target refines more nodes into the cache
+    assert [make(data, seed=5).walk[k] for k in range(8)] == alone

@@ -55,7 +55,7 @@ def config(tmp_path, checkpoint, **overrides):
     return cta_train_config(values)
 
 
-def test_config_errors(tmp_path, source_checkpoint):
+def test_config_errors(tmp_path, source_checkpoint, domains):
     with pytest.raises(ValueError, match="method"):
         config(tmp_path, source_checkpoint, method="byol")
     with pytest.raises(ValueError, match="train_cta.simclr"):
@@ -64,7 +64,18 @@ def test_config_errors(tmp_path, source_checkpoint):
         config(tmp_path, source_checkpoint, val_corruptions=["fog", "nope"])
     with pytest.raises(ValueError, match="no batch"):
         train_cta(config(tmp_path, source_checkpoint, simclr={"batch_size": 512}), use_ray=False,
-                  data=(np.zeros((8, 28, 28, 1), np.uint8), np.zeros(8, np.int64)))
+                  data=(np.zeros((8, 28, 28, 1), np.uint8), np.zeros(8, np.int64)), domains=domains)
+
+
+def test_validation_images_are_read_before_any_training(tmp_path, source_checkpoint, data, monkeypatch):
+    """A benchmark that cannot give the validation images fails before the first stage trains."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a stage trained before the validation images were checked")
+
+    monkeypatch.setattr("metatta.ssl.training.run_stage", fail)
+    cfg = config(tmp_path, source_checkpoint, benchmark_root=str(tmp_path / "no_benchmark"))
+    with pytest.raises(FileNotFoundError, match="no_benchmark"):
+        train_cta(cfg, use_ray=False, data=data)
 
 
 def test_a_relative_checkpoint_dir_is_resolved_in_the_driver(tmp_path, source_checkpoint, monkeypatch):

@@ -1,4 +1,5 @@
-"""benchmarks/cta.py: the result tag and the encoder-by-BN-statistics table (the benchmark itself is not run)."""
+"""benchmarks/cta.py's result tag and the encoder-by-BN-statistics table it reports (metatta.ssl.diagnostics);
+the benchmark itself is not run."""
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ from metatta.data.types import DomainData
 from metatta.models import build_model
 from metatta.models.checkpoint import read_header, save_checkpoint
 from metatta.ssl import build_network
+from metatta.ssl.diagnostics import encoder_modes
 from metatta.ssl.networks import save_network, source_model_info
 from repo_scripts import load_script
 
@@ -31,7 +33,7 @@ def _adapter(tmp_path, source, checkpoint, encoder_state=None):
                         extra={"source_checkpoint": str(checkpoint)})
 
 
-def test_encoder_modes_read_both_encoders_with_both_statistics(bench, tmp_path):
+def test_encoder_modes_read_both_encoders_with_both_statistics(tmp_path):
     torch.manual_seed(0)
     source = build_model("resnet_fmnist", 10, 1, widths=WIDTHS)
     checkpoint = save_checkpoint(tmp_path / "src.pt", source, model_name="resnet_fmnist", model_kwargs={"widths": WIDTHS},
@@ -48,11 +50,11 @@ def test_encoder_modes_read_both_encoders_with_both_statistics(bench, tmp_path):
         labels = [ssl.eval()(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy() for x in images]
     domains = [DomainData(name, 5, x, y) for name, x, y in zip(("fog", "snow"), images, labels)]
     # an SSL encoder that is the supervised one: the two rows agree in each mode
-    same = bench.encoder_modes(_adapter(tmp_path / "a", source, checkpoint), domains)
+    same = encoder_modes(_adapter(tmp_path / "a", source, checkpoint), domains)
     assert set(same) == {"ssl_batch", "ssl_source", "sup_batch", "sup_source"}
     assert same["ssl_batch"] == same["sup_batch"] and same["ssl_source"] == same["sup_source"]
     # the other encoder changes the SSL row only; each number is the error of that network in that mode
-    moved = bench.encoder_modes(_adapter(tmp_path / "b", source, checkpoint, ssl.encoder.state_dict()), domains)
+    moved = encoder_modes(_adapter(tmp_path / "b", source, checkpoint, ssl.encoder.state_dict()), domains)
     assert moved["sup_batch"] == same["sup_batch"] and moved["sup_source"] == same["sup_source"]
     assert moved["ssl_source"] == 0
     for key, network in (("ssl", ssl), ("sup", source)):

@@ -1,10 +1,15 @@
-"""benchmarks/cta_sweep.py: the encoder diagnostics and the variant parsing (the sweep itself is a benchmark)."""
+"""metatta.ssl.diagnostics (the encoder diagnostics) and benchmarks/cta_sweep.py's variant parsing (the sweep
+itself is a benchmark)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+from metatta.methods.common import use_batch_statistics
 from metatta.models import build_model
 from metatta.ssl import build_network, split_classifier
+from metatta.ssl.diagnostics import encoder_diagnostics
 from repo_scripts import load_script
 
 
@@ -32,16 +37,16 @@ def _tiny_encoders_and_images(seed: int):
     return net, split_classifier(source)[0], images, labels
 
 
-def test_encoder_diagnostics_of_an_encoder_against_itself_and_a_scaled_copy(sweep):
+def test_encoder_diagnostics_of_an_encoder_against_itself_and_a_scaled_copy():
     net, supervised, images, labels = _tiny_encoders_and_images(seed=0)
-    same = sweep.encoder_diagnostics(net, supervised, images, labels)
+    same = encoder_diagnostics(net, supervised, images, labels)
     assert same["cosine"] == pytest.approx(1.0) and same["norm_ratio"] == pytest.approx(1.0)
     assert same["ssl_error"] == same["sup_error"] and same["ssl_confidence"] == pytest.approx(same["sup_confidence"])
     net.encoder = torch.nn.Sequential(net.encoder, _Scale(2.0))  # same directions, twice the norm
-    twice = sweep.encoder_diagnostics(net, supervised, images, labels)
+    twice = encoder_diagnostics(net, supervised, images, labels)
     assert twice["cosine"] == pytest.approx(1.0) and twice["norm_ratio"] == pytest.approx(2.0)
     assert twice["ssl_confidence"] != pytest.approx(same["ssl_confidence"])
-    halved = sweep.encoder_diagnostics(net, supervised, images, labels, scale=0.5)  # the rescaling undoes it
+    halved = encoder_diagnostics(net, supervised, images, labels, scale=0.5)  # the rescaling undoes it
     assert halved["norm_ratio"] == pytest.approx(1.0) and halved["ssl_error"] == same["ssl_error"]
 
 
@@ -54,11 +59,11 @@ class _Scale(torch.nn.Module):
         return x * self.factor
 
 
-def test_encoder_diagnostics_with_source_statistics_use_each_encoders_running_buffers(sweep):
+def test_encoder_diagnostics_with_source_statistics_use_each_encoders_running_buffers():
     net, supervised, images, labels = _tiny_encoders_and_images(seed=1)
-    same = sweep.encoder_diagnostics(net, supervised, images, labels, statistics="source")
+    same = encoder_diagnostics(net, supervised, images, labels, statistics="source")
     assert same["cosine"] == pytest.approx(1.0) and same["ssl_error"] == same["sup_error"]
-    batch = sweep.encoder_diagnostics(net, supervised, images, labels, statistics="batch")
+    batch = encoder_diagnostics(net, supervised, images, labels, statistics="batch")
     assert batch["norm_ratio"] == pytest.approx(1.0)
     # fresh running buffers (mean 0, var 1) are not these images' statistics: the features differ by mode
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
@@ -67,18 +72,14 @@ def test_encoder_diagnostics_with_source_statistics_use_each_encoders_running_bu
     for m in net.encoder.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.add_(0.5)
-    shifted = sweep.encoder_diagnostics(net, supervised, images, labels, statistics="source")
+    shifted = encoder_diagnostics(net, supervised, images, labels, statistics="source")
     assert shifted["sup_error"] == same["sup_error"] and shifted["cosine"] < 0.999
-    assert sweep.encoder_diagnostics(net, supervised, images, labels, statistics="batch")["cosine"] == pytest.approx(1.0)
+    assert encoder_diagnostics(net, supervised, images, labels, statistics="batch")["cosine"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="statistics"):
-        sweep.encoder_diagnostics(net, supervised, images, labels, statistics="running")
+        encoder_diagnostics(net, supervised, images, labels, statistics="running")
 
 
 def _batch_stats_features(encoder, x):
-    import copy
-
-    from metatta.methods.common import use_batch_statistics
-
     enc = copy.deepcopy(encoder).eval()
     use_batch_statistics(enc)
     with torch.no_grad():

@@ -486,3 +486,22 @@ def test_imagenet_c_grouped_layout(imagenet_c):
     (d,) = bf.read_imagenet_c(imagenet_c, ["fog"], [5], image_size=16)
     assert len(d) == 6 and isinstance(d.images[[0]], np.ndarray)
     assert torch.is_tensor(next(iter(build_stream([d], "continual", 6))).x)
+
+
+def test_an_experiment_caps_num_images_to_what_a_small_benchmark_holds(tmp_path, clean, monkeypatch, caplog):
+    """A digits-sized dataset: a config's 1,000 images per domain become the N there are, with a warning."""
+    import logging
+
+    from metatta.experiment import BenchmarkConfig, images_used, load_domains
+
+    images, labels = clean
+    monkeypatch.setattr("metatta.data.corruptions.corrupt", fake_corrupt)
+    root = bf.build_c_benchmark(images, labels, tmp_path / "small", ["fog"], progress=False)
+    cfg = BenchmarkConfig(root=str(root), corruptions=["fog"], severities=[5], num_images=1000, first_image=10)
+    with caplog.at_level(logging.WARNING, logger="metatta.data.benchmark_files"):
+        domains = load_domains(cfg)
+    assert len(domains[0].labels) == N - 10 and images_used(cfg, domains) == N - 10
+    assert "benchmark.num_images: 1000 asked" in caplog.text and f"using {N - 10}" in caplog.text
+    assert bf.capped_num_images(root, 20) == 20 and bf.capped_num_images(root, None) is None
+    assert images_used(BenchmarkConfig(num_images=None), domains) is None
+    assert bf.images_per_severity(root) == N

@@ -14,7 +14,7 @@ from metatta.methods import build_method, method_class
 from metatta.methods.lame import knn_affinity, laplacian_assignment, rbf_affinity
 from metatta.methods.t3a import prototype_logits, select_supports
 from method_checks import assert_reset_restores_source, method_state, tiny_vit
-from test_methods import TinyBNNet, assert_same_state, batches, params_of
+from test_methods import TinyBNNet, assert_same_state, batches
 
 
 @pytest.mark.parametrize("name", ["lame", "t3a"])

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from metatta.adaptation_speed import batches_to_reach, batches_to_within, error_curve
 from metatta.data.benchmark_files import image_seeds
+from metatta.evaluation import Result
 from metatta.learned.heldout import build_heldout_train_set, corrupt_uint8
 from metatta.learned.mgg import MGG, load_mgg, save_mgg
 from metatta.learned.optimizer import MGGOptimizer
@@ -332,20 +334,20 @@ def test_default_config_is_the_variant_the_held_out_comparison_chose():
 
 
 # ---- the benchmark's batches-to-final and lr-sweep helpers ----------------------------------------
-def test_benchmark_batches_to_within_and_lr_sweep_rows():
-    from metatta.evaluation import Result
+def test_batches_to_within_of_the_error_curve():
+    errors = [30.0, 20.0, 10.0, 10.0, 10.0, 40.0, 20.0, 10.0, 10.0, 10.0]  # two domains of 5 batches
+    result = Result.__new__(Result)
+    result.error_over_stream, result.batch_domains = errors, ["a"] * 5 + ["b"] * 5
+    assert error_curve(result) == [35.0, 20.0, 10.0, 10.0, 10.0]
+    assert batches_to_within([35.0, 20.0, 10.0, 10.0, 10.0], 0.2, window=1) == (3, 10.0)
+    assert batches_to_within([35.0, 20.0, 10.0, 10.0, 10.0], 0.2, window=2) == (4, 10.0)
+
+
+def test_benchmark_lr_sweep_rows_and_result_names():
     from metatta.experiment import MethodSpec
     from repo_scripts import load_script
 
     bench = load_script("benchmarks/mgtta.py")
-
-    errors = [30.0, 20.0, 10.0, 10.0, 10.0, 40.0, 20.0, 10.0, 10.0, 10.0]  # two domains of 5 batches
-    result = Result.__new__(Result)
-    result.error_over_stream, result.batch_domains = errors, ["a"] * 5 + ["b"] * 5
-    assert bench.error_curve(result) == [35.0, 20.0, 10.0, 10.0, 10.0]
-    assert bench.batches_to_within([35.0, 20.0, 10.0, 10.0, 10.0], 0.2, window=1) == (3, 10.0)
-    assert bench.batches_to_within([35.0, 20.0, 10.0, 10.0, 10.0], 0.2, window=2) == (4, 10.0)
-
     rows = bench.lr_sweep_specs([MethodSpec("bn"), MethodSpec("tent"), MethodSpec("mgtta", label="mgtta (K=1)",
                                                                                   config={"lr": 2e-3})], [1, 10])
     assert [(r.label, r.config["lr"]) for r in rows] == [("tent lr x10", pytest.approx(1e-2)),
@@ -382,14 +384,17 @@ def test_benchmark_mgg_under_rows_step_the_baseline_with_the_mgg(tmp_path):
         bench.parse_args(["--mgg-under", "cotta"])
 
 
-def test_benchmark_batches_to_reach_a_target_error():
+def test_batches_to_reach_a_target_error():
+    curve = [35.0, 20.0, 12.0, 10.0, 10.0]
+    assert batches_to_reach(curve, 12.0, window=1) == 3
+    assert batches_to_reach(curve, 10.5, window=2) == 5  # (10 + 10) / 2 at batches 4-5
+    assert batches_to_reach(curve, 9.0, window=1) is None
+
+
+def test_benchmark_defaults_to_the_configs_epochs_and_k():
     from repo_scripts import load_script
 
     bench = load_script("benchmarks/mgtta.py")
-    curve = [35.0, 20.0, 12.0, 10.0, 10.0]
-    assert bench.batches_to_reach(curve, 12.0, window=1) == 3
-    assert bench.batches_to_reach(curve, 10.5, window=2) == 5  # (10 + 10) / 2 at batches 4-5
-    assert bench.batches_to_reach(curve, 9.0, window=1) is None
     args = bench.parse_args([])
     assert (args.epochs, args.unrolls) == (None, None)  # the config's epochs and K
 

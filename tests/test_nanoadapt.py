@@ -74,7 +74,7 @@ def test_unknown_base_and_loop_fields_in_base_config_are_refused():
         build_method("nanoadapt", TinyBNNet(), {"base": "tnet"})
     with pytest.raises(ValueError, match=r"base_config sets \['episodic'\]; set them on nanoadapt itself"):
         build_method("nanoadapt", TinyBNNet(), {"base_config": {"episodic": True}})
-    with pytest.raises(ValueError, match="no BatchNorm layer"):
+    with pytest.raises(ValueError, match="nanoadapt: needs a model with BatchNorm layers; Sequential has none"):
         build_method("nanoadapt", nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)))
 
 

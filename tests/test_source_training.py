@@ -195,3 +195,22 @@ def test_full_default_training_reaches_the_target(tmp_path, loader):
     result = source.train_source({**data, "output": str(tmp_path / "full.pt"), "progress": False, "device": "cpu"}, loader)
     assert result.clean_test_error <= 10.0
     assert result.train_time_s < 900  # 5 minutes on an idle 2-core machine; loose for a shared one
+
+
+def test_a_small_dataset_gets_the_epochs_that_make_min_steps(tmp_path, fmnist, caplog):
+    """Issue #24.9: the default recipe's 6 epochs are 2,808 steps on Fashion-MNIST but 60 on a
+    digits-sized dataset; with min_steps the small dataset trains as many steps."""
+    def small(dataset, split):  # a whole training split of 96 images
+        images, labels = fmnist[split]
+        n = 96 if split == "train" else 100
+        return images[:n], labels[:n]
+
+    cfg = tiny_config(tmp_path, epochs=1, num_train_images=None, min_steps=20, feature_stats_images=64)
+    with caplog.at_level("WARNING", logger="metatta.source"):
+        result = source.train_source(cfg, small)
+    assert read_header(result.checkpoint)["extra"]["train_config"]["epochs"] == 4  # 96 // 16 = 6 steps an epoch
+    assert "fewer than min_steps 20; training 4 epochs" in caplog.text
+    quick = source.epochs_for_min_steps(source.source_train_config({**cfg, "num_train_images": 96}), 6, 96)
+    assert quick.epochs == 1  # a deliberately small run stays as asked
+    with pytest.raises(ValueError, match="min_steps must be >= 0"):
+        source.source_train_config({**cfg, "min_steps": -1})

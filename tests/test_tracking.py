@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,3 +82,23 @@ def test_promotion_ties_keep_the_incumbent(tmp_path, mlflow_uri):
     assert tags["4"] == "not promoted: validation error nan is not finite"
     assert tags["5"] == "champion: 23.828124 beats v1 (23.828125)"
     assert tags["1"] == "champion: first version with a validation error"
+
+
+def test_a_run_left_running_by_a_dead_driver_is_closed_by_the_next_start(mlflow_uri):
+    # a driver that opens a run and dies without ending it (as a SIGKILLed one does)
+    code = ("import os; from metatta import tracking; cm = tracking.start_run('dies'); run = cm.__enter__(); "
+            "print(run.info.run_id, flush=True); os._exit(0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri})
+    orphan = done.stdout.split()[-1]
+    c = tracking.client()
+    assert c.get_run(orphan).info.status == "RUNNING"
+    with tracking.start_run("alive") as alive:
+        with tracking.start_run("next-in-this-process", nested=True):
+            pass
+        assert c.get_run(alive.info.run_id).info.status == "RUNNING"  # its owner (this process) lives
+    run = c.get_run(orphan)
+    assert run.info.status == "KILLED" and "pid" in run.data.tags["metatta.closed_by"]
+    with tracking.start_run("again"):
+        pass  # nothing left to close; the finished runs stay FINISHED
+    assert c.get_run(alive.info.run_id).info.status == "FINISHED"

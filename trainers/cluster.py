@@ -3,8 +3,9 @@ from __future__ import annotations
 
 
 def connect():
-    """The `ray` module, attached to a cluster: the one this process attached to already
-    (a launcher's or a test's `ray.init(...)`), else a local instance started here."""
+    """The `ray` module, attached to a cluster: the one this process attached to already (a
+    test's `ray.init(...)`), else `ray.init()`: the running cluster of `ray job submit` /
+    `ray start --head` (RAY_ADDRESS), or a local instance started here."""
     import ray
 
     if not ray.is_initialized():

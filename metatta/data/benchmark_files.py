@@ -47,8 +47,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import metatta
+from metatta.data import corruptions as image_corruptions  # the module: tests replace its `corrupt`
+from metatta.data import fashion_mnist
 from metatta.data.domains import ALL_CORRUPTIONS, SEVERITIES, check_corruption_names, check_severities
 from metatta.data.types import DomainData
+from metatta.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +156,6 @@ def _build_lock(directory: Path) -> Iterator[None]:
 
 
 def _library_versions() -> dict[str, str]:
-    import metatta
-
     return {"metatta": metatta.__version__, "torch": torch.__version__, "numpy": np.__version__}
 
 
@@ -239,8 +241,6 @@ def build_c_benchmark(
     `labels.npy` and `manifest.json`. Files already present and matching the manifest are kept;
     `source` names the clean data in the manifest; `device` is where the corruptions run.
     Returns `out_dir`."""
-    from metatta.data.corruptions import VERSION as corruptions_version, corrupt
-
     corruptions = list(dict.fromkeys(check_corruption_names(corruptions)))
     severities = check_severities(severities)
     if sorted(severities) != list(SEVERITIES):
@@ -256,7 +256,7 @@ def build_c_benchmark(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = {"source": source, "num_images": n, "seed": int(seed), "shape": list(images.shape[1:]),
-                "corruptions_version": corruptions_version}
+                "corruptions_version": image_corruptions.VERSION}
     clean_sha = _clean_sha256(images, labels)
     with _build_lock(out):
         for stale in out.glob(".*.partial"):  # left by a killed builder; we hold the lock, so no one writes them
@@ -291,7 +291,7 @@ def build_c_benchmark(
             for corruption in todo:
                 bar.set_postfix_str(corruption)
                 path = out / f"{corruption}.npy"
-                _build_one(path, clean, corruption, seed, batch_size, device, corrupt, bar)
+                _build_one(path, clean, corruption, seed, batch_size, device, image_corruptions.corrupt, bar)
                 _record(out, manifest, path.name)
                 _write_manifest(out, manifest)  # after each file: a killed build keeps what it finished
     return out
@@ -346,8 +346,6 @@ def _check_clean(images, labels) -> None:
 
 def cache_home() -> Path:
     """Where built benchmarks go: the cache root, $METATTA_CACHE, else ~/.cache/metatta."""
-    from metatta.paths import cache_root
-
     return cache_root()
 
 
@@ -368,17 +366,14 @@ def fashion_mnist_c(
     num_images: the first N test images only (None: all 10,000). data_root: where the clean
     Fashion-MNIST is (see load_fashion_mnist). Only `corruptions` are built; a later call with
     more corruptions adds the missing files."""
-    from metatta.data.corruptions import VERSION
-    from metatta.data.fashion_mnist import load_fashion_mnist
-
     if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int)
                                    or not 1 <= num_images <= FASHION_MNIST_TEST_SIZE):
         raise ValueError(f"num_images must be an integer in [1, {FASHION_MNIST_TEST_SIZE}] or None, got {num_images!r}")
-    images, labels = load_fashion_mnist("test", data_root)
+    images, labels = fashion_mnist.load_fashion_mnist("test", data_root)
     if num_images is not None:
         images, labels = images[:num_images], labels[:num_images]
     out = Path(root) if root is not None else \
-        cache_home() / f"fashion_mnist_c-n{len(images)}-s{seed}-v{VERSION}"
+        cache_home() / f"fashion_mnist_c-n{len(images)}-s{seed}-v{image_corruptions.VERSION}"
     return build_c_benchmark(images, labels, out, corruptions, seed=seed, source="fashion_mnist/test",
                              progress=progress, device=device)
 
@@ -391,6 +386,26 @@ def _load_npy(path: Path) -> np.ndarray:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # what numpy raises for a bad header or a short file
         raise ValueError(f"{path}: unreadable or truncated .npy file ({e})") from None
+
+
+def images_per_severity(root: str | Path) -> int:
+    """N, the images of each (corruption, severity) block of a CIFAR-10-C style directory (from labels.npy)."""
+    labels = _load_npy(Path(root) / LABELS)
+    return len(labels) // len(SEVERITIES)
+
+
+def capped_num_images(root: str | Path, num_images: int | None, first_image: int = 0,
+                      field: str = "num_images") -> int | None:
+    """`num_images`, or the images each (corruption, severity) block holds from `first_image` on when
+    that is fewer (a small dataset, e.g. a digits-sized one), with a warning naming `field`."""
+    if num_images is None:
+        return None
+    available = images_per_severity(root) - first_image
+    if 1 <= available < num_images:
+        log.warning("%s: %d asked, but %s holds %d images per corruption and severity from image %d on; "
+                    "using %d", field, num_images, root, available, first_image, available)
+        return available
+    return num_images
 
 
 def read_cifar_c(

@@ -13,8 +13,8 @@ The recipe (docs/lifelong.md compares it with the CCC authors' code, oripress/CC
 - The walk: a sequence of nodes. It starts at a random in-band node; from node a it picks the
   next corruption uniformly among those with an in-band node b whose halfway blend is in band
   too (CCC also draws the next noise at random), then the severity of that corruption whose
-  transition's estimated mean accuracy (a + 2 mid + b) / 4 is closest to the target (CCC picks
-  the severity path whose mean accuracy is closest to the target).
+  transition's estimated mean accuracy (a + 2 mid + b) / 4 is closest to the target corrected
+  for the walk's drift so far (CCC's walk keeps its running mean accuracy closest to the target).
 - The stream: transition k runs over `transition_images` images, from node k to node k + 1;
   the image at offset u of it is (1 - t) node_k(x) + t node_k+1(x), t = u / transition_images,
   so the corruption changes with every image. Clean images x come in a fresh permutation of the
@@ -37,7 +37,6 @@ import math
 import os
 import time
 import zlib
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -51,7 +50,7 @@ from metatta.paths import cache_root
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when calibration or generation changes: old caches are then ignored
+RECIPE_VERSION = 2  # bump when calibration or generation changes: old caches are then ignored
 DIFFICULTIES = {"easy": 85.0, "medium": 70.0, "hard": 25.0}  # target source accuracy (%), Fashion-MNIST ResNet-8
 CORRUPTION_SETS = {"benchmark": BENCHMARK_CORRUPTIONS, "held_out": HELD_OUT_CORRUPTIONS, "all": ALL_CORRUPTIONS}
 OPTIONS: dict[str, Any] = {
@@ -267,12 +266,19 @@ def all_nodes(corruptions: Sequence[str]) -> list[Node]:
     return [(c, s) for c in corruptions for s in SEVERITIES]
 
 
+def _refined(cal: Calibration, node: Node, opts: CCCOptions) -> bool:
+    """Whether this target measures the node on all calibration images. Decided from the coarse
+    accuracy only, so that the band does not depend on what other targets put in the cache."""
+    name = node_name(node)
+    return name in cal.nodes and abs(cal.coarse[name] - opts.target_accuracy) <= opts.tolerance + COARSE_MARGIN
+
+
 def band_nodes(cal: Calibration, opts: CCCOptions) -> list[Node]:
     """Nodes the walk may visit: measured on all calibration images, within tolerance of the
     target, at most SEVERITIES_PER_CORRUPTION per corruption (the closest to the target)."""
     band = []
     for c in opts.corruptions:
-        near = [(c, s) for s in SEVERITIES if node_name((c, s)) in cal.nodes
+        near = [(c, s) for s in SEVERITIES if _refined(cal, (c, s), opts)
                 and abs(cal.nodes[node_name((c, s))] - opts.target_accuracy) <= opts.tolerance]
         near.sort(key=lambda node: (abs(cal.node(node) - opts.target_accuracy), node[1]))
         band += sorted(near[:SEVERITIES_PER_CORRUPTION], key=lambda node: node[1])
@@ -295,13 +301,19 @@ class Walk:
                 f"stream setting 'ccc': fewer than two corruptions have a severity whose source accuracy is within "
                 f"{opts.tolerance} points of the target {opts.target_accuracy:.1f}% (difficulty {opts.difficulty!r}); "
                 f"choose another difficulty, target_accuracy or a larger tolerance. Source accuracy per node: {found}")
-        self._last: tuple[int, Node] = (0, self.band[int(_rng(seed, "ccc-walk", 0).integers(len(self.band)))])
+        self._last: tuple[int, Node, float] = (0, self._start(), 0.0)  # (k, node k, sum of transition estimates)
+
+    def _start(self) -> Node:
+        return self.band[int(_rng(self.seed, "ccc-walk", 0).integers(len(self.band)))]
 
     def transition_accuracy(self, a: Node, b: Node) -> float:
         """Estimated mean source accuracy over the transition a -> b (trapezoid over t = 0, 0.5, 1)."""
         return (self.cal.node(a) + 2 * self.cal.pair(a, b) + self.cal.node(b)) / 4
 
-    def next_node(self, a: Node, k: int) -> Node:
+    def next_node(self, a: Node, k: int, drift: float = 0.0) -> Node:
+        """Node k after node a. `drift`: the estimated mean accuracy of the transitions so far minus
+        the target; the severity is chosen for target - drift, pulling the running mean back to the
+        target (CCC's walk also holds the running mean)."""
         target, tol = self.opts.target_accuracy, self.opts.tolerance
         others = [b for b in self.band if b[0] != a[0]]
         good = [b for b in others if abs(self.cal.pair(a, b) - target) <= tol]
@@ -309,17 +321,18 @@ class Walk:
         corruptions = sorted({c for c, _ in candidates})
         chosen = corruptions[int(_rng(self.seed, "ccc-walk", k).integers(len(corruptions)))]
         options = [b for b in candidates if b[0] == chosen]
-        return min(options, key=lambda b: (abs(self.transition_accuracy(a, b) - target), b[1]))
+        return min(options, key=lambda b: (abs(self.transition_accuracy(a, b) - (target - drift)), b[1]))
 
     def __getitem__(self, k: int) -> Node:
         if k < 0:
             raise IndexError(k)
-        index, node = self._last if self._last[0] <= k else (0, self.band[int(
-            _rng(self.seed, "ccc-walk", 0).integers(len(self.band)))])
+        index, node, total = self._last if self._last[0] <= k else (0, self._start(), 0.0)
         while index < k:
-            index += 1
-            node = self.next_node(node, index)
-        self._last = (index, node)
+            drift = total / index - self.opts.target_accuracy if index else 0.0
+            following = self.next_node(node, index + 1, drift)
+            total += self.transition_accuracy(node, following)
+            index, node = index + 1, following
+        self._last = (index, node, total)
         return node
 
 
@@ -348,7 +361,7 @@ class CCCStream:
         self.num_images = self.opts.num_images
         self.name = f"ccc-{self.opts.difficulty}"
         self._clean = torch.from_numpy(np.ascontiguousarray(self.images)).permute(0, 3, 1, 2).contiguous()  # uint8
-        self._live: dict[Node, tuple[torch.Tensor, np.ndarray]] = {}  # node -> (uint8 images, filled mask)
+        self._live: dict[Node, tuple[np.ndarray, np.ndarray]] = {}  # node -> (uint8 NCHW images, filled mask)
         self._order: tuple[int, np.ndarray] | None = None
         self._filled_blocks: set[tuple[int, int]] = set()
 
@@ -457,7 +470,8 @@ def build_ccc_stream(domains: Sequence[DomainData], batch_size: int, seed: int, 
     `options`: OPTIONS (defaults filled in here)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"stream option(s) {unknown} do not apply to setting 'ccc' (its options: {', '.join(OPTIONS)})")
+        raise ValueError(f"stream option(s) {unknown} do not apply to setting 'ccc' "
+                         f"(its options: {', '.join(OPTIONS)})")
     options = {**OPTIONS, **options}
     domains = list(domains)
     if len(domains) != 1:

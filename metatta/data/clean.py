@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from metatta.data import fashion_mnist  # the module: tests replace its `load_fashion_mnist`
+from metatta.paths import data_root
+
 CLEAN_DATASETS = ("fashion_mnist", "cifar10", "cifar100")
 _CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
@@ -24,9 +27,7 @@ def load_clean(dataset: str, split: str, root: str | Path | None = None) -> tupl
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset == "fashion_mnist":
-        from metatta.data.fashion_mnist import load_fashion_mnist
-
-        return load_fashion_mnist(split, root)
+        return fashion_mnist.load_fashion_mnist(split, root)
     return _load_cifar(dataset, split, root)
 
 
@@ -34,8 +35,6 @@ def _load_cifar(dataset: str, split: str, root: str | Path | None) -> tuple[np.n
     from torchvision.datasets import CIFAR10, CIFAR100
 
     folder = _CIFAR_FOLDERS[dataset]
-    from metatta.paths import data_root
-
     base = Path(root) if root is not None else data_root()
     if base.name == folder:  # the user pointed at the extracted folder itself
         base = base.parent

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metatta.paths import data_root
+
 log = logging.getLogger(__name__)
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -35,8 +37,6 @@ IMAGE_SHAPE = (28, 28)
 
 def data_home() -> Path:
     """Where a download goes: $METATTA_DATA, else <cache root>/data ($METATTA_CACHE, else ~/.cache/metatta)."""
-    from metatta.paths import data_root
-
     return data_root()
 
 

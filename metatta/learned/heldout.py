@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from metatta.data import clean
+from metatta.data.benchmark_files import image_seeds
+from metatta.data.corruptions import corrupt
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names, check_severities
 from metatta.data.types import DomainData
 
@@ -73,8 +75,6 @@ def disjoint_indices(num_clean: int, blocks: int, per_block: int, seed: int) -> 
 def corrupt_uint8(images: np.ndarray, corruption: str, severity: int, seeds: np.ndarray,
                   device: str | torch.device = "cpu") -> np.ndarray:
     """Corrupt uint8 (N, H, W, C) images with one seed each; uint8 (N, H, W, C), rounded as the -C files are."""
-    from metatta.data.corruptions import corrupt
-
     out = np.empty_like(images)
     for start in range(0, len(images), CORRUPT_BATCH):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + CORRUPT_BATCH])).permute(0, 3, 1, 2)
@@ -95,8 +95,6 @@ def build_heldout_train_set(
     """Labelled held-out-corruption domains from the clean training split (see the module docstring).
 
     Only `metatta.data.clean.load_clean(dataset, "train", root)` is read."""
-    from metatta.data.benchmark_files import image_seeds
-
     names = _check_held_out(corruptions)
     (severity,) = check_severities([severity])
     if images_per_corruption < 1:

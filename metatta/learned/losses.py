@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from metatta.losses import reliable_entropy, softmax_entropy
+from metatta.models.feature_stats import FeatureRecorder
 
 LOSS_KINDS = ("entropy", "entropy+stats")
 STATS_REDUCTIONS = ("per_layer_mse", "authors")
@@ -151,7 +152,5 @@ def record_features(model: nn.Module, enabled: bool = True) -> Iterator[Any]:
     if not enabled:
         yield _NoFeatures()
         return
-    from metatta.models.feature_stats import FeatureRecorder
-
     with FeatureRecorder(model) as recorder:
         yield recorder

@@ -6,8 +6,11 @@
   returns the meta-gradient and metrics.
 - The learner (`meta_train`) averages the meta-gradients (`average`), clips and
   steps Adam on the MGG (`guarded_step`) and sends the new weights with the next
-  request. It checkpoints atomically every `checkpoint_every` steps;
-  `resume=True` carries on from the last checkpoint, in the same MLflow run.
+  request. It checkpoints atomically every `checkpoint_every` steps, with every
+  worker's data position, trajectory and generator states; `resume=True`
+  carries on from the last checkpoint, in the same MLflow run, exactly as the
+  uninterrupted training would (bit for bit), and does not log again the steps
+  the interrupted run had logged after its last checkpoint.
 - Where the workers run is the pool's business: `LocalPool` here (one process),
   `trainers.mgg.RayPool` as restartable Ray actors.
 
@@ -55,6 +58,7 @@ from metatta.learned.unroll import BACKENDS, OUTER_LOSS_OVER, OUTER_LOSSES, REDU
 from metatta.methods.common import configure_norm_adaptation
 from metatta.models import load_source_model
 from metatta.models.checkpoint import checkpoint_hash, load_feature_stats
+from metatta.rng_state import capture_rng_state, restore_rng_state
 from metatta.source import source_checkpoint
 from metatta.training import TrainOutcome, benchmark_domains, load_state, method_error, save_state
 
@@ -184,9 +188,12 @@ class RolloutWorker:
 
     It walks its share domain by domain (a fresh trajectory per domain, as the
     MGG's memory resets per domain at test time), in a seeded order that
-    changes every epoch."""
+    changes every epoch. `state_dict()` is where it stands (epoch, position in
+    the epoch, trajectory, generators); a worker built with `state=` carries on
+    from there exactly (a resumed training)."""
 
-    def __init__(self, share: list[DomainData], checkpoint: str, cfg: MGGTrainConfig, index: int):
+    def __init__(self, share: list[DomainData], checkpoint: str, cfg: MGGTrainConfig, index: int,
+                 state: dict[str, Any] | None = None):
         self.cfg, self.index = cfg, index
         self.device = resolve_device(cfg.device)
         model, stats = source_parts(checkpoint, self.device)
@@ -195,9 +202,37 @@ class RolloutWorker:
         self.mgg = build_mgg(cfg).to(self.device)
         self.domains = [(images_to_tensor(d.images), torch.from_numpy(np.asarray(d.labels)).long(), d.name) for d in share]
         self.epoch, self.queue = -1, []
+        self.domains_done, self.batches_done = 0, 0  # position in the epoch's queue
         self.lr_generator = torch.Generator().manual_seed(cfg.seed * 100_003 + index * 1009 + 7)
         self.inner_lr = cfg.inner_lr
-        self._next_epoch()
+        if state is None:
+            self._next_epoch()
+        else:
+            self.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next requests depend on besides the MGG weights: the data position
+        (epoch, domains finished in it, batches taken of the current one), the trajectory, the
+        inner-lr generator and this process's global generators (CPU tensors and plain values)."""
+        return {"index": self.index, "epoch": self.epoch, "domains_done": self.domains_done,
+                "batches_done": self.batches_done, "inner_lr": self.inner_lr,
+                "lr_generator": self.lr_generator.get_state(), "trajectory": self.trajectory.state_dict(),
+                "rng": capture_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["index"]) != self.index:
+            raise ValueError(f"rollout worker {self.index}: given the state of worker {state['index']}")
+        self.epoch, self.domains_done, self.batches_done = (int(state[k]) for k in ("epoch", "domains_done",
+                                                                                    "batches_done"))
+        queue = self._epoch_queue(self.epoch)[self.domains_done:]
+        if queue:
+            name, batches = queue[0]
+            queue[0] = (name, batches[self.batches_done:])
+        self.queue = queue
+        self.inner_lr = float(state["inner_lr"])
+        self.lr_generator.set_state(state["lr_generator"])
+        self.trajectory.load_state_dict(state["trajectory"])
+        restore_rng_state(state["rng"])
 
     def _new_trajectory(self) -> None:
         """Start a fresh trajectory, with a fresh inner lr when `inner_lr_max` is set."""
@@ -207,16 +242,22 @@ class RolloutWorker:
             low, high = math.log(self.cfg.inner_lr), math.log(self.cfg.inner_lr_max)
             self.inner_lr = math.exp(low + u * (high - low))
 
-    def _next_epoch(self) -> None:
-        self.epoch += 1
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.index * 1009 + self.epoch)
-        self.queue = []
+    def _epoch_queue(self, epoch: int) -> list[tuple[str, list]]:
+        """The (domain name, batches) of an epoch, in its seeded order (a function of the epoch only)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.index * 1009 + epoch)
+        queue = []
         for k in torch.randperm(len(self.domains), generator=g).tolist():
             x, y, name = self.domains[k]
             order = torch.randperm(len(y), generator=g)
             batches = [(x[order[i:i + self.cfg.batch_size]], y[order[i:i + self.cfg.batch_size]])
                        for i in range(0, len(y) - self.cfg.batch_size + 1, self.cfg.batch_size)]
-            self.queue.append((name, batches))
+            queue.append((name, batches))
+        return queue
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.queue = self._epoch_queue(self.epoch)
+        self.domains_done, self.batches_done = 0, 0
         self._new_trajectory()
 
     def _take(self, count: int) -> list:
@@ -228,8 +269,10 @@ class RolloutWorker:
             name, batches = self.queue[0]
             if len(batches) >= count:
                 taken, self.queue[0] = batches[:count], (name, batches[count:])
+                self.batches_done += count
                 return [(x.to(self.device), y.to(self.device)) for x, y in taken]
             self.queue.pop(0)
+            self.domains_done, self.batches_done = self.domains_done + 1, 0
             self._new_trajectory()
             count = self.trajectory.batches_needed(self.cfg.unroll_steps)
 
@@ -247,14 +290,37 @@ class RolloutWorker:
 
 
 # ---- the learner ------------------------------------------------------------------------------
-class LocalPool:
-    """The rollout workers in this process; `trainers.mgg.RayPool` is the same as Ray actors."""
+def check_worker_states(states: list[dict[str, Any]] | None, num_workers: int) -> list[dict[str, Any] | None]:
+    """One state (or None: a fresh start) per worker; a checkpoint for another number of
+    workers cannot be resumed exactly."""
+    if states is None:
+        return [None] * num_workers
+    if len(states) != num_workers:
+        raise ValueError(f"--resume: the learner checkpoint holds {len(states)} rollout worker states, "
+                         f"train_mgg.num_actors is {num_workers}; resume with num_actors={len(states)}")
+    return list(states)
 
-    def __init__(self, shares, checkpoint, cfg):
-        self.workers = [RolloutWorker(share, checkpoint, cfg, i) for i, share in enumerate(shares)]
+
+class LocalPool:
+    """The rollout workers in this process; `trainers.mgg.RayPool` is the same as Ray actors.
+
+    `states`: one `RolloutWorker.state_dict()` per worker to carry on from (a resumed training)."""
+
+    def __init__(self, shares, checkpoint, cfg, states=None):
+        states = check_worker_states(states, len(shares))
+        self.workers = [RolloutWorker(share, checkpoint, cfg, i, state)
+                        for i, (share, state) in enumerate(zip(shares, states))]
 
     def run(self, mgg_state):
         return [w.run(mgg_state) for w in self.workers]
+
+    def states(self) -> list[dict[str, Any]]:
+        """Every worker's `state_dict()`, for the learner checkpoint."""
+        return [w.state_dict() for w in self.workers]
+
+    def checkpointed(self, states) -> None:
+        """The learner saved a checkpoint with these worker states (a restarted Ray actor
+        continues from them; workers in this process are never restarted)."""
 
     def shutdown(self):
         self.workers = []
@@ -327,9 +393,14 @@ def checkpoint_path(cfg: MGGTrainConfig) -> Path:
     return Path(cfg.checkpoint_dir) / cfg.name / "learner.pt"
 
 
-def save_checkpoint(path: Path, mgg, optimizer, step: int, run_id: str | None, history) -> None:
+def save_checkpoint(path: Path, mgg, optimizer, step: int, run_id: str | None, history,
+                    workers: list[dict[str, Any]]) -> None:
+    """The learner's state after `step`: MGG, optimizer, history, MLflow run, every rollout
+    worker's `state_dict()` and the learner process's generators; resuming from it continues
+    the training exactly as if it had not stopped."""
     save_state(path, {"mgg": mgg.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                      "run_id": run_id or "", "history": history})
+                      "run_id": run_id or "", "history": history, "workers": workers,
+                      "rng": capture_rng_state()})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -353,7 +424,7 @@ def validation_error(mgg, checkpoint: str, val_domains: list[DomainData], cfg: M
 
 def meta_train(
     cfg: MGGTrainConfig,
-    pool_class: Callable[[list[list[DomainData]], str, MGGTrainConfig], Any] | None = None,
+    pool_class: Callable[[list[list[DomainData]], str, MGGTrainConfig, list | None], Any] | None = None,
     *,
     resume: bool = False,
     domains: list[DomainData] | None = None,
@@ -362,8 +433,9 @@ def meta_train(
     """Meta-train the MGG; register it in MLflow and move the champion alias
     when it beats the current one on the validation stream.
 
-    `pool_class(shares, checkpoint, cfg)` holds the rollout workers (`run(mgg_state)` -> one
-    output per worker, `shutdown()`): `LocalPool` (the default) runs them in this process,
+    `pool_class(shares, checkpoint, cfg, worker_states)` holds the rollout workers (`run(mgg_state)`
+    -> one output per worker, `states()` -> their `RolloutWorker.state_dict()`s, `checkpointed(states)`,
+    `shutdown()`; `worker_states` None: fresh workers): `LocalPool` (the default) runs them in this process,
     `trainers.mgg.RayPool` as Ray actors. `domains`: the domains to split into training
     shares and validation sets (None: `training_domains(cfg)`); `on_step(step, pool)` is
     called after every learner step."""
@@ -378,21 +450,31 @@ def meta_train(
 
     mgg = build_mgg(cfg)
     optimizer = torch.optim.Adam(mgg.parameters(), lr=cfg.meta_lr)
-    step, run_id, history = 0, None, []
+    step, run_id, history, worker_states, learner_rng = 0, None, [], None, None
     ckpt = checkpoint_path(cfg)
     if resume:
         state = load_checkpoint(ckpt)
         mgg.load_state_dict(state["mgg"])
         optimizer.load_state_dict(state["optimizer"])
         step, run_id, history = int(state["step"]), state["run_id"] or None, list(state["history"])
+        worker_states, learner_rng = state.get("workers"), state.get("rng")
+        if worker_states is not None:
+            check_worker_states(worker_states, len(shares))  # before any worker starts
+        else:
+            log.warning("%s has no rollout worker states (written before they were saved): the workers start "
+                        "at epoch 0 and the resumed training differs from an uninterrupted one", ckpt)
         log.info("resumed from %s at step %d of %d", ckpt, step, total_steps)
 
-    pool = pool_class(shares, str(checkpoint), cfg)
+    pool = pool_class(shares, str(checkpoint), cfg, worker_states)
+    if learner_rng is not None:  # after the pool: building local workers draws from this process's generators
+        restore_rng_state(learner_rng)
     run_ctx = tracking.training_run(cfg.name, dataclasses.asdict(cfg), {"kind": "mgg-meta-training"}, run_id,
                                     enabled=cfg.mlflow)
     try:
         with run_ctx as run:
             run_id = run.info.run_id if run is not None else None
+            # steps the interrupted run logged after its last checkpoint: recomputed identically, not logged twice
+            logged = tracking.logged_steps(run_id, "meta_loss") if run is not None and resume else set()
             progress = tqdm(total=total_steps, initial=step, desc=f"meta-train {cfg.name}")
             while step < total_steps:
                 start = time.perf_counter()
@@ -411,10 +493,12 @@ def meta_train(
                 if step % cfg.log_every == 0 or step == total_steps or "validation_error" in metrics:
                     log.info("step %d/%d meta_loss %.4f%s", step, total_steps, metrics["meta_loss"],
                              f" val_error {metrics['validation_error']:.2f}" if "validation_error" in metrics else "")
-                    if run is not None:
+                    if run is not None and step not in logged:
                         tracking.log_metrics(metrics, step=step)
                 if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    save_checkpoint(ckpt, mgg, optimizer, step, run_id, history)
+                    workers = pool.states()
+                    save_checkpoint(ckpt, mgg, optimizer, step, run_id, history, workers)
+                    pool.checkpointed(workers)
                 if on_step is not None:
                     on_step(step, pool)
             progress.close()

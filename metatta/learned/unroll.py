@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metatta.learned.gml import Memory
 from metatta.learned.losses import TTALoss, record_features
 from metatta.learned.mgg import MGG, TensorState
 
@@ -141,6 +142,42 @@ class Trajectory:
         self.states: list[TensorState] = [TensorState.fresh(t) for t in self.theta]
         self.pending_grads: list[torch.Tensor] | None = None
         self.steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this trajectory stands (params, MGG states, pending gradient, step count), as CPU
+        tensors and plain values: what a checkpoint needs to continue it exactly (`load_state_dict`)."""
+        def cpu(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=True)
+
+        states = []
+        for s in self.states:
+            entry = {"step": s.step, "exp_avg": cpu(s.exp_avg), "exp_avg_sq": cpu(s.exp_avg_sq)}
+            if s.memory is not None:
+                entry.update(memory_W=cpu(s.memory.W), memory_b=cpu(s.memory.b))
+            states.append(entry)
+        return {"theta": [cpu(t) for t in self.theta], "states": states, "steps": self.steps,
+                "pending_grads": None if self.pending_grads is None else [cpu(g) for g in self.pending_grads]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict` of a trajectory over the same parameters."""
+        shapes = [tuple(t.shape) for t in self.source_theta]
+        if [tuple(t.shape) for t in state["theta"]] != shapes or len(state["states"]) != len(shapes):
+            raise ValueError(f"Trajectory.load_state_dict: the state is for parameters of shapes "
+                             f"{[tuple(t.shape) for t in state['theta']]}, this trajectory adapts {shapes}")
+        device = self.source_theta[0].device
+
+        def here(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, copy=True)
+
+        self.theta = [here(t) for t in state["theta"]]
+        self.states = [
+            TensorState(int(s["step"]), here(s["exp_avg"]), here(s["exp_avg_sq"]),
+                        Memory(here(s["memory_W"]), here(s["memory_b"])) if "memory_W" in s else None)
+            for s in state["states"]
+        ]
+        grads = state["pending_grads"]
+        self.pending_grads = None if grads is None else [here(g) for g in grads]
+        self.steps = int(state["steps"])
 
     @property
     def primed(self) -> bool:

@@ -67,7 +67,9 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
+import metatta.methods  # the package, for its late registrations (this module is imported while it initializes)
 from metatta.config import build_dataclass
+from metatta.learned.optimizer import MGGOptimizer, frozen_mgg
 from metatta.methods.guard import CollapseGuard, GuardConfig
 
 log = logging.getLogger(__name__)
@@ -253,11 +255,9 @@ def scaled_to_batch(config: MethodConfig, batch_size: int, where: str = "method"
 
 def _import_builtin_methods() -> None:
     # Importing the package registers the baselines; methods that build on other
-    # subpackages (mgtta) are imported here, late, because importing them from the
+    # subpackages (mgtta) are imported at the first lookup, because importing them from the
     # package's __init__ would be circular (metatta.learned imports methods.common).
-    from metatta.methods import import_builtin_methods
-
-    import_builtin_methods()
+    metatta.methods.import_builtin_methods()
 
 
 class TTAMethod(nn.Module):
@@ -479,8 +479,6 @@ class TTAMethod(nn.Module):
         if cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         if cfg.optimizer == "mgg":
-            from metatta.learned.optimizer import MGGOptimizer, frozen_mgg
-
             if self._mgg is None:
                 raise ValueError(f"{self.name}: optimizer 'mgg' needs a trained MGG (context input mgg=, "
                                  "or the experiment row's `adapter: models:/mgg@champion`)")
@@ -488,6 +486,20 @@ class TTAMethod(nn.Module):
         raise ValueError(f"{self.name}: unknown optimizer {cfg.optimizer!r}; use 'sgd', 'adam' or 'mgg'")
 
     # ---- state -----------------------------------------------------------------------
+    def schedule_state(self) -> dict[str, Any]:
+        """The counters and the guard's windows: what a resumed run needs besides the weights,
+        the optimizer and the extra state (`metatta.lifelong` saves it with them)."""
+        return {"updates_since_reset": self._updates_since_reset, "collapse_events": self.collapse_events,
+                "scheduled_resets": self.scheduled_resets, "skipped_updates": self.skipped_updates,
+                "guard": self.guard.state() if self.guard is not None else None}
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        self._updates_since_reset = state["updates_since_reset"]
+        self.collapse_events, self.scheduled_resets = state["collapse_events"], state["scheduled_resets"]
+        self.skipped_updates = state["skipped_updates"]
+        if self.guard is not None and state["guard"] is not None:
+            self.guard.load_state(state["guard"])
+
     def reset(self) -> None:
         """Return the model (and the method's own state) to the source state."""
         self._restore(self._source_state)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatta.methods.base import MethodConfig, TTAMethod, register
-from metatta.methods.common import BN_TYPES, use_batch_statistics
+from metatta.methods.common import BN_TYPES, require_batchnorm, use_batch_statistics
 
 STATISTICS = ("test", "alpha", "ema")
 
@@ -172,6 +172,7 @@ class BatchNormAdapt(TTAMethod):
     Config = BNConfig
 
     def configure_model(self) -> None:
+        require_batchnorm(self.model, self.name)
         self.model.eval()
         if self.config.statistics == "test":
             use_batch_statistics(self.model)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from metatta.methods.base import register
+from metatta.methods.common import ema_update
 from metatta.methods.roid import ROID, ROIDConfig
 
 
@@ -76,10 +77,10 @@ class CMF(ROID):
         self.hidden_var = cfg.alpha ** 2 * self.hidden_var + self.process_noise
         beta = kalman_gain(self.hidden_var, self.process_noise)
         self.hidden_var = beta * self.hidden_var
-        for (p, source), h in zip(self._ensemble_pairs, self.hidden):
-            h.mul_(cfg.alpha).add_(source.to(h.device), alpha=1 - cfg.alpha)  # predict
-            h.mul_(beta).add_(p.detach(), alpha=1 - beta)  # update
-            p.mul_(cfg.gamma).add_(h, alpha=1 - cfg.gamma)  # fuse
+        adapted = [p for p, _ in self._ensemble_pairs]
+        ema_update(zip(self.hidden, [source for _, source in self._ensemble_pairs]), cfg.alpha)  # predict
+        ema_update(zip(self.hidden, adapted), beta)  # update
+        ema_update(zip(adapted, self.hidden), cfg.gamma)  # fuse
 
     # ---- state ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

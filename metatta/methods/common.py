@@ -1,6 +1,8 @@
 """Pieces many methods share: normalization-layer handling and entropy."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -29,6 +31,15 @@ def use_batch_statistics(model: nn.Module) -> None:
             m.num_batches_tracked = None
 
 
+def require_batchnorm(model: nn.Module, method: str) -> None:
+    """Methods that adapt through BatchNorm statistics (BN, NanoAdapt, DELTA) refuse a model without
+    BatchNorm layers (a LayerNorm ViT) with one error naming the method and the model."""
+    if not any(isinstance(m, BN_TYPES) for m in model.modules()):
+        norms = sorted({type(m).__name__ for _, m in norm_layers(model)}) or ["no normalization layers"]
+        raise ValueError(f"{method}: needs a model with BatchNorm layers; {type(model).__name__} has none "
+                         f"({', '.join(norms)})")
+
+
 def freeze_all(model: nn.Module) -> None:
     model.requires_grad_(False)
 
@@ -41,6 +52,14 @@ def norm_affine_params(model: nn.Module) -> list[nn.Parameter]:
             if p is not None:
                 p.requires_grad_(True)
                 params.append(p)
+    return params
+
+
+def adaptable_norm_params(model: nn.Module, method: str) -> list[nn.Parameter]:
+    """`norm_affine_params`, refusing a model that has none (nothing would adapt)."""
+    params = norm_affine_params(model)
+    if not params:
+        raise ValueError(f"{method}: the model has no normalization layer with affine parameters to adapt")
     return params
 
 
@@ -81,3 +100,23 @@ def features_and_logits(model: nn.Module, classifier: nn.Module, x: torch.Tensor
         raise ValueError(f"the classifier {type(classifier).__name__} must run once per forward on (B, D) "
                          f"features; got {[tuple(z.shape) for z in captured]}")
     return captured[0], logits
+
+
+def step_or_refuse(method, loss: torch.Tensor) -> bool:
+    """One optimizer step of `method` (a TTAMethod) on a scalar `loss`, or, when the loss is
+    non-finite, `method.refuse_update()` so the guard rolls the step back. True when it stepped."""
+    if not bool(torch.isfinite(loss)):
+        method.refuse_update()
+        return False
+    method.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.optimizer.step()
+    return True
+
+
+@torch.no_grad()
+def ema_update(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * source, in place, for each (target, source)
+    pair: the mean teacher of CoTTA and RMT, ROID's ensembling with the source weights."""
+    for target, source in pairs:
+        target.mul_(momentum).add_(source.detach().to(target.device), alpha=1.0 - momentum)

@@ -43,7 +43,7 @@ from torch import nn
 
 from metatta.methods.augment import CoTTAAugment
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import use_batch_statistics
+from metatta.methods.common import ema_update, use_batch_statistics
 
 
 @dataclasses.dataclass
@@ -142,11 +142,8 @@ class CoTTA(TTAMethod):
         self.stochastic_restore()
         return teacher_logits
 
-    @torch.no_grad()
     def update_teacher(self) -> None:
-        m = self.config.teacher_momentum
-        for t, s in zip(self.teacher.parameters(), self.model.parameters()):
-            t.mul_(m).add_(s.detach(), alpha=1.0 - m)
+        ema_update(zip(self.teacher.parameters(), self.model.parameters()), self.config.teacher_momentum)
 
     @torch.no_grad()
     def stochastic_restore(self) -> None:

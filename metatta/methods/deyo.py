@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import freeze_all, norm_layers, softmax_entropy, use_batch_statistics
-from metatta.methods.sar import is_excluded, top_layers
+from metatta.methods.common import freeze_all, softmax_entropy, use_batch_statistics
+from metatta.methods.sar import norm_affine_params_outside, top_layers
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,7 @@ class DeYOConfig(MethodConfig):
     excluded_modules: tuple[str, ...] | None = None  # None: SAR's top layers of the network
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"deyo: config.augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         if self.patch_grid < 1:
@@ -169,8 +167,7 @@ class DeYO(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else DeYOConfig()
-        config.validate()
+        config = self.checked_config(config)
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         # Diagnostics of the latest batch (not state: nothing reads them back).
         self.last_entropy_selection: torch.Tensor | None = None  # bool mask over the batch
@@ -190,18 +187,7 @@ class DeYO(TTAMethod):
         return top_layers(self.model)
 
     def collect_params(self) -> list:
-        excluded = self.excluded_modules()
-        params = []
-        for module_name, module in norm_layers(self.model):
-            if is_excluded(module_name, excluded):
-                continue
-            for pname in ("weight", "bias"):
-                p = getattr(module, pname, None)
-                if isinstance(p, nn.Parameter):
-                    p.requires_grad_(True)
-                    params.append(p)
-        if not params:
-            raise ValueError(f"deyo: no normalization affine parameters left to adapt (excluded_modules={excluded})")
+        params, _ = norm_affine_params_outside(self.model, self.excluded_modules(), "deyo")
         return params
 
     def destroy(self, x: torch.Tensor) -> torch.Tensor:

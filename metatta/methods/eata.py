@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
 from metatta.losses import weighted_entropy
-from metatta.methods.common import configure_norm_adaptation, norm_affine_params, softmax_entropy
+from metatta.methods.common import adaptable_norm_params, configure_norm_adaptation, softmax_entropy
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,7 @@ class EATA(TTAMethod):
         self.last_selection: torch.Tensor | None = None  # bool mask of the latest batch
 
     def collect_params(self) -> list:
-        params = norm_affine_params(self.model)
-        if not params:
-            raise ValueError(f"{self.name}: the model has no normalization layer with affine parameters to adapt")
-        return params
+        return adaptable_norm_params(self.model, self.name)
 
     @property
     def uses_fisher(self) -> bool:

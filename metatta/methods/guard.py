@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -121,6 +121,16 @@ class CollapseGuard:
         self._marginals.clear()
         self._agreements.clear()
         return True
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to go on exactly as an uninterrupted one would."""
+        return {"fired": self.fired, "batches": self._batches, "marginals": list(self._marginals),
+                "agreements": list(self._agreements)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.fired, self._batches = state["fired"], state["batches"]
+        self._marginals = deque(state["marginals"], maxlen=self.config.window)
+        self._agreements = deque(state["agreements"], maxlen=self.config.window)
 
     def _collapse_reason(self) -> str | None:
         cfg = self.config

@@ -50,9 +50,7 @@ class LAMEConfig(MethodConfig):
     classifier: str | None = None  # the linear classifier's module name; None: the last nn.Linear
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if self.affinity not in AFFINITIES:
             raise ValueError(f"lame: config.affinity must be one of {AFFINITIES}, got {self.affinity!r}")
         if self.knn < 1:
@@ -117,8 +115,7 @@ class LAME(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else LAMEConfig()
-        config.validate()
+        config = self.checked_config(config)
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         _, self.classifier = classifier_layer(self.model, self.config.classifier)
         self.last_steps = 0  # bound-optimization updates on the latest batch (diagnostic)

@@ -43,7 +43,7 @@ Where this differs from / pins down their code:
 - non-finite values: a NaN/inf pseudo-label or update loss, or a Fisher that
   overflows, makes the step call `refuse_update()` before anything is written;
   the base class's guard then restores parameters, optimizer and Fisher.
-- the paper's text (as summarised in SPECS.md) describes steps 2-3; the update
+- the paper's text describes steps 2-3; the update
   loss of step 4 (entropy + class-count-scaled consistency with CoTTA's strong
   augmentation) is taken from the code.
 

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
-from torch import nn
 
 from metatta.methods.augmix import augmix_views
-from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
+from metatta.methods.base import MethodConfig, TTAMethod, register
+from metatta.methods.common import step_or_refuse
 from metatta.methods.ttaug import mix_bn_statistics, validate_views
 
 
@@ -49,9 +48,7 @@ class MEMOConfig(MethodConfig):
     preaugmentation: str = "crop_flip"  # crop_flip (CIFAR) | resized_crop_flip (ImageNet) | none
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         validate_views(self, "memo")
 
 
@@ -66,17 +63,6 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
 @register("memo")
 class MEMO(TTAMethod):
     Config = MEMOConfig
-
-    def __init__(
-        self,
-        model: nn.Module,
-        config: MEMOConfig | None = None,
-        optimizer_factory: OptimizerFactory | None = None,
-        **context: Any,
-    ):
-        config = config if config is not None else MEMOConfig()
-        config.validate()
-        super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
 
     def configure_model(self) -> None:
         self.model.eval()
@@ -107,10 +93,5 @@ class MEMO(TTAMethod):
         with torch.enable_grad():
             logits = self.model(views)
             loss = marginal_entropy(logits)
-            if not bool(torch.isfinite(loss)):
-                self.refuse_update()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+            step_or_refuse(self, loss)
         return logits.detach()

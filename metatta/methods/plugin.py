@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, build_method, method_class
+from metatta.methods.common import require_batchnorm
 
 # Fields of MethodConfig that belong to the plug-in's own loop, not to the base's config.
 WRAPPER_FIELDS = ("steps", "episodic", "on_nonfinite_input", "batch_size", "channels_last")
@@ -209,6 +210,7 @@ class BNPlugin(TTAMethod):
     ):
         config = self.checked_config(config)
         # The base, built with this channels_last (base_config), moves the model to its layout.
+        require_batchnorm(model, self.name)
         layers = convert_batchnorms(model, self.layer_classes, **self.layer_options(config))
         if not layers:
             raise ValueError(f"{self.name}: the model has no BatchNorm layer to take the statistics of")

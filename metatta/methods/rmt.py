@@ -52,7 +52,13 @@ from tqdm import tqdm
 
 from metatta.methods.augment import CoTTAAugment
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import classifier_layer, features_and_logits, use_batch_statistics
+from metatta.methods.common import (
+    classifier_layer,
+    ema_update,
+    features_and_logits,
+    step_or_refuse,
+    use_batch_statistics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +82,7 @@ class RMTConfig(MethodConfig):
     classifier: str | None = None  # the linear classifier's module name; None: the last nn.Linear
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if not 0.0 <= self.teacher_momentum <= 1.0:
             raise ValueError(f"rmt: config.teacher_momentum must be in [0, 1], got {self.teacher_momentum}")
         if self.temperature <= 0:
@@ -156,6 +160,19 @@ def nearest_prototype_views(features: torch.Tensor, features_aug: torch.Tensor,
     return torch.stack([prototypes[nearest], features, features_aug], dim=1)
 
 
+def projection_head(in_features: int, dim: int, device: torch.device) -> nn.Sequential:
+    """The contrastive projector of RMT and SANTA: Linear, ReLU, Linear to `dim`."""
+    return nn.Sequential(nn.Linear(in_features, dim), nn.ReLU(), nn.Linear(dim, dim)).to(device)
+
+
+def prototype_contrastive_loss(projector: nn.Module, features: torch.Tensor, features_aug: torch.Tensor,
+                               prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """RMT's and SANTA's contrastive term: SupCon over the projected, normalized
+    (nearest source prototype, f, f_aug) views of each test image."""
+    views = nearest_prototype_views(features, features_aug, prototypes)
+    return contrastive_loss(F.normalize(projector(views), p=2, dim=2), temperature)
+
+
 @register("rmt")
 class RMT(TTAMethod):
     Config = RMTConfig
@@ -169,8 +186,7 @@ class RMT(TTAMethod):
         source_batches: Iterable[Any] | None = None,
         **context: Any,
     ):
-        config = config if config is not None else RMTConfig()
-        config.validate()
+        config = self.checked_config(config)
         self._source = labelled_batches(source_batches, "rmt")
         self._projector_dim = config.projection_dim
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
@@ -190,10 +206,7 @@ class RMT(TTAMethod):
 
     def init_extra_state(self) -> None:
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
-        features = self.classifier.in_features
-        device = self.classifier.weight.device
-        self.projector = nn.Sequential(nn.Linear(features, self._projector_dim), nn.ReLU(),
-                                       nn.Linear(self._projector_dim, self._projector_dim)).to(device)
+        self.projector = projection_head(self.classifier.in_features, self._projector_dim, self.classifier.weight.device)
 
     def collect_params(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad] + list(self.projector.parameters())
@@ -237,28 +250,20 @@ class RMT(TTAMethod):
             features_aug, logits_aug = features_and_logits(self.model, self.classifier, self.in_layout(self.augment(x)))
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
-            views = nearest_prototype_views(features, features_aug, self.prototypes)
-            projected = F.normalize(self.projector(views), p=2, dim=2)
+            contrastive = prototype_contrastive_loss(self.projector, features, features_aug, self.prototypes,
+                                                     cfg.temperature)
             self_training = (0.5 * symmetric_cross_entropy(logits, teacher_logits)
                              + 0.5 * symmetric_cross_entropy(logits_aug, teacher_logits)).mean(0)
-            loss = cfg.lambda_ce_trg * self_training + cfg.lambda_cont * contrastive_loss(projected, cfg.temperature)
+            loss = cfg.lambda_ce_trg * self_training + cfg.lambda_cont * contrastive
             if cfg.lambda_ce_src > 0:
                 x_src, y_src = self._source_batch()
                 loss = loss + cfg.lambda_ce_src * F.cross_entropy(self.model(x_src), y_src)
-            if not bool(torch.isfinite(loss)):
-                self.refuse_update()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+            if step_or_refuse(self, loss):
                 self.update_teacher()
         return (logits + teacher_logits).detach()
 
-    @torch.no_grad()
     def update_teacher(self) -> None:
-        m = self.config.teacher_momentum
-        for t, s in zip(self.teacher.parameters(), self.model.parameters()):
-            t.mul_(m).add_(s.detach(), alpha=1.0 - m)
+        ema_update(zip(self.teacher.parameters(), self.model.parameters()), self.config.teacher_momentum)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -48,7 +48,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from metatta.methods.augment import STRONG, color_jitter_pro
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import configure_norm_adaptation, norm_affine_params, softmax_entropy
+from metatta.methods.common import (
+    adaptable_norm_params,
+    configure_norm_adaptation,
+    ema_update,
+    softmax_entropy,
+    step_or_refuse,
+)
 from metatta.methods.rmt import symmetric_cross_entropy
 
 
@@ -67,9 +73,7 @@ class ROIDConfig(MethodConfig):
     temperature: float = 1 / 3  # ROID.TEMPERATURE
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         for name in ("momentum_src", "momentum_probs"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"roid: config.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -140,8 +144,7 @@ class ROID(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else ROIDConfig()
-        config.validate()
+        config = self.checked_config(config)
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         source = self._source_state["model"]
         self._ensemble_pairs = [(p, source[n]) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -151,10 +154,7 @@ class ROID(TTAMethod):
         configure_norm_adaptation(self.model)
 
     def collect_params(self) -> list:
-        params = norm_affine_params(self.model)
-        if not params:
-            raise ValueError(f"{self.name}: the model has no normalization layer with affine parameters to adapt")
-        return params
+        return adaptable_norm_params(self.model, self.name)
 
     def init_extra_state(self) -> None:
         self.class_probs: torch.Tensor | None = None  # uniform on the first batch, when K is known
@@ -178,12 +178,7 @@ class ROID(TTAMethod):
             if cfg.use_consistency and bool(kept.any()):
                 logits_aug = self.model(self.in_layout(roid_augment(x[kept])))
                 loss = loss + (symmetric_cross_entropy(logits_aug, logits[kept]) * weights[kept]).sum() / batch
-            if not bool(torch.isfinite(loss)):
-                self.refuse_update()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+            if step_or_refuse(self, loss):
                 self.after_update()
         logits = logits.detach()
         return prior_corrected(logits) if cfg.use_prior_correction else logits
@@ -192,11 +187,8 @@ class ROID(TTAMethod):
         """Step 3: weight ensembling with the source (CMF replaces it by its filter)."""
         self.ensemble_with_source()
 
-    @torch.no_grad()
     def ensemble_with_source(self) -> None:
-        m = self.config.momentum_src
-        for p, source in self._ensemble_pairs:
-            p.mul_(m).add_(source.to(p.device), alpha=1 - m)
+        ema_update(self._ensemble_pairs, self.config.momentum_src)
 
     # ---- state ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

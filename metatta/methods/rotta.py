@@ -50,7 +50,7 @@ from torch import nn
 
 from metatta.methods.augment import CoTTAAugment
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import BN_TYPES, freeze_all, norm_affine_params
+from metatta.methods.common import BN_TYPES, adaptable_norm_params, freeze_all, step_or_refuse
 
 
 @dataclasses.dataclass
@@ -70,9 +70,7 @@ class RoTTAConfig(MethodConfig):
     aug_noise_std: float = 0.005
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         for name in ("memory_size", "update_frequency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rotta: config.{name} must be >= 1, got {getattr(self, name)}")
@@ -239,8 +237,7 @@ class RoTTA(TTAMethod):
         optimizer_factory: OptimizerFactory | None = None,
         **context: Any,
     ):
-        config = config if config is not None else RoTTAConfig()
-        config.validate()
+        config = self.checked_config(config)
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
         self.augment = CoTTAAugment(soft=config.soft_augmentation, noise_std=config.aug_noise_std)
         self.updates = 0  # diagnostic: optimizer steps taken (not reset by reset())
@@ -252,10 +249,8 @@ class RoTTA(TTAMethod):
         robust_batchnorms(self.model, self.config.alpha)
 
     def collect_params(self) -> list:
-        params = norm_affine_params(self.model)  # RBN (a BatchNorm subclass), LayerNorm, GroupNorm affines
-        if not params:
-            raise ValueError("rotta: the model has no normalization layer with affine parameters to adapt")
-        return params
+        # RBN (a BatchNorm subclass), LayerNorm, GroupNorm affines
+        return adaptable_norm_params(self.model, "rotta")
 
     def init_extra_state(self) -> None:
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
@@ -297,12 +292,8 @@ class RoTTA(TTAMethod):
                 weights = timeliness_weights(torch.tensor(ages, dtype=student_logits.dtype,
                                                           device=student_logits.device))
                 loss = (soft_cross_entropy(student_logits, teacher_logits) * weights).mean()
-                if not bool(torch.isfinite(loss)):
-                    self.refuse_update()
+                if not step_or_refuse(self, loss):
                     return
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
         finally:
             set_adaptation_pass(self.model, False)
             set_adaptation_pass(self.teacher, False)

@@ -19,13 +19,11 @@ configs/methods/rpl_imagenet.yaml.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
-from torch import nn
 
-from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
-from metatta.methods.common import configure_norm_adaptation, norm_affine_params
+from metatta.methods.base import MethodConfig, TTAMethod, register
+from metatta.methods.common import adaptable_norm_params, configure_norm_adaptation
 
 
 @dataclasses.dataclass
@@ -38,9 +36,7 @@ class RPLConfig(MethodConfig):
     q: float = 0.8  # GCE exponent: q -> 0 is cross-entropy, q = 1 the MAE
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if not 0.0 < self.q <= 1.0:
             raise ValueError(f"rpl: config.q must be in (0, 1], got {self.q}")
 
@@ -55,25 +51,11 @@ def generalized_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, q: fl
 class RPL(TTAMethod):
     Config = RPLConfig
 
-    def __init__(
-        self,
-        model: nn.Module,
-        config: RPLConfig | None = None,
-        optimizer_factory: OptimizerFactory | None = None,
-        **context: Any,
-    ):
-        config = config if config is not None else RPLConfig()
-        config.validate()
-        super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
-
     def configure_model(self) -> None:
         configure_norm_adaptation(self.model)
 
     def collect_params(self) -> list:
-        params = norm_affine_params(self.model)
-        if not params:
-            raise ValueError(f"{self.name}: the model has no normalization layer with affine parameters to adapt")
-        return params
+        return adaptable_norm_params(self.model, self.name)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return generalized_cross_entropy(logits, logits.detach().argmax(1), self.config.q).mean(0)

@@ -33,18 +33,18 @@ import dataclasses
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metatta.methods.augment import CoTTAAugment
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
 from metatta.methods.common import (
+    adaptable_norm_params,
     classifier_layer,
     configure_norm_adaptation,
     features_and_logits,
-    norm_affine_params,
+    step_or_refuse,
 )
-from metatta.methods.rmt import contrastive_loss, labelled_batches, nearest_prototype_views, source_prototypes
+from metatta.methods.rmt import labelled_batches, projection_head, prototype_contrastive_loss, source_prototypes
 
 
 @dataclasses.dataclass
@@ -63,9 +63,7 @@ class SANTAConfig(MethodConfig):
     classifier: str | None = None  # the linear classifier's module name; None: the last nn.Linear
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if self.temperature <= 0:
             raise ValueError(f"santa: config.temperature must be > 0, got {self.temperature}")
         if self.projection_dim < 1:
@@ -94,8 +92,7 @@ class SANTA(TTAMethod):
         source_batches: Iterable[Any] | None = None,
         **context: Any,
     ):
-        config = config if config is not None else SANTAConfig()
-        config.validate()
+        config = self.checked_config(config)
         source = labelled_batches(source_batches, "santa")
         self._projector_dim = config.projection_dim
         super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
@@ -108,15 +105,10 @@ class SANTA(TTAMethod):
 
     def init_extra_state(self) -> None:
         self.anchor = copy.deepcopy(self.model).requires_grad_(False)  # constant: not part of the state
-        features = self.classifier.in_features
-        self.projector = nn.Sequential(nn.Linear(features, self._projector_dim), nn.ReLU(),
-                                       nn.Linear(self._projector_dim, self._projector_dim)).to(self.classifier.weight.device)
+        self.projector = projection_head(self.classifier.in_features, self._projector_dim, self.classifier.weight.device)
 
     def collect_params(self) -> list:
-        params = norm_affine_params(self.model)
-        if not params:
-            raise ValueError("santa: the model has no normalization layer with affine parameters to adapt")
-        return params + list(self.projector.parameters())
+        return adaptable_norm_params(self.model, "santa") + list(self.projector.parameters())
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -125,16 +117,11 @@ class SANTA(TTAMethod):
             features_aug, logits_aug = features_and_logits(self.model, self.classifier, self.in_layout(self.augment(x)))
             with torch.no_grad():
                 anchor_logits = self.anchor(x)
-            views = nearest_prototype_views(features, features_aug, self.prototypes)
-            projected = F.normalize(self.projector(views), p=2, dim=2)
+            contrastive = prototype_contrastive_loss(self.projector, features, features_aug, self.prototypes,
+                                                     cfg.temperature)
             loss = (cfg.lambda_ce_trg * anchored_cross_entropy(logits, logits_aug, anchor_logits).mean(0)
-                    + cfg.lambda_cont * contrastive_loss(projected, cfg.temperature))
-            if not bool(torch.isfinite(loss)):
-                self.refuse_update()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                    + cfg.lambda_cont * contrastive)
+            step_or_refuse(self, loss)
         return logits.detach()
 
     # ---- state ---------------------------------------------------------------------------

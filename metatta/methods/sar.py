@@ -83,6 +83,25 @@ def is_excluded(module_name: str, excluded: Sequence[str]) -> bool:
     return any(module_name == e or module_name.startswith(e + ".") for e in excluded)
 
 
+def norm_affine_params_outside(model: nn.Module, excluded: Sequence[str],
+                               where: str) -> tuple[list[nn.Parameter], list[str]]:
+    """Enable and return the affine weight/bias of every normalization layer not inside an
+    `excluded` module (SAR's and DeYO's parameters), with their names; refuses to return none."""
+    params, names = [], []
+    for module_name, module in norm_layers(model):
+        if is_excluded(module_name, excluded):
+            continue
+        for pname in ("weight", "bias"):
+            p = getattr(module, pname, None)
+            if isinstance(p, nn.Parameter):
+                p.requires_grad_(True)
+                params.append(p)
+                names.append(f"{module_name}.{pname}")
+    if not params:
+        raise ValueError(f"{where}: no normalization affine parameters left to adapt (excluded_modules={excluded})")
+    return params, names
+
+
 def top_layers(model: nn.Module) -> list[str]:
     """SAR's top layers of `model`: the last ceil(K/4) of the K stages/blocks of its
     shallowest stack (a Sequential/ModuleList child named stages/blocks/layers, or
@@ -157,18 +176,7 @@ class SAR(TTAMethod):
 
     def collect_params(self) -> list:
         excluded = self.excluded_modules()
-        params, names = [], []
-        for module_name, module in norm_layers(self.model):
-            if is_excluded(module_name, excluded):
-                continue
-            for pname in ("weight", "bias"):
-                p = getattr(module, pname, None)
-                if isinstance(p, nn.Parameter):
-                    p.requires_grad_(True)
-                    params.append(p)
-                    names.append(f"{module_name}.{pname}")
-        if not params:
-            raise ValueError(f"sar: no normalization affine parameters left to adapt (excluded_modules={excluded})")
+        params, names = norm_affine_params_outside(self.model, excluded, "sar")
         log.info("sar: excluding %s; adapting %d tensors", excluded, len(names))
         return params
 

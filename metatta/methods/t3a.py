@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
+from metatta.methods.base import MethodConfig, TTAMethod, register
 from metatta.methods.common import classifier_layer, features_and_logits, freeze_all, softmax_entropy
 
 
@@ -43,9 +42,7 @@ class T3AConfig(MethodConfig):
     classifier: str | None = None  # the linear classifier's module name; None: the last nn.Linear
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         if self.filter_k is not None and self.filter_k < 1:
             raise ValueError(f"t3a: config.filter_k must be >= 1 or null (keep all), got {self.filter_k}")
 
@@ -72,17 +69,6 @@ def prototype_logits(z: torch.Tensor, supports: torch.Tensor, labels: torch.Tens
 @register("t3a")
 class T3A(TTAMethod):
     Config = T3AConfig
-
-    def __init__(
-        self,
-        model: nn.Module,
-        config: T3AConfig | None = None,
-        optimizer_factory: OptimizerFactory | None = None,
-        **context: Any,
-    ):
-        config = config if config is not None else T3AConfig()
-        config.validate()
-        super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
 
     def configure_model(self) -> None:
         self.model.eval()

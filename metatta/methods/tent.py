@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from metatta.methods.base import MethodConfig, TTAMethod, register
-from metatta.methods.common import configure_norm_adaptation, norm_affine_params, softmax_entropy
+from metatta.methods.common import adaptable_norm_params, configure_norm_adaptation, softmax_entropy
 
 
 @dataclasses.dataclass
@@ -42,10 +42,7 @@ class Tent(TTAMethod):
         configure_norm_adaptation(self.model)
 
     def collect_params(self) -> list:
-        params = norm_affine_params(self.model)
-        if not params:
-            raise ValueError(f"{self.name}: the model has no normalization layer with affine parameters to adapt")
-        return params
+        return adaptable_norm_params(self.model, self.name)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return softmax_entropy(logits).mean(0)

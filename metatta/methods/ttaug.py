@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from metatta.methods.augmix import PREAUGMENTATIONS, augmix_views
-from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
+from metatta.methods.base import MethodConfig, TTAMethod, register
 from metatta.methods.bn import mix_source_statistics
 from metatta.methods.common import BN_TYPES, freeze_all
 
@@ -30,9 +30,7 @@ class TTAugConfig(MethodConfig):
     preaugmentation: str = "crop_flip"  # crop_flip (their CIFAR) | resized_crop_flip (ImageNet) | none
 
     def validate(self) -> None:
-        base_validate = getattr(super(), "validate", None)  # MethodConfig.validate, once the base has one
-        if base_validate is not None:
-            base_validate()
+        super().validate()
         validate_views(self, "ttaug")
 
 
@@ -58,17 +56,6 @@ def mix_bn_statistics(model: nn.Module, alpha: float | None, where: str) -> None
 @register("ttaug")
 class TTAug(TTAMethod):
     Config = TTAugConfig
-
-    def __init__(
-        self,
-        model: nn.Module,
-        config: TTAugConfig | None = None,
-        optimizer_factory: OptimizerFactory | None = None,
-        **context: Any,
-    ):
-        config = config if config is not None else TTAugConfig()
-        config.validate()
-        super().__init__(model, config, optimizer_factory=optimizer_factory, **context)
 
     def configure_model(self) -> None:
         self.model.eval()

@@ -22,8 +22,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from metatta.models.checkpoint import load_checkpoint
 from metatta.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize, NormalizedModel, default_stats
 from metatta.models.resnet import ResNet
+from metatta.models.vit import ViTClassifier
 from metatta.models.wideresnet import WideResNet
 
 log = logging.getLogger(__name__)
@@ -41,16 +43,10 @@ MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "wrn40_2": functools.partial(WideResNet, depth=40, widen_factor=2),
     "wrn16_4": functools.partial(WideResNet, depth=16, widen_factor=4),
     # Small LayerNorm ViT for 28x28 (MGTTA's setting scaled down).
-    "vit_tiny_fmnist": lambda **kw: _vit(**{"img_size": 28, "patch_size": 4, "embed_dim": 128, "depth": 6,
-                                            "num_heads": 4, **kw}),
+    "vit_tiny_fmnist": lambda **kw: ViTClassifier(**{"img_size": 28, "patch_size": 4, "embed_dim": 128, "depth": 6,
+                                                     "num_heads": 4, **kw}),
 }
 PREFIXES = ("timm:", "torchvision:")
-
-
-def _vit(**kwargs) -> nn.Module:
-    from metatta.models.vit import ViTClassifier  # timm is slow to import; only when a ViT is asked for
-
-    return ViTClassifier(**kwargs)
 
 
 def known_models() -> list[str]:
@@ -157,8 +153,6 @@ def load_external_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 def load_source_model(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a source checkpoint was saved from, with its weights, in eval mode."""
-    from metatta.models.checkpoint import load_checkpoint
-
     state_dict, _, header = load_checkpoint(checkpoint_path, device="cpu")
     kwargs = {k: v for k, v in header["model_kwargs"].items() if k != "checkpoint"}  # initial weights: superseded
     model = build_model(header["model"], header["num_classes"], header["in_channels"], **kwargs)

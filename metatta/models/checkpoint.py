@@ -30,6 +30,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from metatta.versions import library_versions
+
 FORMAT = "metatta.source.v1"
 HEADER_SUFFIX = ".json"
 
@@ -67,12 +69,6 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _versions() -> dict[str, str]:
-    from metatta.versions import library_versions
-
-    return library_versions()
-
-
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -104,7 +100,7 @@ def save_checkpoint(
         "train_time_s": None if train_time_s is None else float(train_time_s),
         "num_feature_taps": len(stats) // 2,
         "weights_sha256": checkpoint_hash(path),
-        "versions": _versions(),
+        "versions": library_versions(),
         "extra": dict(extra or {}),
     }
     try:

@@ -12,7 +12,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from timm.models.vision_transformer import VisionTransformer
 
 from metatta.models.normalize import Normalize, default_stats
 
@@ -42,6 +41,8 @@ class ViTClassifier(nn.Module):
         if mean is None or std is None:
             mean, std = default_stats(in_channels)
         self.normalize = Normalize(mean, std)
+        from timm.models.vision_transformer import VisionTransformer  # timm is slow to import: only for a ViT
+
         self.vit = VisionTransformer(
             img_size=img_size, patch_size=patch_size, in_chans=in_channels, num_classes=num_classes,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,

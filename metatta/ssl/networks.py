@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from metatta.models import build_model
 from metatta.safe_files import read_json_file, read_state_dict
 from metatta.ssl.simclr import MLPHead
 
@@ -111,8 +112,6 @@ def save_network(net: MultiHeadNet, directory: str | Path, kind: str, source_mod
 def load_network(directory: str | Path, kind: str | None = None,
                  map_location: str | torch.device = "cpu") -> tuple[MultiHeadNet, dict[str, Any]]:
     """(network, adapter info) from an adapter directory; weights are read with weights_only=True."""
-    from metatta.models import build_model
-
     directory = Path(directory)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (directory / name).is_file():

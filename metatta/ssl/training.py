@@ -232,6 +232,8 @@ def train_stages(
         for path in [*files.values(), run_file]:
             path.unlink(missing_ok=True)
     run_id = run_file.read_text().strip() if resume and run_file.is_file() else None
+    # the validation images are read (and their number checked) before any training
+    domains = domains if domains is not None else validation_domains(cfg)
     spec = stage_spec(cfg, str(checkpoint), data)
     with tracking.training_run(cfg.name, dataclasses.asdict(cfg), {"kind": f"{cfg.method}-training"}, run_id,
                                enabled=cfg.mlflow) as run:
@@ -278,7 +280,6 @@ def save_adapter(net, cfg: CTATrainConfig, checkpoint: str, source_sha256: str, 
 
 def _finish(cfg, checkpoint: str, source_sha256: str, files, domains, run_id) -> CTATrainOutcome:
     net = trained_network(cfg, checkpoint, files)
-    domains = domains if domains is not None else validation_domains(cfg)
     val_error = validation_error(net, cfg, domains)
     unadapted = validation_error(net, cfg, domains, steps=0)
     log.info("%s: held-out validation error %.2f%% (%.2f%% before adaptation)", cfg.method, val_error, unadapted)

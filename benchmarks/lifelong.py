@@ -1,0 +1,163 @@
+"""Lifelong benchmark: every method, with and without the collapse guard, on a CCC-style stream.
+
+The stream (`stream.setting: ccc`, docs/lifelong.md) changes its corruption continuously while the
+source model's accuracy stays near the difficulty's target, so a method's drift is its own doing.
+Each method runs window by window (`metatta.lifelong.evaluate_windowed`): results are appended
+per window under --work-dir, and a killed run resumes where it stopped.
+
+The guard's thresholds are chosen first, on a CCC stream of the four held-out corruptions only
+(`choose_guard_thresholds`: the lowest agreement and class-marginal entropy seen on any healthy
+stretch of Tent, EATA and SAR there), never on the benchmark's corruptions.
+
+Length: --num-images for every method whose probed speed is at least --fast-img-s, else
+--slow-num-images (the table says which).
+
+    python benchmarks/lifelong.py --difficulty medium [--num-images 1000000 --slow-num-images 200000]
+        [--methods source bn tent eata sar cotta palm law rdumb mgtta] [--mgg models:/mgg@champion]
+
+Writes benchmarks/results/lifelong_<difficulty>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metatta.cli import setup_logging
+from metatta.data.ccc import clean_domain
+from metatta.data.clean import load_clean
+from metatta.data.streams import build_stream
+from metatta.experiment import ExperimentConfig, MethodSpec, SourceConfig, StreamConfig, build_row_method, source_model
+from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, plot_windows, summarize,
+                              summary_table)
+from metatta.methods.guard import reference_model
+from metatta.paths import cache_root
+from metatta.reporting import benchmark_command
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE.parent / "configs" / "methods"
+# label -> (method, settings file or None); rdumb is ETA wearing reset_every 1000.
+ROWS = {"source": ("source", None), "bn": ("bn", None), "tent": ("tent", None), "eata": ("eata", None),
+        "sar": ("sar", None), "cotta": ("cotta", None), "palm": ("palm", None), "law": ("law", None),
+        "rdumb": ("eta", CONFIGS / "eta_rdumb.yaml"), "mgtta": ("mgtta", None)}
+NOT_ADAPTING = ("source", "bn")  # nothing to guard
+CALIBRATION_METHODS = ("tent", "eata", "sar")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--difficulty", default="medium", choices=["easy", "medium", "hard"])
+    parser.add_argument("--num-images", type=int, default=1_000_000)
+    parser.add_argument("--slow-num-images", type=int, default=200_000)
+    parser.add_argument("--fast-img-s", type=float, default=1000.0, help="probed speed for the full length")
+    parser.add_argument("--window", type=int, default=10_000,
+                        help="images per window, rounded down to whole batches (10,000 -> 9,984 at batch 64)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--mgg", default=None, help="MGTTA's trained MGG (models:/mgg@champion or a directory); "
+                                                     "without it the mgtta row is left out")
+    parser.add_argument("--calibration-images", type=int, default=40_000, help="held-out stream per method")
+    parser.add_argument("--work-dir", default=None, help="per-window results (resumable); default under the cache")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args(argv)
+    args.window -= args.window % args.batch_size  # windows hold whole batches
+    setup_logging("WARNING")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir or cache_root() / "lifelong" / f"{args.difficulty}-seed{args.seed}")
+    device = torch.device("cpu")
+    model, checkpoint = source_model(SourceConfig(), device)
+    images, labels = load_clean("fashion_mnist", "test")
+    context = ExperimentConfig(stream=StreamConfig(setting="ccc", batch_size=args.batch_size, seed=args.seed))
+
+    def stream(num_images: int, corruptions: str = "benchmark"):
+        return build_stream([clean_domain(images, labels)], "ccc", args.batch_size, seed=args.seed, model=model,
+                            difficulty=args.difficulty, num_images=num_images, corruptions=corruptions)
+
+    def method(label: str, guard: dict | None):
+        name, settings = ROWS[label]
+        spec = MethodSpec(name=name, label=label, settings=str(settings) if settings else None,
+                          adapter=args.mgg if label == "mgtta" else None, config={"guard": guard})
+        return build_row_method(spec, copy.deepcopy(model), context, checkpoint, device)
+
+    thresholds = calibrate_guard(args, model, stream, method)
+    guard = {"action": "reset", "min_agreement": thresholds["min_agreement"],
+             "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
+    labels_run = [m for m in args.methods if m != "mgtta" or args.mgg]
+    runs, lengths = {}, {}
+    for label in labels_run:
+        length = args.num_images if probe_speed(method(label, None), stream(args.batch_size * 40)) >= args.fast_img_s \
+            else args.slow_num_images
+        lengths[label] = length
+        for guarded in ((False,) if label in NOT_ADAPTING else (False, True)):
+            row = f"{label}+guard" if guarded else label
+            windows = evaluate_windowed(method(label, guard if guarded else None), stream(length),
+                                        work / f"{row}.jsonl", window=args.window, method_name=row,
+                                        description={"difficulty": args.difficulty, "guard": guard if guarded else None})
+            runs[row] = windows
+            print(f"{row}: {len(windows)} windows, mean {np.mean([w['error'] for w in windows]):.2f}", flush=True)
+    write_report(args, argv, out, runs, lengths, thresholds)
+
+
+def calibrate_guard(args, model, stream, method) -> dict:
+    """Thresholds from held-out CCC streams of the calibration methods (no benchmark corruption)."""
+    reference = reference_model(model)
+    signals = [guard_signals(method(label, None), stream(args.calibration_images, "held_out"), reference)
+               for label in CALIBRATION_METHODS]
+    thresholds = choose_guard_thresholds(signals)
+    thresholds["calibrated_on"] = {"methods": list(CALIBRATION_METHODS), "corruptions": "held_out",
+                                   "images_per_method": args.calibration_images}
+    print(f"guard thresholds (held-out): {thresholds}", flush=True)
+    return thresholds
+
+
+def probe_speed(method, probe_stream) -> float:
+    """Images per second of `method` on a short stretch of the stream (adaptation included)."""
+    start, seen = time.perf_counter(), 0
+    for batch in probe_stream:
+        method(batch.x)
+        seen += len(batch.y)
+    return seen / (time.perf_counter() - start)
+
+
+def write_report(args, argv, out: Path, runs: dict, lengths: dict, thresholds: dict) -> None:
+    shortest = min(len(w) for w in runs.values())
+    errors = {row: [w["error"] for w in windows[:shortest]] for row, windows in runs.items()}
+    rows = summarize(errors)
+    for row in rows:
+        windows = runs[row["method"]]
+        label = row["method"].removesuffix("+guard")
+        row.update(num_images=sum(w["num_images"] for w in windows), length_rule=(
+            "full" if lengths[label] == args.num_images else "slow"),
+            images_per_second=float(np.mean([w["images_per_second"] for w in windows])),
+            collapse_events=windows[-1].get("collapse_events", 0), scheduled_resets=windows[-1].get("scheduled_resets", 0))
+    stem = f"lifelong_{args.difficulty}"
+    plot = plot_windows(errors, args.window, out / f"{stem}.png",
+                        title=f"CCC-style stream ({args.difficulty}), batch {args.batch_size}")
+    command = benchmark_command(__file__, argv)
+    (out / f"{stem}.json").write_text(json.dumps({"command": command, "thresholds": thresholds, "summary": rows,
+                                                  "windows": runs}, indent=1))
+    speed = "\n".join(f"| {r['method']} | {r['num_images']:,} | {r['images_per_second']:.0f} | {r['collapse_events']} | "
+                      f"{r['scheduled_resets']} |" for r in rows)
+    (out / f"{stem}.md").write_text(
+        f"Error (%) per window of {args.window:,} images on a CCC-style stream ({args.difficulty}), batch "
+        f"{args.batch_size}, seed {args.seed}; the summary over the first {shortest} windows of every row. "
+        f"Command: `python {' '.join(command)}`\n\n{summary_table(rows, shortest)}\n\n"
+        f"| row | images | img/s | guard fired | scheduled resets |\n|---|---:|---:|---:|---:|\n{speed}\n\n"
+        f"Guard thresholds, chosen on held-out CCC streams: agreement >= {thresholds['min_agreement']}, "
+        f"class-marginal entropy >= {thresholds['min_marginal_entropy']} (window {thresholds['window']} checks).\n\n"
+        f"![windowed error]({plot.name})\n")
+    print((out / f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

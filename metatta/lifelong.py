@@ -1,0 +1,282 @@
+"""Windowed evaluation over long streams, written incrementally, resumable after a kill.
+
+`evaluate_windowed(method, stream, path, window=10_000)` runs `method` over `stream` in windows
+of `window` images (a multiple of the batch size) and appends one JSON line per finished window
+to `path` (error, ECE, images/s, ...). After each window the method's state (module state dict,
+optimizer state, extra state, torch RNG) is saved beside it, so a run that is killed resumes at
+the first unfinished window with the state it had there: finished windows are never redone, and
+the final windows are those of an uninterrupted run (for a method that is deterministic given
+its state).
+
+Crash safety: window w's state goes to `<path>.state-<w>.pt` (written to a temporary name and
+renamed) *before* its line is appended; the state of window w - 1 is deleted only after that.
+So for n complete lines the state of window n - 1 always exists; a torn last line is dropped.
+
+`summarize({method: window errors})` gives the summary table of a lifelong benchmark: mean error,
+worst window, and the number of windows in which a method's error is above BN's and above
+Source's.
+
+Built on `metatta.evaluation.evaluate`, called once per window on a view of the stream's
+batches (the method keeps adapting across calls). With an `on_batch` hook and a start batch in
+`evaluate`, one call could do the whole stream; see docs/lifelong.md.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from metatta.data.types import Batch
+from metatta.evaluation import evaluate
+from metatta.methods.guard import agreement, marginal_entropy
+from metatta.reporting import markdown_table
+
+FORMAT = "metatta.lifelong.v1"
+
+
+def _batches_from(stream, first: int) -> Iterator[Batch]:
+    """The stream's batches from batch `first` on: directly where the stream has random access
+    (`batch(i)`, the ccc stream), else by iterating past the first ones once."""
+    if hasattr(stream, "batch"):
+        return (stream.batch(i) for i in range(first, len(stream)))
+    return itertools.islice(iter(stream), first, None)
+
+
+class _WindowView:
+    """The next `count` batches of a shared batch iterator, as a stream `evaluate` accepts;
+    records the batch sizes."""
+
+    def __init__(self, stream, batches: Iterator[Batch], count: int):
+        self.batches, self.count = batches, count
+        self.setting = stream.setting
+        self.resets_per_domain = False
+        self.sizes: list[int] = []
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in itertools.islice(self.batches, self.count):
+            self.sizes.append(len(batch.y))
+            yield batch
+
+
+# ---- method state ----------------------------------------------------------------------------------
+def method_state(method: torch.nn.Module) -> dict[str, Any]:
+    optimizer = getattr(method, "optimizer", None)
+    extra = getattr(method, "extra_state", None)
+    schedule = getattr(method, "schedule_state", None)
+    return {"module": method.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "extra": extra() if callable(extra) else {}, "torch_rng": torch.get_rng_state(),
+            "schedule": schedule() if callable(schedule) else None}
+
+
+def load_method_state(method: torch.nn.Module, state: dict[str, Any]) -> None:
+    method.load_state_dict(state["module"])
+    optimizer = getattr(method, "optimizer", None)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if state["extra"]:
+        method.load_extra_state(state["extra"])
+    if state.get("schedule") is not None:
+        method.load_schedule_state(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+
+
+def _state_path(path: Path, window: int) -> Path:
+    return path.with_name(f"{path.name}.state-{window}.pt")
+
+
+# ---- the results file --------------------------------------------------------------------------------
+def read_windows(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(header, window records) of a results file; a torn last line (a kill mid-write) is left out."""
+    path = Path(path)
+    if not path.is_file():
+        return None, []
+    lines = path.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line, without its newline: cut off by a kill
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line") from None
+    if not records or records[0].get("format") != FORMAT:
+        raise ValueError(f"{path}: not a windowed-evaluation results file (no {FORMAT} header line)")
+    return records[0], records[1:]
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_to(path: Path, header: dict[str, Any], windows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *windows]))
+    tmp.replace(path)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
+def evaluate_windowed(
+    method: torch.nn.Module,
+    stream,
+    path: str | Path,
+    *,
+    window: int = 10_000,
+    method_name: str | None = None,
+    device: str | torch.device = "cpu",
+    description: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate `method` on `stream` window by window, appending to `path` (JSONL); resume if
+    `path` holds finished windows of the same run. Returns all window records.
+
+    `description`: what identifies the run (method, stream options...); it is stored in the header
+    and a resume with a different one is refused (no mixing of runs in one file)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (images), got {window!r}")
+    if window % stream.batch_size:
+        raise ValueError(f"window ({window} images) must be a multiple of the batch size ({stream.batch_size})")
+    if stream.resets_per_domain:
+        raise ValueError("windowed evaluation is for streams that never reset (not episodic)")
+    path = Path(path)
+    name = method_name or getattr(method, "name", type(method).__name__)
+    header = {"format": FORMAT, "method": name, "window": window, "batch_size": stream.batch_size,
+              "setting": stream.setting, "seed": getattr(stream, "seed", None), "num_batches": len(stream),
+              "description": description or {}}
+    found, windows = read_windows(path)
+    if found is not None and found != header:
+        raise ValueError(f"{path} holds another run (header {found}); expected {header}. Use another path.")
+    if found is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_to(path, header, [])
+    else:
+        _truncate_to(path, header, windows)  # drop a torn last line
+        if windows:
+            state = _state_path(path, len(windows) - 1)
+            if not state.is_file():
+                raise ValueError(f"{path}: {len(windows)} windows are finished but their state {state} is missing; "
+                                 "cannot resume without redoing them (delete the file to start over)")
+            load_method_state(method, torch.load(state, weights_only=True))
+    per_window = window // stream.batch_size
+    total = -(-len(stream) // per_window)
+    batches = _batches_from(stream, len(windows) * per_window)
+    for w in range(len(windows), total):
+        view = _WindowView(stream, batches, min((w + 1) * per_window, len(stream)) - w * per_window)
+        result = evaluate(method, view, method_name=name, device=device, progress=False)
+        sizes = np.asarray(view.sizes)
+        error = float(np.sum(np.asarray(result.error_over_stream) * sizes) / sizes.sum())
+        record = {"window": w, "first_image": w * window, "num_images": int(sizes.sum()), "error": error,
+                  "ece": result.ece, "images_per_second": result.images_per_second,
+                  "skipped_updates": result.skipped_updates, "collapse_events": result.collapse_events,
+                  "scheduled_resets": result.scheduled_resets}  # the last three: counts since the start
+        state = _state_path(path, w)
+        tmp = state.with_name(state.name + ".tmp")
+        torch.save(method_state(method), tmp)
+        tmp.replace(state)
+        _append(path, record)
+        if w > 0:
+            _state_path(path, w - 1).unlink(missing_ok=True)
+        windows.append(record)
+    return windows
+
+
+# ---- guard thresholds from held-out streams ---------------------------------------------------------
+def guard_signals(method: torch.nn.Module, stream, reference: torch.nn.Module,
+                  device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+    """Per batch of a labelled stream: the collapse guard's two signals for `method` (its argmax
+    agreement with `reference`, the class-marginal entropy of its predictions) and the error of
+    both, for choosing the guard's thresholds on held-out streams (`choose_guard_thresholds`)."""
+    rows = []
+    for batch in stream:
+        x, y = batch.x.to(device), batch.y.to(device)
+        logits = method(x)
+        with torch.no_grad():
+            reference_logits = reference(x)
+        rows.append((agreement(logits, reference_logits), marginal_entropy(logits),
+                     float((logits.argmax(1) != y).float().mean()) * 100,
+                     float((reference_logits.argmax(1) != y).float().mean()) * 100))
+    agree, marginal, error, reference_error = map(np.asarray, zip(*rows))
+    return {"agreement": agree, "marginal_entropy": marginal, "error": error, "reference_error": reference_error}
+
+
+def choose_guard_thresholds(signals: Sequence[dict[str, np.ndarray]], window: int = 8, tolerance: float = 0.5,
+                            margin: float = 0.02) -> dict[str, Any]:
+    """Thresholds that never fire on a healthy stretch of the held-out runs in `signals`: over every
+    run of `window` consecutive batches in which the method's error is at most the reference's +
+    `tolerance` points (healthy), the lowest mean agreement and the lowest mean marginal entropy,
+    each less `margin`. Stretches where the method is worse than that are what the guard is for."""
+    healthy_agreement, healthy_marginal, stretches = [], [], 0
+    for run in signals:
+        kernel = np.ones(window) / window
+        rolling = {key: np.convolve(run[key], kernel, mode="valid") for key in run}
+        healthy = rolling["error"] <= rolling["reference_error"] + tolerance
+        stretches += len(healthy)
+        healthy_agreement += list(rolling["agreement"][healthy])
+        healthy_marginal += list(rolling["marginal_entropy"][healthy])
+    if not healthy_agreement:
+        raise ValueError(f"no healthy stretch of {window} batches in the held-out runs: cannot choose thresholds")
+    return {"min_agreement": round(float(max(0.0, min(healthy_agreement) - margin)), 4),
+            "min_marginal_entropy": round(float(max(0.0, min(healthy_marginal) - margin)), 4),
+            "window": window, "healthy_stretches": len(healthy_agreement), "stretches": stretches,
+            "tolerance": tolerance, "margin": margin}
+
+
+# ---- summary -----------------------------------------------------------------------------------------
+def summarize(errors: dict[str, Sequence[float]], bn: str = "bn", source: str = "source") -> list[dict[str, Any]]:
+    """Per method: mean error over windows, worst window, windows above BN's and above Source's error
+    in the same window (None when that reference is not among `errors`)."""
+    lengths = {name: len(e) for name, e in errors.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"every method needs the same number of windows, got {lengths}")
+    rows = []
+    for name, e in errors.items():
+        e = np.asarray(e, dtype=float)
+        row = {"method": name, "mean_error": float(e.mean()), "worst_window": float(e.max()),
+               "worst_window_index": int(e.argmax())}
+        for key, reference in (("windows_above_bn", bn), ("windows_above_source", source)):
+            row[key] = int((e > np.asarray(errors[reference])).sum()) if reference in errors else None
+        rows.append(row)
+    return rows
+
+
+def summary_table(rows: Sequence[dict[str, Any]], windows: int) -> str:
+    """Markdown: method, mean error, worst window, windows above BN / Source (of `windows`)."""
+    def count(value):
+        return "-" if value is None else f"{value}/{windows}"
+
+    return markdown_table(["method", "mean error", "worst window", "windows > BN", "windows > Source"],
+                          [[r["method"], f"{r['mean_error']:.2f}", f"{r['worst_window']:.2f}",
+                            count(r["windows_above_bn"]), count(r["windows_above_source"])] for r in rows])
+
+
+def plot_windows(errors: dict[str, Sequence[float]], window: int, path: str | Path, title: str = "") -> Path:
+    """Windowed error of every method over the stream, one line each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for name, e in errors.items():
+        ax.plot((np.arange(len(e)) + 1) * window, e, label=name, lw=1.2)
+    ax.set_xlabel("images")
+    ax.set_ylabel(f"error per {window:,} images (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
