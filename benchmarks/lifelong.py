@@ -160,4 +160,4 @@ def write_report(args, argv, out: Path, runs: dict, lengths: dict, thresholds: d
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
