@@ -18,23 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from metatta import tracking
 from metatta.adapter_eval import STATUS_TAG
 from metatta.data.benchmark_files import fashion_mnist_c
-from metatta.data.types import DomainData
 from metatta.learned.meta_training import mgg_train_config, split_domains, steps_per_epoch
-from metatta.models import build_model
-from metatta.models.checkpoint import save_checkpoint
-from metatta.models.feature_stats import compute_feature_stats
+from test_mgg_training import CORRUPTIONS, domains, source_checkpoint  # noqa: F401 (fixtures)
 from trainers.mgg import train_mgg
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-CORRUPTIONS = ["speckle_noise", "gaussian_blur"]
 
 
 def free_port() -> int:
@@ -80,23 +75,6 @@ def mlflow_server(tmp_path, monkeypatch):
             proc.kill()
             proc.wait()
         log.close()
-
-
-@pytest.fixture(scope="module")
-def source_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("resnet_fmnist", num_classes=10, in_channels=1)
-    stats = compute_feature_stats(model, torch.rand(64, 1, 28, 28))
-    path = tmp_path_factory.mktemp("src") / "resnet.pt"
-    return save_checkpoint(path, model, model_name="resnet_fmnist", num_classes=10, in_channels=1,
-                           feature_stats=stats)
-
-
-@pytest.fixture(scope="module")
-def domains():
-    rng = np.random.default_rng(0)
-    return [DomainData(c, 5, rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8),
-                       rng.integers(0, 10, 40).astype(np.int64)) for c in CORRUPTIONS]
 
 
 def mgg_config(tmp_path, checkpoint, **overrides):
