@@ -65,6 +65,25 @@ class EvalWorker:
             self.claims_dir = self.claims.root / self.model_name
             self.claims_dir.mkdir(parents=True, exist_ok=True)
         self._idle_logged = False
+        self._shared_results: list[Result] | None = None  # the rows without the adapter, evaluated once
+
+    def evaluate_rows(self, cfg: ExperimentConfig, adapter: str) -> list[Result]:
+        """Every row of `cfg`, in config order: the rows that use `adapter` evaluated now; the others
+        (Source, BN, Tent, ...: the same for every version) on this worker's first version only."""
+        def label(spec):
+            return spec.label or spec.name
+
+        own = [spec for spec in cfg.methods if spec.adapter == adapter]
+        shared = [spec for spec in cfg.methods if spec.adapter != adapter]
+        if shared and self._shared_results is None:
+            log.info("%s: evaluating the %d row(s) without the adapter once, for every version: %s",
+                     self.model_name, len(shared), ", ".join(map(label, shared)))
+            self._shared_results = self.evaluate_fn(dataclasses.replace(cfg, methods=shared))
+        shared_labels = {label(spec) for spec in shared}
+        by_label = {r.method: r for r in self._shared_results or [] if r.method in shared_labels}
+        by_label.update({r.method: r for r in self.evaluate_fn(dataclasses.replace(cfg, methods=own))})
+        return [by_label[label(spec)] for spec in cfg.methods if label(spec) in by_label] + \
+            [r for name, r in by_label.items() if name not in {label(spec) for spec in cfg.methods}]
 
     def pending_versions(self) -> list[str]:
         """Versions not yet evaluated (neither done nor failed), oldest first."""
@@ -89,7 +108,7 @@ class EvalWorker:
         cfg = with_adapter(self.experiment, adapter)
         rows = adapter_rows(cfg, adapter)
         cfg = dataclasses.replace(cfg, name=f"{cfg.name}_{self.model_name}_v{version}", mlflow=False)
-        results = self.evaluate_fn(cfg)
+        results = self.evaluate_rows(cfg, adapter)
         out = Path(cfg.output_dir) / cfg.name / "results.json"
         save_results(results, out)
         if mv.run_id:

@@ -41,7 +41,7 @@ def test_each_version_evaluated_once_across_workers(tmp_path, mlflow_uri):
     def evaluate(cfg):
         with lock:
             calls.append(cfg.methods[-1].adapter)
-        return fake_result(cfg)
+        return fake_result(cfg) if cfg.methods[-1].adapter else []
 
     experiment = ExperimentConfig(name="e", methods=[MethodSpec("source")], output_dir=str(tmp_path / "out"))
     v1, run1 = register_version(tmp_path, "mgg_w", 1)
@@ -52,11 +52,13 @@ def test_each_version_evaluated_once_across_workers(tmp_path, mlflow_uri):
         t.start()
     for t in threads:
         t.join()
-    assert calls == ["models:/mgg_w/1"]
+    assert calls == [None, "models:/mgg_w/1"]  # the source row (no adapter), then the adapter's row
     v2, _ = register_version(tmp_path, "mgg_w", 2)
     for w in workers:
         w.poll_once()
-    assert calls == ["models:/mgg_w/1", "models:/mgg_w/2"]
+    adapter_calls = [c for c in calls if c is not None]
+    assert adapter_calls == ["models:/mgg_w/1", "models:/mgg_w/2"]
+    assert calls.count(None) <= 2  # the rows without the adapter: once per worker that evaluated a version
     for w in workers:
         assert w.poll_once() == []  # nothing left
     client = tracking.client()
@@ -88,7 +90,8 @@ def test_mean_error_follows_the_row_with_adapter_points_at(tmp_path, mlflow_uri)
     ledger = ClaimLedger()  # any object with claim/complete/release/list is a claim backend
     worker = EvalWorker("mgg_t", experiment, worker_id="w", evaluate_fn=evaluate, claims=ledger)
     assert worker.poll_once() == ["1"]
-    assert seen == [[("mgg-free source", None), ("ours", "models:/mgg_t/1"), ("tent", None)]]
+    # the rows without the adapter once (for every version), then the adapter's row
+    assert seen == [[("mgg-free source", None), ("tent", None)], [("ours", "models:/mgg_t/1")]]
     tags = tracking.client().get_model_version("mgg_t", "1").tags
     assert (tags["benchmark_mean_error"], tags["benchmark_method"]) == ("12.5000", "ours")
     assert ledger.list("mgg_t")["1"]["state"] == "done"
@@ -121,6 +124,8 @@ def test_truncated_registered_weights_fail_that_version_only(tmp_path, mlflow_ur
     evaluated = []
 
     def evaluate(cfg):
+        if cfg.methods[-1].adapter is None:
+            return []  # the rows without the adapter (evaluated once per worker)
         evaluated.append(cfg.methods[-1].adapter)
         return fake_result(cfg)
 
@@ -164,6 +169,8 @@ def test_a_working_worker_renews_its_claim_and_a_dead_ones_expires(tmp_path, mlf
     rival_polls = []
 
     def slow_evaluate(cfg):  # 1.2 s of work, three leases: the claim must be renewed meanwhile
+        if cfg.methods[-1].adapter is None:
+            return []  # the rows without the adapter (evaluated once per worker)
         for _ in range(4):
             time.sleep(0.3)
             rival_polls.append(rival.claim("1"))
@@ -212,3 +219,24 @@ def test_claims_launcher_lists_and_releases(tmp_path, mlflow_uri, capsys):
     os.utime(claims_dir / "mgg_c" / "v3", (long_ago, long_ago))
     claims_launcher.main(["release", "--expired", *args])
     assert capsys.readouterr().out.strip() == "v3: re-queued (claim released, evaluation=pending)"
+
+
+def test_rows_without_the_adapter_run_once_for_every_version(tmp_path, mlflow_uri):
+    from metatta.claims import ClaimLedger
+
+    seen = []
+
+    def evaluate(cfg):
+        seen.append([s.label or s.name for s in cfg.methods])
+        return [dataclasses.replace(fake_result(cfg)[0], method=s.label or s.name) for s in cfg.methods]
+
+    experiment = ExperimentConfig(name="e", output_dir=str(tmp_path / "out"),
+                                  methods=[MethodSpec("source"), MethodSpec("tent")])
+    register_version(tmp_path, "mgg_s", 1)
+    register_version(tmp_path, "mgg_s", 2)
+    worker = EvalWorker("mgg_s", experiment, worker_id="w", evaluate_fn=evaluate, claims=ClaimLedger())
+    assert worker.poll_once() == ["1", "2"]
+    assert seen == [["source", "tent"], ["mgtta"], ["mgtta"]]  # the baselines once, then one row per version
+    for version in (1, 2):
+        saved = json.loads((tmp_path / "out" / f"e_mgg_s_v{version}" / "results.json").read_text())
+        assert [r["method"] for r in saved] == ["source", "tent", "mgtta"]  # every version's file has them all
