@@ -57,8 +57,9 @@ class SourceTrainConfig:
     # dataset (a digits-sized one) the epochs are raised to reach them, with a warning. 0: off.
     min_steps: int = 0
     batch_size: int = 128
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: for ViTs, which SGD trains poorly
     lr: float = 0.1  # peak learning rate
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
@@ -245,8 +246,11 @@ def _train_source(cfg: SourceTrainConfig, load_split: SplitLoader) -> SourceTrai
     model = build_model(cfg.model, cfg.num_classes, cfg.in_channels, **cfg.model_kwargs).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                                    nesterov=cfg.nesterov and cfg.momentum > 0)
     # Drop the last incomplete batch: a BN batch of one image would fail, and it changes little.
     steps_per_epoch = max(len(x_train) // cfg.batch_size, 1)
     cfg = epochs_for_min_steps(cfg, steps_per_epoch, len(x_train))

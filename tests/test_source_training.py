@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import metatta.source as source
-from metatta.config import ConfigError
+from metatta.config import ConfigError, load_config
 from metatta.models import build_model, load_source_model
 from metatta.models.checkpoint import CheckpointError, checkpoint_hash, load_feature_stats, read_header
 from metatta.models.feature_stats import compute_feature_stats, feature_taps
@@ -180,8 +180,6 @@ def test_cli_trains_from_the_yaml_with_overrides(tmp_path, fmnist):  # fmnist: s
 
 
 def test_default_source_config_is_valid():
-    from metatta.config import load_config
-
     cfg = source.source_train_config(load_config(Path(__file__).parents[1] / "configs" / "fmnist_c" / "source.yaml"))
     assert cfg.model == "resnet_fmnist" and cfg.output == str(cache_root() / "models" / "resnet_fmnist.pt")
 
@@ -214,3 +212,27 @@ def test_a_small_dataset_gets_the_epochs_that_make_min_steps(tmp_path, fmnist, c
     assert quick.epochs == 1  # a deliberately small run stays as asked
     with pytest.raises(ValueError, match="min_steps must be >= 0"):
         source.source_train_config({**cfg, "min_steps": -1})
+
+
+VIT = {"model": "vit_tiny_fmnist", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "channels_last": False,
+       "model_kwargs": {"patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}}
+
+
+def test_a_vit_trains_with_adamw_saves_its_cls_statistics_and_is_deterministic(tmp_path, loader):
+    first = source.train_source(tiny_config(tmp_path / "a", **VIT), loader)
+    second = source.train_source(tiny_config(tmp_path / "b", **VIT), loader)
+    assert first.epoch_losses[-1] < first.epoch_losses[0] and first.clean_test_error < 85.0  # learns (chance: 90%)
+    a, b = load_source_model(first.checkpoint), load_source_model(second.checkpoint)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in a.modules())
+    stats = load_feature_stats(first.checkpoint)
+    assert sorted(stats) == sorted(f"{k}.{i}" for i in range(2) for k in ("mean", "std"))  # CLS token, every block
+    assert stats["mean.0"].shape == (32,)
+    assert read_header(first.checkpoint)["extra"]["train_config"]["optimizer"] == "adamw"
+
+
+def test_the_shipped_vit_source_config_is_valid():
+    cfg = source.source_train_config(load_config(Path(__file__).parents[1] / "configs" / "fmnist_c" / "source_vit.yaml"))
+    assert cfg.optimizer == "adamw" and cfg.model == "vit_tiny_fmnist"
+    model = build_model(cfg.model, cfg.num_classes, cfg.in_channels, **cfg.model_kwargs)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
