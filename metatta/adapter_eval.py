@@ -82,8 +82,8 @@ class EvalWorker:
         shared_labels = {label(spec) for spec in shared}
         by_label = {r.method: r for r in self._shared_results or [] if r.method in shared_labels}
         by_label.update({r.method: r for r in self.evaluate_fn(dataclasses.replace(cfg, methods=own))})
-        return [by_label[label(spec)] for spec in cfg.methods if label(spec) in by_label] + \
-            [r for name, r in by_label.items() if name not in {label(spec) for spec in cfg.methods}]
+        rows = [label(spec) for spec in cfg.methods]
+        return [by_label[row] for row in rows if row in by_label] + [r for row, r in by_label.items() if row not in rows]
 
     def pending_versions(self) -> list[str]:
         """Versions not yet evaluated (neither done nor failed), oldest first."""

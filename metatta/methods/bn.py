@@ -131,6 +131,7 @@ def mix_source_statistics(model: nn.Module, statistics: str, alpha: float = 0.1,
     """Turn every BatchNorm layer of `model`, in place (same parameters and buffers), into its
     "alpha" or "ema" variant; returns how many. Raises naming the layer when one is not a plain
     BatchNorm layer with source running statistics."""
+    require_batchnorm(model, where)
     classes = ALPHA_CLASSES if statistics == "alpha" else EMA_CLASSES
     count = 0
     for name, module in model.named_modules():
@@ -148,9 +149,6 @@ def mix_source_statistics(model: nn.Module, statistics: str, alpha: float = 0.1,
         else:
             module.ema_momentum = ema_momentum if ema_momentum is not None else (module.momentum or 0.1)
         count += 1
-    if count == 0:
-        raise ValueError(f"{where}: statistics {statistics!r} needs BatchNorm layers; "
-                         f"{type(model).__name__} has none")
     return count
 
 
