@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torchvision import transforms as tv_transforms
 
+from metatta.config import ConfigError, apply_override
 from metatta.data.domains import BENCHMARK_CORRUPTIONS
 from metatta.data.streams import build_stream
 from metatta.experiment import BenchmarkConfig, SourceConfig, load_domains, source_model
@@ -146,8 +147,20 @@ def authors_runner(cls: Any, method: str, source: torch.nn.Module, batch_size: i
 
 
 # ---- our side --------------------------------------------------------------------------------
-def metatta_runner(method: str, source: torch.nn.Module, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    return build_method(method, copy.deepcopy(source), {}, batch_size=batch_size)
+def metatta_runner(method: str, source: torch.nn.Module, batch_size: int,
+                   overrides: dict[str, Any] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Our method at its defaults (with `overrides`, e.g. precision=bf16), lr scaled to the batch."""
+    return build_method(method, copy.deepcopy(source), dict(overrides or {}), batch_size=batch_size)
+
+
+def parse_overrides(items: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        try:
+            apply_override(overrides, item)
+        except ConfigError as e:
+            parser.error(f"--metatta-config: {e}")
+    return overrides
 
 
 # ---- the comparison ------------------------------------------------------------------------------
@@ -212,7 +225,9 @@ def report(summaries: list[dict[str, Any]], protocol: dict[str, Any]) -> str:
     return (f"Command: `python {' '.join(protocol['command'])}`\n\n{protocol['rounds']} alternated rounds, "
             f"{protocol['threads']} threads, {protocol['num_images']} images x {len(protocol['corruptions'])} "
             f"corruptions (severity 5, continual, batch {protocol['batch_size']}), checkpoint "
-            f"{protocol['checkpoint']}. Ratio: the authors' seconds / metatta's, per round.\n\n{table}\n")
+            f"{protocol['checkpoint']}. metatta's methods at their defaults"
+            f"{' with ' + str(protocol['metatta_config']) if protocol['metatta_config'] else ''}, the authors' "
+            f"with their CIFAR-10-C settings. Ratio: the authors' seconds / metatta's, per round.\n\n{table}\n")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -227,11 +242,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metatta-config", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="overrides of our methods' configs, e.g. precision=bf16 (the authors' side is unchanged)")
     parser.add_argument("--tag", default="speed_vs_authors")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
 
+    overrides = parse_overrides(args.metatta_config, parser)
     torch.set_num_threads(args.threads)
     authors = import_authors(args.palm_repo)
     if args.law_repo is not None:
@@ -244,12 +262,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         ours_name = row.split()[0]
         summaries.append(compare(
-            row, lambda: metatta_runner(ours_name, source, args.batch_size),
+            row, lambda: metatta_runner(ours_name, source, args.batch_size, overrides),
             lambda: authors_runner(authors[row], ours_name, source, args.batch_size, image_size),
             batches, args.rounds, args.seed))
     protocol = {"command": benchmark_command(__file__, argv if argv is not None else sys.argv[1:]),
                 "rounds": args.rounds, "threads": args.threads, "num_images": args.num_images,
                 "corruptions": args.corruptions, "batch_size": args.batch_size, "seed": args.seed,
+                "metatta_config": overrides,
                 "checkpoint": str(checkpoint), "palm_repo": str(args.palm_repo),
                 "law_repo": None if args.law_repo is None else str(args.law_repo), "torch": torch.__version__}
     record = {"protocol": protocol, "summaries": summaries}
