@@ -161,6 +161,18 @@ def test_one_step_key_encoder_queue_bank_and_prediction():
         torch.testing.assert_close(out, method.model(x), rtol=0, atol=0)
 
 
+def test_predict_statistics_batch_uses_the_test_batchs_bn_statistics():
+    method = build_method("adacontrast", TinyBNNet(), {**FAST, "predict_statistics": "batch", "channels_last": False})
+    x = batches(1)[0]
+    out = method(x)
+    method.model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(out, method.model(x), rtol=0, atol=0)
+    method.model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(out, method.model(x))
+
+
 def test_views_keep_shape_and_range_and_draw_per_image():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 1, 28, 28, generator=g).repeat(64, 1, 1, 1)
@@ -195,7 +207,8 @@ def test_a_nan_batch_leaves_it_finite_and_unchanged():
 
 
 def test_bad_values_are_refused_naming_the_field():
-    for field, value in (("distance", "manhattan"), ("queue_size", 0), ("contrast_type", "x"), ("temperature", 0.0)):
+    for field, value in (("distance", "manhattan"), ("queue_size", 0), ("contrast_type", "x"), ("temperature", 0.0),
+                         ("predict_statistics", "mixed")):
         with pytest.raises(ValueError, match=rf"^adacontrast: config\.{field} must be"):
             method_class("adacontrast").make_config({field: value})
 

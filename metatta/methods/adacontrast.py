@@ -32,8 +32,10 @@ image; `strong_view`, twice: MoCo-v2 "light", see below), as in their `loss_calc
    `forward`).
 
 Modes, as in their code: the model and the key encoder run in train mode while adapting (BN
-normalizes with batch statistics and moves its running statistics, momentum 0.1); the
-prediction uses eval mode, i.e. BN's running statistics. A ViT has no BN; its dropouts are 0.
+normalizes with batch statistics and moves its running statistics, momentum 0.1, on the weak
+and the strong view); the prediction uses eval mode, i.e. BN's running statistics, which trail
+a new domain by about ten batches (`predict_statistics: batch` predicts with the test batch's
+statistics instead; not theirs). A ViT has no BN; its dropouts are 0.
 
 Adapted: every parameter of the model (their configure_model enables all; the paper trains
 the whole network). The key encoder and the queue are extra state that `reset()` restores,
@@ -71,6 +73,7 @@ from metatta.methods.memo import marginal_entropy
 DISTANCES = ("cosine", "euclidean")
 CONTRAST_TYPES = ("class_aware", "all")
 CE_VIEWS = ("weak_strong", "weak_weak")
+PREDICT_STATISTICS = ("running", "batch")
 
 
 @dataclasses.dataclass
@@ -93,6 +96,9 @@ class AdaContrastConfig(MethodConfig):
     num_neighbors: int = 10  # NUM_NEIGHBORS
     distance: str = "cosine"  # DIST_TYPE: cosine | euclidean
     refine_after: int = 1024  # their first_X_samples: argmax pseudo-labels until this many test images
+    # The prediction's BN statistics: "running" (theirs: eval mode, the running statistics moved by the
+    # train-mode adaptation passes, so they trail a new domain by ~10 batches) | "batch" (the test batch's).
+    predict_statistics: str = "running"
     classifier: str | None = None  # the linear classifier's module name; None: the last nn.Linear
 
     def validate(self) -> None:
@@ -110,7 +116,8 @@ class AdaContrastConfig(MethodConfig):
         for name in ("alpha", "beta", "eta"):
             if not getattr(self, name) >= 0:
                 self.refuse(name, "a number >= 0")
-        for name, allowed in (("distance", DISTANCES), ("contrast_type", CONTRAST_TYPES), ("ce_views", CE_VIEWS)):
+        for name, allowed in (("distance", DISTANCES), ("contrast_type", CONTRAST_TYPES), ("ce_views", CE_VIEWS),
+                              ("predict_statistics", PREDICT_STATISTICS)):
             if getattr(self, name) not in allowed:
                 self.refuse(name, "one of " + ", ".join(map(repr, allowed)))
 
@@ -310,7 +317,9 @@ class AdaContrast(TTAMethod):
         return self.predict(self.in_layout(x))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
+        """The model in eval mode (BN: running statistics), or with `predict_statistics: batch` in
+        train mode (BN: the batch's statistics; the running ones move but nothing reads them then)."""
+        self.model.train(self.config.predict_statistics == "batch")
         try:
             with torch.no_grad():
                 return self.model(x)
