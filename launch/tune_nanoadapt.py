@@ -1,11 +1,13 @@
 """Ray Tune search of NanoAdapt's settings, one search per test batch size (default 1 and 4):
-DBC's momentum m, the number of views k, the accumulation steps S and the learning rate,
-on the 4 held-out Fashion-MNIST-C corruptions only (Optuna + ASHA, trials in MLflow; the
-search trainer is trainers/tune.py, shared with the PALM search).
+DBC's momentum m, the number of views k, the accumulation steps S and the learning rate, on
+validation streams of held-out corruptions of clean training images at that batch size (Optuna +
+ASHA, trials in MLflow; the search trainer is trainers/tune.py, shared with every search; the
+protocol: docs/searches.md).
 
 Each batch size B gets its own search (name `<name>_n<B>`, stream batch size B, the searched
-lr fixed as the lr for batch B: `lr_batch_size: B`), and its best setting is written as YAML
-and registered as `<register_as>_n<B>` (alias `champion` = the lowest held-out error so far).
+lr fixed as the lr for batch B: `lr_batch_size: B`); the published default runs first and is
+kept unless the winner beats it by more than the seed noise. The chosen setting is written as
+YAML and registered as `<register_as>_n<B>` (alias `champion` = the lowest validation objective).
 
 On a cluster:  ray job submit --working-dir . -- python launch/tune_nanoadapt.py
 On a laptop:   python launch/tune_nanoadapt.py num_samples=8 'batch_sizes=[1]'
@@ -60,8 +62,9 @@ def run_searches(data: dict[str, Any]) -> dict[int, Any]:
     for cfg in batch_size_searches(data):
         outcome = run_search(cfg)
         outcomes[cfg.stream.batch_size] = outcome
-        log.info("batch %d: best %s setting %s, held-out mean error %.2f%%; wrote %s; registered %s version %s%s",
-                 cfg.stream.batch_size, cfg.method, outcome.best_params, outcome.best_error, outcome.settings_path,
+        log.info("batch %d: chose the %s %s setting %s, validation %s %.2f; wrote %s; registered %s version %s%s",
+                 cfg.stream.batch_size, outcome.decision["chosen"], cfg.method, outcome.best_params, cfg.metric,
+                 outcome.best_error, outcome.settings_path,
                  cfg.register_as or "(not registered)", outcome.registered_version,
                  " (now champion)" if outcome.promoted else "")
     return outcomes

@@ -84,6 +84,9 @@ class Progress:
     images: int  # images evaluated so far
     domain: str  # the domain of the batch just evaluated
     domain_errors: dict[str, float]  # percent, per domain seen so far, in stream order
+    batch_error: float = float("nan")  # percent, of the batch just evaluated
+    batch_images: int = 0  # images in the batch just evaluated
+    finite_logits: bool = True  # whether every logit of that batch was finite
 
     @property
     def mean_error(self) -> float:
@@ -202,7 +205,8 @@ def evaluate(
                 torch.cuda.synchronize(device)
             elapsed += time.perf_counter() - start
             adapted_by_domain.setdefault(domain, []).append(_adapted_parameters(method))
-            if not torch.isfinite(logits).all():
+            finite = bool(torch.isfinite(logits).all())
+            if not finite:
                 log.warning("%s produced non-finite logits on %s; counted as errors", name, domain)
             probs = torch.nan_to_num(logits.float(), nan=0.0).softmax(1)
             conf, pred = probs.max(1)
@@ -217,7 +221,8 @@ def evaluate(
             num_images += len(correct)
             if on_batch is not None:
                 on_batch(Progress(batches=len(batch_domains), total_batches=len(stream), images=num_images,
-                                  domain=domain, domain_errors=_percent(errors_by_domain)))
+                                  domain=domain, domain_errors=_percent(errors_by_domain),
+                                  batch_error=error_over_stream[-1], batch_images=len(correct), finite_logits=finite))
     if num_images == 0:
         raise ValueError("the stream yielded no images")
     domain_errors = _percent(errors_by_domain)

@@ -191,6 +191,24 @@ def evaluate_windowed(
     return windows
 
 
+def window_errors(batch_errors: Sequence[float], batch_sizes: Sequence[int], window: int) -> list[float]:
+    """Error (percent, image-weighted) per window of `window` images of a stream, from its batches'
+    errors and sizes (`Result.error_over_stream`): a batch belongs to the window its first image
+    falls in. A last window under half of `window` images joins the one before it, so the worst
+    window is never a few images' noise."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (images), got {window!r}")
+    if len(batch_errors) != len(batch_sizes) or not batch_sizes:
+        raise ValueError(f"window_errors: {len(batch_errors)} batch errors for {len(batch_sizes)} batch sizes")
+    sizes = np.asarray(batch_sizes, dtype=float)
+    first_image = np.concatenate([[0.0], np.cumsum(sizes)[:-1]])
+    index = (first_image // window).astype(int)
+    if index[-1] > 0 and sizes[index == index[-1]].sum() < window / 2:
+        index[index == index[-1]] -= 1
+    wrong = np.bincount(index, weights=np.asarray(batch_errors, dtype=float) * sizes)
+    return [float(e) for e in wrong / np.bincount(index, weights=sizes)]
+
+
 # ---- guard thresholds from held-out streams ---------------------------------------------------------
 def guard_signals(method: torch.nn.Module, stream, reference: torch.nn.Module,
                   device: str | torch.device = "cpu") -> dict[str, np.ndarray]:

@@ -1,15 +1,18 @@
 """Hyperparameter searches of a TTA method, without the search engine: the search config and
-its checks, one trial as a plain function, and the best setting's file.
+its checks, one trial as a plain function, and the chosen setting's file.
 
-A search (`SearchConfig`, one YAML file, e.g. configs/fmnist_c/tune_palm.yaml) names a method,
-its fixed config and a search space over fields of the method's config. A trial (`run_trial`)
-builds the method on a fresh copy of the source model as an experiment row is built
-(`metatta.experiment.build_row_method`, so any method can be tuned: EATA with its Fisher
-batches, a plug-in with its base's inputs) and runs the *held-out* corruption stream (anything
-tuned sees the four held-out corruptions only; a benchmark corruption in the search's benchmark
-section is refused) through the one evaluation loop (`metatta.evaluation.evaluate`), reporting
-its running mean error every `report_every` batches; the last report is the trial's final mean
-error (`final: 1`). `trainers.tune` runs trials with Ray Tune (Optuna + ASHA).
+A search (`SearchConfig`, one YAML file per method family, configs/fmnist_c/tune_<family>.yaml)
+names a method, its fixed config, a search space over fields of the method's config, and the
+run the setting is for (`benchmark`: its images per domain; `stream`: its setting and batch size).
+A trial (`run_trial`) builds the method on a fresh copy of the source model as an experiment row
+is built (`metatta.experiment.build_row_method`, so any method can be tuned: EATA with its Fisher
+batches, a plug-in with its base's inputs) and runs it through the one evaluation loop
+(`metatta.evaluation.evaluate`) on *validation* streams that look like that run: the held-out
+corruptions at several severities, built from the clean training split, never a test image, once
+per stream seed (`metatta.search_protocol`: data, objective, divergence, the default-or-searched
+rule). It reports its running objective every `report_every` batches; the last report is the
+trial's result (`final: 1`). `trainers.tune` runs the default and the trials with Ray Tune
+(Optuna + ASHA). The protocol is described in docs/searches.md.
 """
 from __future__ import annotations
 
@@ -24,18 +27,19 @@ import torch
 import yaml
 
 from metatta.config import ConfigError, build_dataclass
-from metatta.data.benchmark_files import fashion_mnist_c
-from metatta.data.domains import HELD_OUT_CORRUPTIONS
 from metatta.data.streams import build_stream
 from metatta.device import resolve_device
 from metatta.evaluation import Progress, evaluate
-from metatta.experiment import (BenchmarkConfig, MethodSpec, SourceConfig, StreamConfig, build_row_method,
-                                load_domains)
+from metatta.experiment import BenchmarkConfig, MethodSpec, SourceConfig, StreamConfig, build_row_method
+from metatta.learned.heldout import HeldOutSet
 from metatta.methods.base import method_class
 from metatta.models import load_source_model
+from metatta.search_protocol import (AcceptanceConfig, DivergenceConfig, DivergenceWatch, ObjectiveConfig,
+                                     TrialDiverged, ValidationConfig, check_protocol, combine, validation_set)
 
 
 SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
+METRICS = ("objective", "mean_error")
 
 
 @dataclasses.dataclass
@@ -56,8 +60,8 @@ class ASHAConfig:
     reduction_factor: int = 2
 
 
-def _held_out_benchmark() -> BenchmarkConfig:
-    return BenchmarkConfig(corruptions="held_out", num_images=500)
+def _benchmark_run() -> BenchmarkConfig:
+    return BenchmarkConfig(corruptions="benchmark", num_images=1000)
 
 
 @dataclasses.dataclass
@@ -66,16 +70,25 @@ class SearchConfig:
     method: str = "tent"
     method_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # fixed fields
     space: dict[str, SpaceParam] = dataclasses.field(default_factory=dict)  # searched fields
-    benchmark: BenchmarkConfig = dataclasses.field(default_factory=_held_out_benchmark)
+    # The published default's values of searched fields where they are not the method's defaults
+    # (a configs/methods/<method>_<benchmark>.yaml); the default is the first trial of every search.
+    default: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The run the setting is for (never read by a trial): its dataset and images per domain; with
+    # `stream` (its setting and batch size) it shapes the validation streams.
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=_benchmark_run)
     source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
     stream: StreamConfig = dataclasses.field(default_factory=StreamConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    divergence: DivergenceConfig = dataclasses.field(default_factory=DivergenceConfig)
+    acceptance: AcceptanceConfig = dataclasses.field(default_factory=AcceptanceConfig)
     fisher_images: int = 500  # clean training images for methods that need source statistics (EATA)
     adapter: str | None = None  # a trained adapter, for methods that take one (mgtta, cta, ttt, optimizer: mgg)
     num_samples: int = 16
     max_concurrent: int = 2
-    report_every: int = 1  # batches between reports to Tune (ASHA's time unit)
+    report_every: int = 1  # batches between reports to Tune (ASHA's time unit), counted over all seeds
     asha: ASHAConfig = dataclasses.field(default_factory=ASHAConfig)
-    metric: str = "mean_error"
+    metric: str = "objective"  # objective | mean_error (the mean over seeds, no worst window)
     mode: str = "min"
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None  # None: 1 where the cluster has a GPU and device is not cpu
@@ -101,17 +114,13 @@ def search_config(data: dict[str, Any]) -> SearchConfig:
                               f"got {value!r}")
     cfg.space = space
     cls = method_class(cfg.method)
-    names = cfg.benchmark.corruption_names()
-    leaked = [n for n in names if n not in HELD_OUT_CORRUPTIONS]
-    if leaked:
-        raise ConfigError(
-            f"search.benchmark.corruptions: {leaked} are benchmark corruptions; a search tunes on the held-out "
-            f"corruptions only ({', '.join(HELD_OUT_CORRUPTIONS)}), reported errors are on the others"
-        )
-    if cfg.mode not in ("min", "max"):
-        raise ConfigError(f"search.mode: {cfg.mode!r} is not 'min' or 'max'")
-    if cfg.metric != "mean_error":
-        raise ConfigError(f"search.metric: only 'mean_error' is reported, got {cfg.metric!r}")
+    cfg.benchmark.corruption_names()  # a known set or names
+    check_protocol(cfg.validation, cfg.objective, cfg.divergence, cfg.acceptance, cfg.stream.setting)
+    validation_images(cfg)
+    if cfg.mode != "min":
+        raise ConfigError(f"search.mode: errors are minimized; got {cfg.mode!r}")
+    if cfg.metric not in METRICS:
+        raise ConfigError(f"search.metric: one of {', '.join(METRICS)}, got {cfg.metric!r}")
     for field in ("num_samples", "max_concurrent", "report_every"):
         if getattr(cfg, field) < 1:
             raise ConfigError(f"search.{field} must be >= 1, got {getattr(cfg, field)}")
@@ -126,10 +135,17 @@ def search_config(data: dict[str, Any]) -> SearchConfig:
     both = sorted(set(cfg.space) & set(cfg.method_config))
     if both:
         raise ConfigError(f"search: {both} are both fixed (method_config) and searched (space)")
+    unsearched = sorted(set(cfg.default) - set(cfg.space))
+    if unsearched:
+        raise ConfigError(f"search.default: {unsearched} are not searched fields (fixed ones go in method_config)")
     for key, param in cfg.space.items():
         check_param(param, f"search.space.{key}")
     check_space_corners(cfg)  # the method's value rules (and value types) at both ends of the space
     cls.make_config({**cfg.method_config, **sample_midpoint(cfg.space)})  # and inside it
+    try:
+        cls.make_config({**cfg.method_config, **cfg.default})
+    except ValueError as e:
+        raise ConfigError(f"search.default: {e}") from None
     return cfg
 
 
@@ -181,6 +197,30 @@ def sample_midpoint(space: dict[str, SpaceParam]) -> dict[str, Any]:
     return out
 
 
+def validation_images(cfg: SearchConfig) -> int:
+    """Images per validation domain: `validation.num_images`, else the run's (`benchmark.num_images`)."""
+    n = cfg.validation.num_images if cfg.validation.num_images is not None else cfg.benchmark.num_images
+    if n is None:
+        raise ConfigError("search.validation.num_images: give the images per domain of the run the setting is for "
+                          "(or set search.benchmark.num_images)")
+    return int(n)
+
+
+def validation_data(cfg: SearchConfig) -> HeldOutSet:
+    """The search's validation domains and their provenance (clean training images, checked)."""
+    dataset = cfg.validation.dataset or cfg.benchmark.name.removesuffix("_c")
+    return validation_set(cfg.validation, validation_images(cfg), dataset)
+
+
+def validation_stream(cfg: SearchConfig, domains, seed: int):
+    options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
+    return build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=seed, **options)
+
+
+def objective_window(cfg: SearchConfig) -> int:
+    return cfg.objective.window or validation_images(cfg)
+
+
 # ---- one trial ------------------------------------------------------------------------------
 def trial_method_config(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
     """The full method config of a trial: defaults < fixed method_config < searched params."""
@@ -188,45 +228,106 @@ def trial_method_config(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, 
     return plain(dataclasses.asdict(method_class(cfg.method).make_config(values)))
 
 
+def default_params(cfg: SearchConfig) -> dict[str, Any]:
+    """The published default's values of the searched fields (the method's defaults under the
+    search's fixed `method_config`, then `default`): the trial every search runs first."""
+    full = trial_method_config(cfg, cfg.default)
+    return {k: full[k] for k in cfg.space}
+
+
+def in_space(cfg: SearchConfig, params: dict[str, Any]) -> bool:
+    """Whether a point lies inside the search space (the searcher can be told its result)."""
+    for key, p in cfg.space.items():
+        value = params[key]
+        if p.type == "choice":
+            if value not in p.values:
+                return False
+        elif not (isinstance(value, (int, float)) and p.low <= value <= p.high):
+            return False
+    return True
+
+
 def run_trial(
     cfg: SearchConfig,
     params: dict[str, Any],
     checkpoint: str | Path,
     report: Callable[[dict[str, float]], None] | None = None,
-    domains=None,
-) -> dict[str, float]:
-    """Run the method with `params` over the held-out stream; returns the final
-    metrics. `report` gets {'mean_error', 'batches', 'images', 'final'} every
-    `report_every` batches and at the end (the running mean over domains seen so far).
+    validation: HeldOutSet | None = None,
+) -> dict[str, Any]:
+    """Run the method with `params` over the validation stream of every seed in
+    `validation.seeds` (a fresh source model each); returns the final metrics:
+    `objective`, `mean_error` and `worst_window` (means over seeds), the same per seed
+    (`seed<s>/...`), `diverged` (0/1) and, for a diverged trial, `diverged_reason` (the
+    objective is then `divergence.penalty`). `report` gets the running values every
+    `report_every` batches (counted over all seeds) and the final ones (`final: 1`).
 
     The method is built as an experiment row is (`build_row_method`: the context inputs it
     declares, EATA's Fisher batches or a plug-in's base's included) and run by the one
-    evaluation loop (`evaluate`), watched through its `on_batch`."""
+    evaluation loop (`evaluate`), watched through its `on_batch` (`DivergenceWatch`)."""
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    domains = domains if domains is not None else load_domains(cfg.benchmark)
-    model = load_source_model(checkpoint, device=device)
+    held = validation if validation is not None else validation_data(cfg)
     spec = MethodSpec(name=cfg.method, config=trial_method_config(cfg, params), adapter=cfg.adapter)
-    method = build_row_method(spec, model, cfg, Path(checkpoint), device)
-    options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
-    stream = build_stream(domains, cfg.stream.setting, cfg.stream.batch_size, seed=cfg.stream.seed, **options)
+    window = objective_window(cfg)
+    seeds = cfg.validation.seeds
+    per_seed_batches = len(validation_stream(cfg, held.domains, seeds[0]))
+    total = per_seed_batches * len(seeds)
     start = time.perf_counter()
+    done = {"batches": 0, "images": 0, "wrong": 0.0}
+    worst_windows: list[float] = []  # of the seeds finished
 
-    def metrics(mean_error: float, batches: int, images: int, final: bool) -> dict[str, float]:
-        return {"mean_error": mean_error, "batches": float(batches), "images": float(images),
-                "final": float(final), "seconds": time.perf_counter() - start}
+    def metrics(objective: float, mean_error: float, worst: float, final: bool) -> dict[str, Any]:
+        return {"objective": float(objective), "mean_error": float(mean_error), "worst_window": float(worst),
+                "batches": float(done["batches"]), "images": float(done["images"]), "final": float(final),
+                "diverged": 0.0, "seconds": time.perf_counter() - start}
 
-    def on_batch(progress: Progress) -> None:
-        if report is not None and progress.batches % cfg.report_every == 0 \
-                and progress.batches < progress.total_batches:
-            report(metrics(progress.mean_error, progress.batches, progress.images, False))
+    def running(watch: DivergenceWatch) -> dict[str, Any]:
+        """For ASHA: the error over every image so far, and the worst window finished so far."""
+        mean = done["wrong"] / done["images"]
+        worst = max(worst_windows + ([watch.worst_so_far] if watch.worst_so_far is not None else []), default=mean)
+        return metrics(combine(mean, worst, cfg.objective), mean, worst, False)
 
-    result = evaluate(method, stream, method_name=cfg.method, device=device, progress=False, on_batch=on_batch)
-    out = metrics(result.mean_error, len(result.batch_domains), result.num_images, True)
-    out.update({f"error/{d}": e for d, e in result.domain_errors.items()})
+    out: dict[str, Any] = {}
+    try:
+        for seed in seeds:
+            torch.manual_seed(seed)  # the seed orders the images and draws the method's randomness
+            seed_cfg = dataclasses.replace(cfg, stream=dataclasses.replace(cfg.stream, seed=seed))
+            model = load_source_model(checkpoint, device=device)
+            method = build_row_method(spec, model, seed_cfg, Path(checkpoint), device)
+            watch = DivergenceWatch(cfg.divergence, window, method)
+
+            def on_batch(progress: Progress, watch=watch) -> None:
+                done["batches"] += 1
+                done["images"] += progress.batch_images
+                done["wrong"] += progress.batch_error * progress.batch_images
+                watch(progress)
+                if report is not None and done["batches"] % cfg.report_every == 0 and done["batches"] < total:
+                    report(running(watch))
+
+            stream = validation_stream(seed_cfg, held.domains, seed)
+            result = evaluate(method, stream, method_name=cfg.method, device=device, progress=False, on_batch=on_batch)
+            windows = watch.windows()
+            watch.check_window(max(windows), done["batches"])  # the last, partial window too
+            worst = max(windows)
+            worst_windows.append(worst)
+            out[f"seed{seed}/mean_error"] = result.mean_error
+            out[f"seed{seed}/worst_window"] = worst
+            out[f"seed{seed}/objective"] = combine(result.mean_error, worst, cfg.objective)
+            out.update({f"seed{seed}/error/{d}": e for d, e in result.domain_errors.items()})
+            out[f"seed{seed}/skipped_updates"] = float(result.skipped_updates)
+    except TrialDiverged as e:
+        final = metrics(cfg.divergence.penalty, float("nan"), float("nan"), True)
+        final.update({"diverged": 1.0, "diverged_reason": e.reason})
+        if report is not None:
+            report(final)
+        return final
+    final = metrics(
+        float(np.mean([out[f"seed{s}/objective"] for s in seeds])),
+        float(np.mean([out[f"seed{s}/mean_error"] for s in seeds])),
+        float(np.mean([out[f"seed{s}/worst_window"] for s in seeds])), True)
+    final.update(out)
     if report is not None:
-        report(out)
-    return out
+        report(final)
+    return final
 
 
 def plain(value: Any) -> Any:
@@ -242,31 +343,32 @@ def plain(value: Any) -> Any:
 
 @dataclasses.dataclass
 class SearchOutcome:
-    best_params: dict[str, Any]
+    best_params: dict[str, Any]  # of the chosen setting: the searched winner, or the default
     best_config: dict[str, Any]
-    best_error: float
+    best_error: float  # the chosen setting's validation value of the search's metric
     settings_path: Path
-    trials: list[dict[str, Any]]  # one per trial: config, metrics, completed
+    trials: list[dict[str, Any]]  # the default first, then the searched: config, metrics, completed, diverged
     parent_run_id: str | None
     registered_version: str | None
     promoted: bool
+    decision: dict[str, Any] = dataclasses.field(default_factory=dict)  # search_protocol.choose_setting
 
 
-def write_settings(path: Path, config: dict[str, Any], method: str, error: float) -> Path:
-    """The best setting as a YAML method config (atomic write)."""
+def write_settings(path: Path, config: dict[str, Any], method: str, error: float, chosen: str = "searched") -> Path:
+    """The chosen setting as a YAML method config (atomic write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"# best {method} setting of a Ray Tune search; held-out mean error {error:.2f}%\n"
+    what = "the published default (no searched setting beat it by more than the seed noise)" \
+        if chosen == "default" else "the best searched setting"
+    tmp.write_text(f"# {method}: {what} of a Ray Tune search; validation objective {error:.2f}\n"
                    + yaml.safe_dump(plain(config), sort_keys=False))
     tmp.replace(path)
     return path
 
 
-def num_reports(cfg: SearchConfig) -> int:
-    """Reports a complete trial makes (ASHA's max_t)."""
-    options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
-    n = len(build_stream(load_domains(cfg.benchmark), cfg.stream.setting, cfg.stream.batch_size,
-                         seed=cfg.stream.seed, **options))
+def num_reports(cfg: SearchConfig, validation: HeldOutSet) -> int:
+    """Reports a complete trial makes over all its seeds (ASHA's max_t)."""
+    n = len(validation_stream(cfg, validation.domains, cfg.validation.seeds[0])) * len(cfg.validation.seeds)
     return max(1, (n - 1) // cfg.report_every + 1)
 
 
@@ -279,8 +381,8 @@ def search_params(cfg: SearchConfig) -> dict[str, Any]:
 
 def absolute_paths(cfg: SearchConfig) -> None:
     """Trials run in their own directories: make every path in the config absolute."""
-    if cfg.benchmark.root is None and cfg.benchmark.name == "fashion_mnist_c":
-        cfg.benchmark.root = str(fashion_mnist_c(corruptions=cfg.benchmark.corruption_names()))
+    if cfg.validation.root is not None:
+        cfg.validation.root = str(Path(cfg.validation.root).resolve())
     if cfg.benchmark.root is not None:
         cfg.benchmark.root = str(Path(cfg.benchmark.root).resolve())
     if cfg.adapter is not None and not cfg.adapter.startswith("models:/"):

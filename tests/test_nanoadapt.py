@@ -31,7 +31,7 @@ from metatta.paths import cache_root
 
 from repo_scripts import load_script
 from test_methods import TinyBNNet, assert_same_state, batches, fisher_batches
-from test_tune import HELD_OUT, held_out_root, source_checkpoint  # noqa: F401  (fixtures)
+from test_tune import HELD_OUT, source_checkpoint  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -420,7 +420,7 @@ def test_default_search_config_gives_one_search_per_batch_size_on_held_out_corru
     assert [s.register_as for s in searches] == ["nanoadapt_settings_n1", "nanoadapt_settings_n4"]
     assert all(s.method_config["lr_batch_size"] == s.stream.batch_size for s in searches)
     assert {"dbc_momentum", "num_views", "accumulation_steps", "lr"} == set(searches[0].space)
-    assert searches[0].benchmark.corruption_names() == ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+    assert searches[0].validation.corruptions == ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
 
 
 def test_bad_batch_sizes_are_refused():
@@ -431,7 +431,7 @@ def test_bad_batch_sizes_are_refused():
                                              "space": {"lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2}}})
 
 
-def test_search_per_batch_size_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint, held_out_root):
+def test_search_per_batch_size_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint):
     from metatta.experiment import experiment_config, method_config, with_settings
 
     data = {
@@ -440,8 +440,9 @@ def test_search_per_batch_size_end_to_end(tmp_path, ray_session, mlflow_uri, sou
                   "num_views": {"type": "int", "low": 0, "high": 2},
                   "accumulation_steps": {"type": "choice", "values": [1, 2]},
                   "lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2}},
-        "benchmark": {"name": "fashion_mnist_c", "corruptions": HELD_OUT, "severities": [5], "num_images": 8,
-                      "root": str(held_out_root)},
+        "benchmark": {"name": "fashion_mnist_c", "num_images": 8},
+        "validation": {"corruptions": HELD_OUT, "severities": [5], "seeds": [0, 1]},
+        "divergence": {"max_window_error": None, "on_collapse": False},  # an untrained model, near chance
         "source": {"checkpoint": str(source_checkpoint)}, "stream": {"setting": "continual", "seed": 0},
         "num_samples": 1, "max_concurrent": 1, "report_every": 4, "asha": {"grace_period": 1},
         "device": "cpu", "output_dir": str(tmp_path / "out"), "register_as": "nano_settings",
@@ -449,13 +450,14 @@ def test_search_per_batch_size_end_to_end(tmp_path, ray_session, mlflow_uri, sou
     outcomes = _tune_module().run_searches(data)
     assert sorted(outcomes) == [1, 4]
     for b, outcome in outcomes.items():
-        assert len(outcome.trials) == 1 and outcome.trials[0]["completed"]
+        assert len(outcome.trials) == 2 and outcome.trials[0]["trial_id"] == "default"
+        assert outcome.trials[0]["config"]["lr"] is None  # the default: the base's own lr
         assert outcome.registered_version == "1" and outcome.promoted
         assert outcome.best_config["lr_batch_size"] == b
     exp = with_settings(experiment_config({"methods": [{"name": "bn"}]}), "nanoadapt",
                         "models:/nano_settings_n1@champion")
     tuned = method_config(exp.methods[-1])
-    assert tuned["lr_batch_size"] == 1 and tuned["lr"] == pytest.approx(outcomes[1].best_params["lr"])
+    assert tuned["lr_batch_size"] == 1 and tuned["lr"] == outcomes[1].best_params["lr"]
 
 
 def test_launcher_refuses_bad_settings_as_a_user_error(capsys):

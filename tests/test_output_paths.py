@@ -2,7 +2,7 @@
 or refused naming the field; a plain run keeps them relative to the current directory."""
 import pytest
 
-from launch import evaluate, train_cta, train_mgg, tune_nanoadapt, tune_palm
+from launch import evaluate, train_cta, train_mgg, tune, tune_nanoadapt, tune_palm
 from metatta import tracking
 from metatta.cli import UserError, run_main
 from metatta.output_paths import OUTPUT_ROOT_ENV, RAY_JOB_ENV, in_ray_job, resolve_output_path
@@ -50,6 +50,7 @@ def test_the_default_tracking_store_follows_the_same_rule(ray_job, monkeypatch, 
     (evaluate, [], "output_dir"),
     (train_mgg, ["--no-ray"], "checkpoint_dir"),
     (train_cta, ["--no-ray"], "checkpoint_dir"),
+    (tune, [], "output_dir"),
     (tune_palm, [], "output_dir"),
     (tune_nanoadapt, [], "output_dir"),
 ])

@@ -1,7 +1,9 @@
 """Ray Tune searches (trainers/tune.py): config parsing and errors, one trial as a
-plain function, and a tiny real search (Tent's lr on 2 held-out Fashion-MNIST-C
-corruptions) with MLflow parent/child runs, the best YAML, the registry and
-loading the tuned settings back into an experiment."""
+plain function, and tiny real searches (Tent's lr on 2 held-out corruptions of clean training
+images) with the default run first, MLflow parent/child runs, the chosen YAML, the registry and
+loading the tuned settings back into an experiment. The protocol's own parts (validation data,
+objective, divergence, the default-or-searched rule): tests/test_search_protocol.py."""
+import json
 import logging
 import math
 
@@ -12,13 +14,12 @@ import yaml
 
 from metatta import tracking
 from metatta.config import ConfigError
-from metatta.data.benchmark_files import fashion_mnist_c
 from metatta.experiment import experiment_config, method_config, with_settings
 from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
 from metatta.search import run_trial, search_config
-from trainers.tune import run_search, tune_space
+from trainers.tune import optuna_space, run_search
 from trainers.tune_trials import named_trainable
 
 HELD_OUT = ["speckle_noise", "gaussian_blur"]
@@ -34,18 +35,14 @@ def source_checkpoint(tmp_path_factory):
                            feature_stats=stats)
 
 
-@pytest.fixture(scope="module")
-def held_out_root(tmp_path_factory):
-    return fashion_mnist_c(root=tmp_path_factory.mktemp("fmnist_c"), num_images=48, corruptions=HELD_OUT,
-                           progress=False)
-
-
-def data(tmp_path=None, checkpoint=None, root=None, **extra):
+def data(tmp_path=None, checkpoint=None, **extra):
     d = {
         "name": "tune_test", "method": "tent", "method_config": {"optimizer": "adam"},
         "space": {"lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2}},
-        "benchmark": {"name": "fashion_mnist_c", "corruptions": HELD_OUT, "severities": [5], "num_images": 48,
-                      **({"root": str(root)} if root else {})},
+        "benchmark": {"name": "fashion_mnist_c", "num_images": 48},  # the run: 48 images per domain
+        "validation": {"corruptions": HELD_OUT, "severities": [5], "seeds": [0, 1]},
+        # the untrained test model sits near chance (about 85% error): no error bound, no guard
+        "divergence": {"max_window_error": None, "on_collapse": False},
         "source": {"checkpoint": str(checkpoint)} if checkpoint else {},
         "stream": {"setting": "continual", "batch_size": 16, "seed": 0},
         "num_samples": 2, "max_concurrent": 2, "report_every": 2,
@@ -75,16 +72,17 @@ def test_space_parsing():
         "optimizer": {"type": "choice", "values": ["sgd", "adam"]},
     }, method_config={}))
     assert cfg.space["steps"].type == "int" and cfg.space["optimizer"].values == ["sgd", "adam"]
-    space = tune_space(cfg.space)
-    assert math.isclose(space["lr"].lower, 1e-5) and space["steps"].upper == 4  # randint: exclusive upper
-    assert space["optimizer"].categories == ["sgd", "adam"]
+    space = optuna_space(cfg.space)
+    assert math.isclose(space["lr"].low, 1e-5) and space["lr"].log and not space["momentum"].log
+    assert (space["steps"].low, space["steps"].high) == (1, 3)  # both ends inclusive
+    assert space["optimizer"].choices == ("sgd", "adam")
 
 
 def test_default_palm_search_config_parses():
     from metatta.config import load_config
 
     cfg = search_config(load_config("configs/fmnist_c/tune_palm.yaml"))
-    assert cfg.method == "palm" and cfg.benchmark.corruption_names() == [
+    assert cfg.method == "palm" and cfg.validation.corruptions == [
         "speckle_noise", "gaussian_blur", "spatter", "saturate"]
     assert {"eta", "alpha", "temperature", "lr"} <= set(cfg.space)
 
@@ -107,39 +105,58 @@ def test_config_errors(change, match):
         search_config(data(**change))
 
 
-@pytest.mark.parametrize("corruptions", [["speckle_noise", "fog"], "benchmark", "all"])
-def test_benchmark_corruptions_refused(corruptions):
-    bench = {"name": "fashion_mnist_c", "corruptions": corruptions}
-    with pytest.raises(ConfigError, match=r"search\.benchmark\.corruptions: .* held-out"):
-        search_config(data(benchmark=bench))
+@pytest.mark.parametrize("corruptions", [["speckle_noise", "fog"], ["gaussian_noise"]])
+def test_benchmark_corruptions_refused_for_validation(corruptions):
+    with pytest.raises(ConfigError, match=r"search\.validation\.corruptions: .* held-out"):
+        search_config(data(validation={"corruptions": corruptions}))
 
 
 # ---- one trial, no Ray -------------------------------------------------------------------------
-def test_run_trial_reports_running_error(source_checkpoint, held_out_root):
-    cfg = search_config(data(checkpoint=source_checkpoint, root=held_out_root))
+def test_run_trial_reports_running_objective_over_every_seed(source_checkpoint):
+    cfg = search_config(data(checkpoint=source_checkpoint))
     reports = []
     out = run_trial(cfg, {"lr": 1e-3}, source_checkpoint, report=reports.append)
-    assert [r["batches"] for r in reports] == [2, 4, 6] and reports[-1]["final"] == 1.0
+    # 2 domains x 48 images at batch 16: 6 batches per seed, 2 seeds; a report every 2 batches
+    assert [r["batches"] for r in reports] == [2, 4, 6, 8, 10, 12] and reports[-1]["final"] == 1.0
     assert not any(r["final"] for r in reports[:-1])
-    assert 0 <= out["mean_error"] <= 100 and out["images"] == 96
-    assert set(k for k in out if k.startswith("error/")) == {"error/speckle_noise-5", "error/gaussian_blur-5"}
+    assert out["images"] == 192 and out["diverged"] == 0
+    for seed in (0, 1):  # window = 48 images (a domain): the worst window is the worse domain
+        errors = [out[f"seed{seed}/error/{d}"] for d in ("speckle_noise-5", "gaussian_blur-5")]
+        assert out[f"seed{seed}/worst_window"] == pytest.approx(max(errors))
+        assert out[f"seed{seed}/objective"] == pytest.approx(0.75 * out[f"seed{seed}/mean_error"] + 0.25 * max(errors))
+    assert out["objective"] == pytest.approx((out["seed0/objective"] + out["seed1/objective"]) / 2)
 
 
 # ---- a tiny real search on Ray -------------------------------------------------------------------
-def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint, held_out_root, caplog):
-    cfg = search_config(data(tmp_path, source_checkpoint, held_out_root))
+def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint, caplog):
+    cfg = search_config(data(tmp_path, source_checkpoint))
     with caplog.at_level(logging.INFO, logger="trainers.tune"):
         outcome = run_search(cfg)
-    assert len(outcome.trials) == 2 and any(t["completed"] for t in outcome.trials)
+    # the published default is the first trial, run to the end on the same seeds as every trial
+    default = outcome.trials[0]
+    assert default["trial_id"] == "default" and default["config"] == {"lr": 1e-3} and default["completed"]
+    assert {"seed0/objective", "seed1/objective"} <= set(default["metrics"])
+    assert len(outcome.trials) == 3 and all("diverged" in t for t in outcome.trials)
     assert all(1e-5 <= t["config"]["lr"] <= 1e-2 for t in outcome.trials)
-    assert 0 <= outcome.best_error <= 100 and set(outcome.best_params) == {"lr"}
+    decision = outcome.decision
+    assert decision["chosen"] in ("default", "searched") and decision["seeds"] == 2
+    assert decision["default_objective"] == pytest.approx(default["metrics"]["objective"])
+    chosen = next(t for t in outcome.trials if t["trial_id"] == decision["trial_id"])
+    assert outcome.best_params == chosen["config"] and outcome.best_error == pytest.approx(
+        chosen["metrics"]["objective"])
+    assert (decision["chosen"] == "searched") == (
+        decision["best_objective"] is not None
+        and decision["default_objective"] - decision["best_objective"] > decision["margin"])
+    assert json.loads((outcome.settings_path.parent / "validation_provenance.json").read_text())["split"] == "train"
 
-    # MLflow: one parent run, a child per trial, nothing left RUNNING
+    # MLflow: one parent run, a child per trial and one for the default, nothing left RUNNING
     runs = mlflow.search_runs(experiment_names=["metatta"])
     parent = runs[runs["run_id"] == outcome.parent_run_id]
     children = runs[runs["tags.mlflow.parentRunId"] == outcome.parent_run_id]
-    assert len(parent) == 1 and parent["metrics.best_mean_error"].iloc[0] == pytest.approx(outcome.best_error)
-    assert len(children) == 2 and "params.lr" in children
+    assert len(parent) == 1 and parent["metrics.best_objective"].iloc[0] == pytest.approx(outcome.best_error)
+    assert parent["tags.chosen"].iloc[0] == decision["chosen"]
+    assert len(children) == 3 and "params.lr" in children
+    assert list(children.loc[children["tags.default"] == "true", "tags.tune_trial_id"]) == ["default"]
     # a trial that completed is FINISHED (even when ASHA stops it at its last report); one that
     # ASHA stopped early is KILLED with stopped_by=asha
     completed = {t["trial_id"] for t in outcome.trials if t["completed"]}
@@ -148,10 +165,16 @@ def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint,
             assert child["status"] == "FINISHED"
         else:
             assert child["status"] == "KILLED" and child["tags.stopped_by"] == "asha"
-    # the job log has a line per trial that ended
+    # the job log has a line per trial that ended, and the default's and the decision's
     ended = [r.getMessage() for r in caplog.records if "ended)" in r.getMessage()]
-    assert len(ended) == 2 and all("mean error" in line for line in ended)
-    assert children["metrics.mean_error"].min() == pytest.approx(outcome.best_error)
+    assert len(ended) == 2 and all("objective" in line for line in ended)
+    assert any("the default {'lr': 0.001} -> objective" in r.getMessage() for r in caplog.records)
+    assert any(f"chose the {decision['chosen']} setting" in r.getMessage() for r in caplog.records)
+
+    # the registry says which was chosen, with the numbers
+    info = json.loads((outcome.settings_path.parent / "settings" / "settings.json").read_text())
+    assert info["chosen"] == decision["chosen"] and info["decision"]["margin"] == decision["margin"]
+    assert info["validation"]["split"] == "train" and info["images_per_domain"] == 48
 
     # best YAML: a full Tent config with the best lr
     saved = yaml.safe_load(outcome.settings_path.read_text())
@@ -178,6 +201,19 @@ def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint,
         method_config(spec)
     with pytest.raises(ValueError, match="settings: no such file"):
         experiment_config({"methods": [{"name": "tent", "settings": str(tmp_path / "missing.yaml")}]})
+
+
+def test_a_search_whose_trials_do_not_beat_the_default_by_the_margin_returns_the_default(
+        tmp_path, ray_session, source_checkpoint):
+    # no trial can beat the default by more than 100 points: the default is returned and says so
+    cfg = search_config(data(tmp_path, source_checkpoint, num_samples=1, mlflow=False, register_as="",
+                             acceptance={"k": 1.0, "min_margin": 100.0}))
+    outcome = run_search(cfg)
+    assert [t["trial_id"] for t in outcome.trials][0] == "default" and len(outcome.trials) == 2
+    assert outcome.decision["chosen"] == "default" and outcome.decision["margin"] == 100.0
+    assert outcome.best_params == {"lr": 1e-3} and outcome.registered_version is None
+    text = outcome.settings_path.read_text()
+    assert "the published default" in text and yaml.safe_load(text)["lr"] == 1e-3
 
 
 def test_settings_that_do_not_fit_the_method_fail_before_any_work(tmp_path):
@@ -213,12 +249,13 @@ def fisher_calls(monkeypatch):
     ("eata", {}),
     ("nanoadapt", {"base": "eata", "accumulation_steps": 1, "num_views": 1}),
 ])
-def test_an_eata_trial_runs_eata_with_its_fisher(method, fixed, source_checkpoint, held_out_root, fisher_calls, caplog):
+def test_an_eata_trial_runs_eata_with_its_fisher(method, fixed, source_checkpoint, fisher_calls, caplog):
     space = {"d_margin": {"type": "uniform", "low": 0.1, "high": 0.5}} if method == "eata" else \
         {"dbc_momentum": {"type": "uniform", "low": 0.9, "high": 0.99}}
-    bench = {"name": "fashion_mnist_c", "corruptions": HELD_OUT, "num_images": 16, "root": str(held_out_root)}
     cfg = search_config(data(checkpoint=source_checkpoint, method=method, method_config=fixed, space=space,
-                             benchmark=bench, fisher_images=32))
+                             benchmark={"num_images": 16}, fisher_images=32,
+                             validation={"corruptions": HELD_OUT, "severities": [5], "seeds": [0]},
+                             acceptance={"k": 0}))
     params = {"d_margin": 0.4} if method == "eata" else {"dbc_momentum": 0.98}
     out = run_trial(cfg, params, source_checkpoint)
     assert len(fisher_calls) == 1 and sum(len(b) for b in fisher_calls[0]) == 32  # 32 clean images, batch 16

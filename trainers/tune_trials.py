@@ -1,14 +1,19 @@
 """How Tune's trials look from outside: a trainable class named after the method (the dashboard
-and the job log show `<method> trial <id> <params>`, not `ImplicitFunc`), and a callback that
-logs one line per trial that ends (the job log is otherwise silent while Tune runs at verbose=0)."""
+and the job log show `<method> trial <id> <params>`, not `ImplicitFunc`), a callback that
+logs one line per trial that ends (the job log is otherwise silent while Tune runs at verbose=0),
+and the trials' records after the search (`collect`; MLflow runs left open closed)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+from metatta import tracking
 from metatta.search import SearchConfig
 
 log = logging.getLogger("trainers.tune")  # the search's own logger: one place to read the job log
+
+TRIAL_TAG = "tune_trial_id"
 
 
 def named_trainable(trainable, method: str):
@@ -43,7 +48,12 @@ def progress_callback(cfg: SearchConfig):
         def _line(self, trial, how: str, result: dict | None) -> None:
             self.ended += 1
             params = {k: short_value(v) for k, v in (trial.config or {}).items() if k in cfg.space}
-            error = f"mean error {result['mean_error']:.2f}%" if result and "mean_error" in result else "no result"
+            if result and result.get("diverged"):
+                error = f"diverged ({result.get('diverged_reason', '')})"
+            elif result and "mean_error" in result:
+                error = f"objective {result['objective']:.2f}, mean error {result['mean_error']:.2f}%"
+            else:
+                error = "no result"
             log.info("search %s: trial %s %s (%d/%d ended) %s -> %s", cfg.name, trial.trial_id, how, self.ended,
                      cfg.num_samples, params, error)
 
@@ -55,3 +65,40 @@ def progress_callback(cfg: SearchConfig):
             self._line(trial, "failed", trial.last_result)
 
     return TrialProgress()
+
+
+def run_config(name: str, storage: Path, callbacks: list):
+    from ray import tune
+
+    kwargs = dict(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks)
+    run_config_cls = getattr(tune, "RunConfig", None)
+    if run_config_cls is None:  # Ray < 2.40
+        from ray.train import RunConfig as run_config_cls
+    return run_config_cls(**kwargs)
+
+
+def collect(grid) -> list[dict[str, Any]]:
+    trials = []
+    for r in grid:
+        metrics = dict(r.metrics or {})
+        trials.append({"trial_id": metrics.get("trial_id", ""), "config": dict(r.config or {}), "metrics": metrics,
+                       "completed": bool(metrics.get("final")) and r.error is None,
+                       "diverged": bool(metrics.get("diverged")), "error": str(r.error) if r.error else None})
+    return trials
+
+
+def close_stopped_runs(parent_id: str, experiment_id: str, trials) -> None:
+    """Child runs left RUNNING are closed: FINISHED where the trial completed (its own
+    set_terminated was lost), FAILED where it raised, else KILLED with stopped_by=asha."""
+    c = tracking.client()
+    status = {t["trial_id"]: t for t in trials}
+    for run in c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"):
+        if run.info.status != "RUNNING":
+            continue
+        trial = status.get(run.data.tags.get(TRIAL_TAG, ""))
+        if trial is not None and trial["completed"]:
+            c.set_terminated(run.info.run_id, "FINISHED")
+            continue
+        failed = trial is not None and trial["error"]
+        c.set_tag(run.info.run_id, "stopped_by", "error" if failed else "asha")
+        c.set_terminated(run.info.run_id, "FAILED" if failed else "KILLED")

@@ -44,8 +44,8 @@ CORRUPT_BATCH = 500
 
 @dataclasses.dataclass
 class HeldOutSet:
-    """Domains (one per corruption, rows in the order of their provenance indices) and
-    provenance: {"dataset", "split", "severity", "seed", "num_clean_images",
+    """Domains (one per corruption and severity, rows in the order of their provenance indices) and
+    provenance: {"dataset", "split", "severity" (or "severities"), "seed", "num_clean_images",
     "corruptions": {name: [index in the split of every row]}} (JSON-serializable)."""
 
     domains: list[DomainData]
@@ -92,20 +92,41 @@ def build_heldout_train_set(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> HeldOutSet:
-    """Labelled held-out-corruption domains from the clean training split (see the module docstring).
+    """Labelled held-out-corruption domains from the clean training split (see the module docstring),
+    at one severity. Only `metatta.data.clean.load_clean(dataset, "train", root)` is read."""
+    held = build_heldout_domains(corruptions, [severity], images_per_corruption, dataset, root, seed, device)
+    provenance = dict(held.provenance)
+    provenance["severity"] = provenance.pop("severities")[0]
+    return HeldOutSet(held.domains, provenance)
 
-    Only `metatta.data.clean.load_clean(dataset, "train", root)` is read."""
+
+def build_heldout_domains(
+    corruptions: Sequence[str] = HELD_OUT_CORRUPTIONS,
+    severities: Sequence[int] = (5,),
+    images_per_corruption: int = 288,
+    dataset: str = "fashion_mnist",
+    root: str | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> HeldOutSet:
+    """As `build_heldout_train_set`, at several severities: one domain per (corruption, severity),
+    corruption-major. A corruption's block of clean images is the same at every severity (as in
+    the -C files, where each severity corrupts the same test images); the corruptions share none.
+    Provenance: {"dataset", "split", "severities", "seed", "num_clean_images", "corruptions"}."""
     names = _check_held_out(corruptions)
-    (severity,) = check_severities([severity])
+    severities = check_severities(list(severities))
+    if not severities or len(set(severities)) != len(severities):
+        raise ValueError(f"held-out set: severities must be a non-empty list without repeats, got {severities}")
     if images_per_corruption < 1:
         raise ValueError(f"held-out set: images_per_corruption must be >= 1, got {images_per_corruption}")
     images, labels = clean.load_clean(dataset, SPLIT, root)
     blocks = disjoint_indices(len(images), len(names), images_per_corruption, seed)
     domains, provenance = [], {}
     for name, idx in zip(names, blocks):
-        seeds = image_seeds(seed, name, severity, len(images))[idx]
-        domains.append(DomainData(name, severity, corrupt_uint8(images[idx], name, severity, seeds, device),
-                                  np.asarray(labels[idx], dtype=np.int64)))
+        for severity in severities:
+            seeds = image_seeds(seed, name, severity, len(images))[idx]
+            domains.append(DomainData(name, severity, corrupt_uint8(images[idx], name, severity, seeds, device),
+                                      np.asarray(labels[idx], dtype=np.int64)))
         provenance[name] = idx.tolist()
-    return HeldOutSet(domains, {"dataset": dataset, "split": SPLIT, "severity": severity, "seed": seed,
+    return HeldOutSet(domains, {"dataset": dataset, "split": SPLIT, "severities": severities, "seed": seed,
                                 "num_clean_images": len(images), "corruptions": provenance})
