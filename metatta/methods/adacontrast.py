@@ -277,12 +277,16 @@ class AdaContrast(TTAMethod):
         self.queue[slots], self.queue_labels[slots] = keys, labels
         self.queue_pointer = (self.queue_pointer + len(keys)) % len(self.queue)
 
+    def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weak view and the two strong views (query, key) of a test batch; a fidelity harness
+        replaces this to give both implementations the same views."""
+        return weak_view(x), strong_view(x), strong_view(x)
+
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         self.model.train()
         self.key_encoder.train()
-        x_weak = self.in_layout(weak_view(x))
-        x_query, x_key = self.in_layout(strong_view(x)), self.in_layout(strong_view(x))
+        x_weak, x_query, x_key = (self.in_layout(view) for view in self.views(x))
         with torch.enable_grad():
             features_w, logits_w = features_and_logits(self.model, self.classifier, x_weak)
             with torch.no_grad():
