@@ -48,7 +48,10 @@ probability 0.8 (the four ops in a random order; saturation and hue leave a 1-ch
 unchanged), RandomGrayscale 0.2 (3 channels only), a Gaussian blur with sigma in [0.1, 2] with
 probability 0.5, a horizontal flip with probability 0.5. Differences: the blur is an exact
 Gaussian kernel of radius 6 with edge padding where theirs is PIL's box-blur approximation, and
-the views are computed on float tensors where theirs go through 8-bit PIL images.
+the views are computed on float tensors where theirs go through 8-bit PIL images. Measured
+against their transform on 2,000 Fashion-MNIST-C images (a one-off check): mean absolute change
+0.124 (theirs 0.123), image std 0.267 (0.266), mean horizontal gradient 0.089 (0.090); on
+tinted RGB copies also the chroma, 0.217 (0.219).
 
 Defaults: their CIFAR-10-C setting (cfgs/cifar10_c/adacontrast.yaml, conf.py): SGD lr 2e-4,
 momentum 0.9, Nesterov, weight decay 1e-4, batch 200; queue 16,384, m 0.999, T 0.07, class-aware
