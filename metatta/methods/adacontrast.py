@@ -29,7 +29,8 @@ image; `strong_view`, twice: MoCo-v2 "light", see below), as in their `loss_calc
 7. the key encoder on the weak view: its features and softmax enter the bank (grown to
    `queue_size`, then a ring buffer, `update_bank`);
 8. the prediction: the adapted model in eval mode on x itself (after the update, as their
-   `forward`).
+   `forward`). With `steps` > 1, steps 1-7 repeat, each step on new views (theirs reuses the
+   batch's views).
 
 Modes, as in their code: the model and the key encoder run in train mode while adapting (BN
 normalizes with batch statistics and moves its running statistics, momentum 0.1, on the weak
