@@ -206,6 +206,14 @@ def test_a_nan_batch_leaves_it_finite_and_unchanged():
     assert torch.isfinite(method(batches(1, seed=2)[0])).all()
 
 
+def test_batch_size_one_and_several_steps():
+    method = build_method("adacontrast", TinyBNNet(), {**FAST, "refine_after": 2, "steps": 2})
+    for x in batches(3, batch_size=1):
+        assert torch.isfinite(method(x)).all()
+    assert method.seen == 6 and method.queue_pointer == 6 and len(method.bank_features) == 6
+    assert method.skipped_updates == 0
+
+
 def test_bad_values_are_refused_naming_the_field():
     for field, value in (("distance", "manhattan"), ("queue_size", 0), ("contrast_type", "x"), ("temperature", 0.0),
                          ("predict_statistics", "mixed")):
