@@ -18,7 +18,7 @@ from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
 from metatta.search import run_trial, search_config
-from trainers.tune import run_search, tune_space
+from trainers.tune import TRIAL_TAG, _close_stopped_runs, run_search, tune_space
 from trainers.tune_trials import named_trainable
 
 HELD_OUT = ["speckle_noise", "gaussian_blur"]
@@ -123,6 +123,26 @@ def test_run_trial_reports_running_error(source_checkpoint, held_out_root):
     assert not any(r["final"] for r in reports[:-1])
     assert 0 <= out["mean_error"] <= 100 and out["images"] == 96
     assert set(k for k in out if k.startswith("error/")) == {"error/speckle_noise-5", "error/gaussian_blur-5"}
+
+
+def test_every_trial_has_a_closed_run_even_one_killed_before_it_opened_it(mlflow_uri):
+    """Issue #24.8: a trial whose process was killed before `create_run` still gets a child run, FAILED."""
+    cfg = search_config(data(source={"checkpoint": "unused.pt"}))
+    c = tracking.client()
+    experiment_id = c.create_experiment("trials")
+    parent = c.create_run(experiment_id).info.run_id
+    for trial_id in ("done", "raised"):
+        c.create_run(experiment_id, tags={"mlflow.parentRunId": parent, TRIAL_TAG: trial_id})
+    trials = [{"trial_id": "done", "config": {"lr": 1e-3}, "completed": True, "error": None},
+              {"trial_id": "raised", "config": {"lr": 1e-3}, "completed": False, "error": "ValueError: x"},
+              {"trial_id": "killed", "config": {"lr": 2e-3}, "completed": False, "error": "ActorDiedError: died"}]
+    _close_stopped_runs(parent, experiment_id, trials, cfg)
+    runs = {r.data.tags[TRIAL_TAG]: r for r in c.search_runs([experiment_id],
+                                                             filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
+    assert {k: r.info.status for k, r in runs.items()} == {"done": "FINISHED", "raised": "FAILED", "killed": "FAILED"}
+    killed = runs["killed"].data
+    assert killed.tags["stopped_by"] == "error" and "ActorDiedError" in killed.tags["error"]
+    assert killed.params == {"lr": "0.002"}
 
 
 # ---- a tiny real search on Ray -------------------------------------------------------------------

@@ -161,7 +161,7 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
         grid = tuner.fit()
         trials = _collect(grid)
         if parent is not None:
-            _close_stopped_runs(parent_id, experiment_id, trials)
+            _close_stopped_runs(parent_id, experiment_id, trials, cfg)
         done = [t for t in trials if t["completed"]]
         if not done:
             errors = [str(r.error) for r in grid if r.error]
@@ -213,12 +213,15 @@ def _collect(grid) -> list[dict[str, Any]]:
     return trials
 
 
-def _close_stopped_runs(parent_id: str, experiment_id: str, trials) -> None:
+def _close_stopped_runs(parent_id: str, experiment_id: str, trials, cfg: SearchConfig) -> None:
     """Child runs left RUNNING are closed: FINISHED where the trial completed (its own
-    set_terminated was lost), FAILED where it raised, else KILLED with stopped_by=asha."""
+    set_terminated was lost), FAILED where it raised, else KILLED with stopped_by=asha. A trial
+    whose process died before it opened its run (#24.8) gets one, FAILED, with its error."""
     c = tracking.client()
     status = {t["trial_id"]: t for t in trials}
+    with_runs = set()
     for run in c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"):
+        with_runs.add(run.data.tags.get(TRIAL_TAG, ""))
         if run.info.status != "RUNNING":
             continue
         trial = status.get(run.data.tags.get(TRIAL_TAG, ""))
@@ -228,3 +231,14 @@ def _close_stopped_runs(parent_id: str, experiment_id: str, trials) -> None:
         failed = trial is not None and trial["error"]
         c.set_tag(run.info.run_id, "stopped_by", "error" if failed else "asha")
         c.set_terminated(run.info.run_id, "FAILED" if failed else "KILLED")
+    for number, trial in enumerate(trials):
+        if trial["completed"] or (trial["trial_id"] and trial["trial_id"] in with_runs):
+            continue
+        trial_id = trial["trial_id"] or f"unnamed-{number}"
+        run = c.create_run(experiment_id, run_name=f"{cfg.name}-{trial_id}", tags={
+            "mlflow.parentRunId": parent_id, TRIAL_TAG: trial_id, "kind": "tune-trial", "method": cfg.method,
+            "stopped_by": "error", "error": (trial["error"] or "ended without a result")[:5000]})
+        for key, value in trial["config"].items():
+            if key in cfg.space:
+                c.log_param(run.info.run_id, key, json.dumps(plain(value)))
+        c.set_terminated(run.info.run_id, "FAILED")
