@@ -47,11 +47,13 @@ from tqdm.auto import tqdm
 
 from metatta import tracking
 from metatta.config import build_dataclass
+from metatta.data import clean
+from metatta.data.benchmark_files import fashion_mnist_c, images_per_severity
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names
 from metatta.data.shares import images_to_tensor, split_shares
 from metatta.data.types import DomainData
 from metatta.device import resolve_device
-from metatta.learned.heldout import build_heldout_train_set
+from metatta.learned.heldout import SPLIT, build_heldout_train_set
 from metatta.learned.losses import TTALoss
 from metatta.learned.mgg import MGG, save_mgg
 from metatta.learned.unroll import BACKENDS, OUTER_LOSS_OVER, OUTER_LOSSES, REDUCTIONS, Trajectory, unroll
@@ -139,15 +141,52 @@ def mgg_train_config(data: dict[str, Any]) -> MGGTrainConfig:
     if cfg.outer_loss == "supervised" and cfg.train_data != "train_split":
         raise ValueError("train_mgg.outer_loss 'supervised' needs train_mgg.train_data 'train_split': the "
                          "benchmark files are built from the test split, whose labels must not train anything")
+    check_unroll_fits(cfg)
+    return cfg
+
+
+def check_unroll_fits(cfg: MGGTrainConfig, why: str = "") -> None:
+    """Every actor's share of every corruption holds at least one unroll."""
     per_actor = cfg.train_images // (len(cfg.corruptions) * cfg.num_actors)
     needed = cfg.unroll_steps + 1  # a fresh trajectory primes on one batch, then steps K times
     if per_actor < cfg.batch_size * needed:
         raise ValueError(
-            f"train_mgg.train_images: {cfg.train_images} training images over {len(cfg.corruptions)} corruptions "
-            f"and {cfg.num_actors} actors leave {per_actor} per actor and corruption; an unroll of "
+            f"train_mgg.train_images: {cfg.train_images} training images{why} over {len(cfg.corruptions)} "
+            f"corruptions and {cfg.num_actors} actors leave {per_actor} per actor and corruption; an unroll of "
             f"train_mgg.unroll_steps={cfg.unroll_steps} needs at least {needed} batches of {cfg.batch_size}"
         )
-    return cfg
+
+
+def images_per_corruption(cfg: MGGTrainConfig, domains: list[DomainData] | None = None) -> int:
+    """How many distinct images each corruption can have: the given domains' smallest, else those of
+    the clean training split (train_split: disjoint per corruption) or of a benchmark severity block."""
+    if domains is not None:
+        return min(len(d) for d in domains)
+    if cfg.train_data == "train_split":
+        _, labels = clean.load_clean(cfg.dataset, SPLIT, cfg.data_root)
+        return len(labels) // len(cfg.corruptions)
+    root = Path(cfg.benchmark_root) if cfg.benchmark_root else fashion_mnist_c(corruptions=list(cfg.corruptions))
+    return images_per_severity(root)
+
+
+def fit_image_counts(cfg: MGGTrainConfig, available: int) -> MGGTrainConfig:
+    """`cfg` with train_images and val_images scaled down together, with a warning, when a corruption
+    needs more images (train_images / #corruptions + val_images) than the `available` ones (a small
+    dataset, e.g. a digits-sized one): the same training/validation split of what there is. Raises,
+    naming the fields, when even that leaves an actor no full unroll."""
+    corruptions = len(cfg.corruptions)
+    needed = cfg.train_images // corruptions + cfg.val_images
+    if needed <= available:
+        return cfg
+    scale = available / needed
+    val_images = max(1, math.floor(cfg.val_images * scale))
+    train_images = (available - val_images) * corruptions
+    log.warning("train_mgg: train_images %d and val_images %d need %d images per corruption, but the data holds %d; "
+                "using train_images %d and val_images %d (the same split of what there is)", cfg.train_images,
+                cfg.val_images, needed, available, train_images, val_images)
+    fitted = dataclasses.replace(cfg, train_images=train_images, val_images=val_images)
+    check_unroll_fits(fitted, why=f" (scaled down to {available} images per corruption)")
+    return fitted
 
 
 def build_mgg(cfg: MGGTrainConfig):
@@ -441,6 +480,7 @@ def meta_train(
     called after every learner step."""
     pool_class = pool_class or LocalPool
     torch.manual_seed(cfg.seed)
+    cfg = fit_image_counts(cfg, images_per_corruption(cfg, domains))  # before a source model trains
     checkpoint = source_checkpoint(cfg.source_checkpoint, cfg.source_config, SOURCE_FIELDS)
     provenance = None
     if domains is None:
