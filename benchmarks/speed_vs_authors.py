@@ -6,17 +6,23 @@ given with `--palm-repo`, and optionally the LAW authors' own `law.py` (junia3/L
 `--law-repo`), beside `metatta.methods` on the same stream: Fashion-MNIST-C, continual over the
 corruptions at severity 5, `--num-images` per corruption in the project's within-corruption
 order (`build_stream`, seed `--seed`), batch `--batch-size`, the same source checkpoint. Every
-implementation runs with its published CIFAR-10-C settings (ours: the method's defaults).
+implementation runs with its published CIFAR-10-C settings (ours: the method's defaults, or
+with `--metatta-config FIELD=VALUE ...`, e.g. precision=bf16). Their methods get the model as
+loaded (PyTorch's default NCHW layout, as their own pipeline builds it); ours move their copy to
+NHWC (`channels_last`, our default).
 
 Rounds alternate the two sides (round 1: metatta then authors, round 2: authors then metatta,
 ...), each run on a fresh copy of the source model with the global RNG seeded alike, and
 `torch.set_num_threads(--threads)`. Only the method calls are timed; the batches are built
 once beforehand. Per method: both mean errors, and the speed ratio (authors' seconds /
-metatta's seconds) of each round, with its min / median / max. Writes
+metatta's seconds) of each round, with its min / median / max, in wall-clock time and in CPU
+time of the process (on a machine shared with other jobs the CPU time counts the work done
+without the waits for a core; with one thread it is the steadier of the two). Writes
 benchmarks/results/<--tag>.{json,md}.
 
     python benchmarks/speed_vs_authors.py --palm-repo /path/to/PALM [--law-repo /path/to/LayerwiseTTA]
         [--methods palm law tent bn] [--rounds 5] [--num-images 1000] [--corruptions ...] [--threads 2]
+        [--metatta-config precision=bf16] [--tag NAME]
 
 Shims (here, never in their files): their `TTAMethod.__init__` puts a counter on CUDA
 (`torch.tensor(...).cuda()`), so `.cuda()` is the identity while their methods are built on a
@@ -165,25 +171,31 @@ def parse_overrides(items: list[str], parser: argparse.ArgumentParser) -> dict[s
 
 # ---- the comparison ------------------------------------------------------------------------------
 def timed_run(runner: Callable[[torch.Tensor], torch.Tensor], batches: list, seed: int) -> dict[str, Any]:
-    """Seconds spent in the method calls and the error (%) per domain, over the whole stream."""
+    """Seconds spent in the method calls (wall clock, and CPU time of this process: on a shared
+    machine the latter counts only the work done, not the waits for a core) and the error (%) per
+    domain, over the whole stream."""
     torch.manual_seed(seed)
-    seconds, wrong, seen = 0.0, {}, {}
+    seconds, cpu_seconds, wrong, seen = 0.0, 0.0, {}, {}
     for x, y, domain in batches:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         logits = runner(x)
         seconds += time.perf_counter() - start
+        cpu_seconds += time.process_time() - start_cpu
         wrong[domain] = wrong.get(domain, 0) + int((logits.argmax(1) != y).sum())
         seen[domain] = seen.get(domain, 0) + len(y)
     errors = {d: 100.0 * wrong[d] / seen[d] for d in seen}
-    return {"seconds": seconds, "domain_errors": errors, "mean_error": statistics.mean(errors.values())}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "domain_errors": errors,
+            "mean_error": statistics.mean(errors.values())}
 
 
 def summarize(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per method: mean error of each side (over rounds), and the speed ratio per round."""
     ratios = [r["authors"]["seconds"] / r["metatta"]["seconds"] for r in runs]
+    cpu_ratios = [r["authors"]["cpu_seconds"] / r["metatta"]["cpu_seconds"] for r in runs]
     images = runs[0]["images"]
     out = {"method": name, "ratios": ratios, "ratio_min": min(ratios), "ratio_median": statistics.median(ratios),
-           "ratio_max": max(ratios)}
+           "ratio_max": max(ratios), "cpu_ratios": cpu_ratios, "cpu_ratio_min": min(cpu_ratios),
+           "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratio_max": max(cpu_ratios)}
     for side in ("metatta", "authors"):
         errors = [r[side]["mean_error"] for r in runs]
         out[f"error_{side}"] = statistics.mean(errors)
@@ -219,15 +231,18 @@ def stream_batches(num_images: int, corruptions: list[str], batch_size: int, see
 def report(summaries: list[dict[str, Any]], protocol: dict[str, Any]) -> str:
     rows = [[s["method"], f"{s['error_metatta']:.2f}", f"{s['error_authors']:.2f}",
              f"{s['images_per_second_metatta']:.0f}", f"{s['images_per_second_authors']:.0f}",
-             f"**{s['ratio_median']:.2f}x**", f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f}"] for s in summaries]
+             f"**{s['ratio_median']:.2f}x**", f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f}",
+             f"**{s['cpu_ratio_median']:.2f}x**", f"{s['cpu_ratio_min']:.2f}-{s['cpu_ratio_max']:.2f}"]
+            for s in summaries]
     table = markdown_table(["method", "error metatta (%)", "error authors (%)", "img/s metatta", "img/s authors",
-                            "speed ratio (median)", "min-max"], rows)
+                            "speed ratio (wall, median)", "min-max", "CPU-time ratio (median)", "min-max"], rows)
     return (f"Command: `python {' '.join(protocol['command'])}`\n\n{protocol['rounds']} alternated rounds, "
             f"{protocol['threads']} threads, {protocol['num_images']} images x {len(protocol['corruptions'])} "
             f"corruptions (severity 5, continual, batch {protocol['batch_size']}), checkpoint "
             f"{protocol['checkpoint']}. metatta's methods at their defaults"
             f"{' with ' + str(protocol['metatta_config']) if protocol['metatta_config'] else ''}, the authors' "
-            f"with their CIFAR-10-C settings. Ratio: the authors' seconds / metatta's, per round.\n\n{table}\n")
+            f"with their CIFAR-10-C settings. Ratio: the authors' seconds / metatta's, per round, in wall-clock "
+            f"time and in CPU time of the process (img/s: wall clock).\n\n{table}\n")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
