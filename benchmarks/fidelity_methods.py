@@ -188,8 +188,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def config_mismatches(method: str, ours: Any, theirs: Any) -> list[str]:
-    """Where metatta's config (a dataclass) and their cfg (a yacs node) disagree for `method`."""
+def config_mismatches(method: str, ours: Any, theirs: Any, adapts: bool = True) -> list[str]:
+    """Where metatta's config (a dataclass) and their cfg (a yacs node) disagree for `method`
+    (the optimizer's fields only where the method `adapts` parameters)."""
     def lookup(key: str) -> Any:
         node = theirs
         for part in key.split("."):
@@ -197,10 +198,9 @@ def config_mismatches(method: str, ours: Any, theirs: Any) -> list[str]:
         return node
 
     out = []
-    keys = {"episodic": "MODEL.EPISODIC",
-            **(CONFIG_KEYS["common"] if getattr(ours, "optimizer", None) in ("sgd", "adam") else {}),
-            **CONFIG_KEYS.get(method, {})}
-    if getattr(ours, "optimizer", None) in ("sgd", "adam"):
+    optimizer = adapts and getattr(ours, "optimizer", None) in ("sgd", "adam")
+    keys = {"episodic": "MODEL.EPISODIC", **(CONFIG_KEYS["common"] if optimizer else {}), **CONFIG_KEYS.get(method, {})}
+    if optimizer:
         theirs_opt = OPTIMIZER_NAMES.get(lookup("OPTIM.METHOD"), lookup("OPTIM.METHOD"))
         if theirs_opt != ours.optimizer:
             out.append(f"optimizer: ours {ours.optimizer}, theirs {theirs_opt}")
@@ -373,7 +373,7 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
         loaders[:] = [batches]
         seed_everything(seed)
         theirs, cfg = build_reference(conf, checkout, pair_run, copy.deepcopy(source), batch_size, ckpt_dir)
-    mismatches = config_mismatches(name, ours.config, cfg)
+    mismatches = config_mismatches(name, ours.config, cfg, adapts=ours.optimizer is not None)
     if hasattr(theirs, "projector") and hasattr(ours, "projector"):
         # same starting projector (each side draws its own at construction)
         theirs.projector.load_state_dict(ours.projector.state_dict())

@@ -44,6 +44,7 @@ def test_config_mismatches_name_each_differing_field():
     theirs.OPTIM.LR, theirs.OPTIM.METHOD = 2e-3, "SGD"
     found = fidelity.config_mismatches("tent", ours, theirs)
     assert any("optimizer" in m for m in found) and any("OPTIM.LR" in m for m in found)
+    assert fidelity.config_mismatches("tent", ours, theirs, adapts=False) == []  # e.g. Source, BN, LAME
 
 
 def test_summary_reports_means_ranges_and_the_largest_difference():
