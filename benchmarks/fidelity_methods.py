@@ -2,7 +2,7 @@
 
 Runs the implementations of mariodoebler/test-time-adaptation (`classification/methods/*.py`,
 imported unmodified from a checkout given with `--reference-repo`; needs `yacs`) of RoTTA, RMT,
-SANTA, ROID, CMF, RPL, MEMO and TTAug, with Source, BN and Tent as sanity rows, beside
+SANTA, ROID, CMF, RPL, MEMO, TTAug and LAME, with Source, BN and Tent as sanity rows, beside
 metatta's on the Fashion-MNIST-C stream (severity 5, the project's within-corruption order:
 `metatta.data.streams`, seed 0) with the project's source ResNet. Settings: continual at
 batch 200 and episodic (reset at every corruption, the project's episodic) at batch 64;
@@ -37,6 +37,10 @@ mixed precision on CUDA); the shim drops the argument. Their MEMO's SGD uses con
 NESTEROV True (its single step from a fresh optimizer is then 1.9 lr); both sides run
 without Nesterov, as MEMO's paper code and metatta do (noted on the results page).
 
+Learning rate: their code uses the cfg's lr at any batch size; metatta's runners scale it down
+linearly below a method's published batch (`MethodConfig.lr_batch_size`), so the harness
+builds metatta's methods with `scale_lr: false` to give both sides the same lr.
+
 Speed: per batch, the two sides alternate which goes first; img/s of each over the run
 (their MEMO/TTAug include making their views, which their data loader does).
 
@@ -50,7 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import importlib
 import json
 import os
@@ -60,7 +63,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -85,8 +88,7 @@ NUM_CLASSES = 10
 SOURCE_IMAGES = 5000  # metatta's ExperimentConfig.source_images
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodPair:
+class MethodPair(NamedTuple):
     """One method on both sides: metatta's registered name and config overrides; the reference's
     module, class and cfg file (cfgs/cifar10_c/<cfg_file>.yaml, None: conf.py's defaults)."""
 
@@ -94,7 +96,7 @@ class MethodPair:
     module: str
     cls: str
     cfg_file: str | None
-    ours_config: dict = dataclasses.field(default_factory=dict)
+    ours_config: dict = {}  # never mutated
     cfg_overrides: tuple = ()  # extra (KEY, value) pairs for their cfg
     augment_attr: str | None = None  # their attribute holding the batch augmentation
     stochastic: bool = False
@@ -106,6 +108,7 @@ METHODS: dict[str, MethodPair] = {
     "bn": MethodPair("bn", "methods.norm", "BNTest", "norm_test"),
     "tent": MethodPair("tent", "methods.tent", "Tent", "tent"),
     "rpl": MethodPair("rpl", "methods.rpl", "RPL", "rpl"),
+    "lame": MethodPair("lame", "methods.lame", "LAME", "lame"),
     "roid": MethodPair("roid", "methods.roid", "ROID", "roid", augment_attr="tta_transform", stochastic=True),
     "cmf": MethodPair("cmf", "methods.cmf", "CMF", "cmf", augment_attr="tta_transform", stochastic=True),
     "santa": MethodPair("santa", "methods.santa", "SANTA", "santa", augment_attr="tta_transform", stochastic=True),
@@ -135,6 +138,7 @@ CONFIG_KEYS: dict[str, dict[str, str]] = {
             "use_consistency": "ROID.USE_CONSISTENCY", "momentum_probs": "ROID.MOMENTUM_PROBS",
             "temperature": "ROID.TEMPERATURE", "alpha": "CMF.ALPHA", "gamma": "CMF.GAMMA", "q": "CMF.Q"},
     "rpl": {"q": "RPL.Q"},
+    "lame": {"affinity": "LAME.AFFINITY", "knn": "LAME.KNN", "force_symmetry": "LAME.FORCE_SYMMETRY"},
     "memo": {"num_augmentations": "TEST.N_AUGMENTATIONS", "bn_alpha": "BN.ALPHA", "momentum": "OPTIM.MOMENTUM"},
     "ttaug": {"num_augmentations": "TEST.N_AUGMENTATIONS", "bn_alpha": "BN.ALPHA"},
 }
@@ -184,8 +188,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def config_mismatches(method: str, ours: Any, theirs: Any) -> list[str]:
-    """Where metatta's config (a dataclass) and their cfg (a yacs node) disagree for `method`."""
+def config_mismatches(method: str, ours: Any, theirs: Any, adapts: bool = True) -> list[str]:
+    """Where metatta's config (a dataclass) and their cfg (a yacs node) disagree for `method`
+    (the optimizer's fields only where the method `adapts` parameters)."""
     def lookup(key: str) -> Any:
         node = theirs
         for part in key.split("."):
@@ -193,10 +198,9 @@ def config_mismatches(method: str, ours: Any, theirs: Any) -> list[str]:
         return node
 
     out = []
-    keys = {"episodic": "MODEL.EPISODIC",
-            **(CONFIG_KEYS["common"] if getattr(ours, "optimizer", None) in ("sgd", "adam") else {}),
-            **CONFIG_KEYS.get(method, {})}
-    if getattr(ours, "optimizer", None) in ("sgd", "adam"):
+    optimizer = adapts and getattr(ours, "optimizer", None) in ("sgd", "adam")
+    keys = {"episodic": "MODEL.EPISODIC", **(CONFIG_KEYS["common"] if optimizer else {}), **CONFIG_KEYS.get(method, {})}
+    if optimizer:
         theirs_opt = OPTIMIZER_NAMES.get(lookup("OPTIM.METHOD"), lookup("OPTIM.METHOD"))
         if theirs_opt != ours.optimizer:
             out.append(f"optimizer: ours {ours.optimizer}, theirs {theirs_opt}")
@@ -353,7 +357,9 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
              source: nn.Module, domains, warmup_samples: int, channels_last: bool) -> dict[str, Any]:
     pair = METHODS[name]
     batches = source_batches(batch_size)
-    overrides = {"channels_last": channels_last, **pair.ours_config}
+    # scale_lr off: their code uses the cfg's lr at any batch size (metatta's runners scale it down
+    # linearly below the method's published batch, e.g. to 0.32x at batch 64 for Tent, RPL, ROID)
+    overrides = {"channels_last": channels_last, "scale_lr": False, **pair.ours_config}
     context = {}
     if name in ("rmt", "santa"):
         context["source_batches"] = list(batches)
@@ -363,11 +369,11 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
         seed_everything(seed)
         ours = build_method(pair.ours, copy.deepcopy(source), overrides, batch_size=batch_size, **context)
         extra = [("RMT.NUM_SAMPLES_WARM_UP", warmup_samples)] if name == "rmt" else []
-        pair_run = dataclasses.replace(pair, cfg_overrides=pair.cfg_overrides + tuple(extra))
+        pair_run = pair._replace(cfg_overrides=pair.cfg_overrides + tuple(extra))
         loaders[:] = [batches]
         seed_everything(seed)
         theirs, cfg = build_reference(conf, checkout, pair_run, copy.deepcopy(source), batch_size, ckpt_dir)
-    mismatches = config_mismatches(name, ours.config, cfg)
+    mismatches = config_mismatches(name, ours.config, cfg, adapts=ours.optimizer is not None)
     if hasattr(theirs, "projector") and hasattr(ours, "projector"):
         # same starting projector (each side draws its own at construction)
         theirs.projector.load_state_dict(ours.projector.state_dict())
@@ -473,13 +479,18 @@ def main(argv=None) -> dict:
                          "summary": summary, "images_per_second": speed, "runs": runs,
                          "config_mismatches": runs[0]["config_mismatches"]}
                 record["runs"].append(entry)
+                write_results(record, args.tag)
                 print(json.dumps({k: entry[k] for k in ("method", "setting", "mode", "images_per_second")}
                                  | {"mean": summary["mean"], "max_diff": summary["max_abs_difference"],
                                     "differing": runs[0]["predictions_differing"]}), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(record, indent=1, default=str))
-    (RESULTS / f"{args.tag}.md").write_text(report(record))
     return record
+
+
+def write_results(record: dict, tag: str) -> None:
+    """The JSON and markdown so far (rewritten after every comparison, so a long run keeps what it did)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{tag}.json").write_text(json.dumps(record, indent=1, default=str))
+    (RESULTS / f"{tag}.md").write_text(report(record))
 
 
 def report(record: dict) -> str:
