@@ -17,6 +17,7 @@ trial's result (`final: 1`). `trainers.tune` runs the default and the trials wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -206,10 +207,10 @@ def validation_images(cfg: SearchConfig) -> int:
     return int(n)
 
 
-def validation_data(cfg: SearchConfig) -> HeldOutSet:
-    """The search's validation domains and their provenance (clean training images, checked)."""
+def validation_data(cfg: SearchConfig, seed: int) -> HeldOutSet:
+    """The validation domains of one stream seed and their provenance (clean training images, checked)."""
     dataset = cfg.validation.dataset or cfg.benchmark.name.removesuffix("_c")
-    return validation_set(cfg.validation, validation_images(cfg), dataset)
+    return validation_set(cfg.validation, validation_images(cfg), dataset, seed)
 
 
 def validation_stream(cfg: SearchConfig, domains, seed: int):
@@ -252,10 +253,11 @@ def run_trial(
     params: dict[str, Any],
     checkpoint: str | Path,
     report: Callable[[dict[str, float]], None] | None = None,
-    validation: HeldOutSet | None = None,
+    validation: dict[int, HeldOutSet] | None = None,
 ) -> dict[str, Any]:
     """Run the method with `params` over the validation stream of every seed in
-    `validation.seeds` (a fresh source model each); returns the final metrics:
+    `validation.seeds` (a fresh source model each; `validation`: the seeds' data where already
+    built, {seed: HeldOutSet}, else built here); returns the final metrics:
     `objective`, `mean_error` and `worst_window` (means over seeds), the same per seed
     (`seed<s>/...`), `diverged` (0/1) and, for a diverged trial, `diverged_reason` (the
     objective is then `divergence.penalty`). `report` gets the running values every
@@ -265,12 +267,11 @@ def run_trial(
     declares, EATA's Fisher batches or a plug-in's base's included) and run by the one
     evaluation loop (`evaluate`), watched through its `on_batch` (`DivergenceWatch`)."""
     device = resolve_device(cfg.device)
-    held = validation if validation is not None else validation_data(cfg)
+    seeds = cfg.validation.seeds
+    held = validation if validation is not None else {}
     spec = MethodSpec(name=cfg.method, config=trial_method_config(cfg, params), adapter=cfg.adapter)
     window = objective_window(cfg)
-    seeds = cfg.validation.seeds
-    per_seed_batches = len(validation_stream(cfg, held.domains, seeds[0]))
-    total = per_seed_batches * len(seeds)
+    total = num_batches(cfg, held.get(seeds[0]) or validation_data(cfg, seeds[0]))
     start = time.perf_counter()
     done = {"batches": 0, "images": 0, "wrong": 0.0}
     worst_windows: list[float] = []  # of the seeds finished
@@ -303,7 +304,8 @@ def run_trial(
                 if report is not None and done["batches"] % cfg.report_every == 0 and done["batches"] < total:
                     report(running(watch))
 
-            stream = validation_stream(seed_cfg, held.domains, seed)
+            domains = (held.get(seed) or validation_data(cfg, seed)).domains
+            stream = validation_stream(seed_cfg, domains, seed)
             result = evaluate(method, stream, method_name=cfg.method, device=device, progress=False, on_batch=on_batch)
             windows = watch.windows()
             watch.check_window(max(windows), done["batches"])  # the last, partial window too
@@ -366,10 +368,29 @@ def write_settings(path: Path, config: dict[str, Any], method: str, error: float
     return path
 
 
+def write_search_record(path: Path, decision: dict[str, Any], trials: list[dict[str, Any]]) -> Path:
+    """The search's record as JSON: the decision and, per trial (the default first), its
+    parameters, how it ended and its validation values (per seed too)."""
+    keep = ("objective", "mean_error", "worst_window", "diverged_reason", "seconds")
+    rows = [{"trial_id": t["trial_id"], "params": plain(t["config"]), "completed": t["completed"],
+             "diverged": bool(t.get("diverged")), "error": t.get("error"),
+             **{k: v for k, v in t["metrics"].items() if k in keep or (k.startswith("seed") and k.count("/") == 1)}}
+            for t in trials]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"decision": decision, "trials": rows}, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def num_batches(cfg: SearchConfig, validation: HeldOutSet) -> int:
+    """Batches a complete trial runs over all its seeds (every seed's stream has the same length)."""
+    return len(validation_stream(cfg, validation.domains, cfg.validation.seeds[0])) * len(cfg.validation.seeds)
+
+
 def num_reports(cfg: SearchConfig, validation: HeldOutSet) -> int:
     """Reports a complete trial makes over all its seeds (ASHA's max_t)."""
-    n = len(validation_stream(cfg, validation.domains, cfg.validation.seeds[0])) * len(cfg.validation.seeds)
-    return max(1, (n - 1) // cfg.report_every + 1)
+    return max(1, (num_batches(cfg, validation) - 1) // cfg.report_every + 1)
 
 
 def search_params(cfg: SearchConfig) -> dict[str, Any]:

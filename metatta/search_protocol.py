@@ -7,7 +7,8 @@ validation's seed noise.
   severities, built from the clean *training* split (`metatta.learned.heldout`, as the MGG's
   supervised outer loss is), never a test image; `check_provenance` refuses anything else. The
   stream has the run's setting and batch size (the search's `stream` section) and its images per
-  domain (`num_images`, default: the search's `benchmark.num_images`, the run it tunes for).
+  domain (`num_images`, default: the search's `benchmark.num_images`, the run it tunes for); each
+  stream seed draws its own images (`resample_images`), so the seed noise includes the draw.
 - Objective (`ObjectiveConfig`): per stream seed, (1 - w) * mean error + w * worst window (the
   image-weighted error of the worst window of `window` images, `metatta.lifelong.window_errors`);
   a trial's objective is the mean over its seeds, so a setting that drifts late loses.
@@ -45,6 +46,9 @@ class ValidationConfig:
     num_images: int | None = None  # per domain; None: the search's benchmark.num_images (the run's)
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # stream seeds, each run by every trial
     data_seed: int = 0  # which clean training images, and their corruption draws
+    # true: stream seed s also draws its own images (data_seed + s), so the seed noise includes
+    # which images were drawn, not only their order; false: every seed streams the same images
+    resample_images: bool = True
 
 
 @dataclasses.dataclass
@@ -108,10 +112,11 @@ def _is_int(value: Any) -> bool:
 
 
 # ---- validation data --------------------------------------------------------------------------
-def validation_set(cfg: ValidationConfig, num_images: int, dataset: str) -> HeldOutSet:
-    """The validation domains (one per corruption and severity, corruption-major) and their
-    provenance, checked: clean training images only."""
-    held = build_heldout_domains(cfg.corruptions, cfg.severities, num_images, dataset, cfg.root, cfg.data_seed)
+def validation_set(cfg: ValidationConfig, num_images: int, dataset: str, seed: int) -> HeldOutSet:
+    """The validation domains of stream seed `seed` (one per corruption and severity,
+    corruption-major) and their provenance, checked: clean training images only."""
+    data_seed = cfg.data_seed + seed if cfg.resample_images else cfg.data_seed
+    held = build_heldout_domains(cfg.corruptions, cfg.severities, num_images, dataset, cfg.root, data_seed)
     check_provenance(held.provenance)
     return held
 

@@ -64,10 +64,15 @@ def search(**extra):
 # ---- validation data: clean training images only ---------------------------------------------------
 def test_validation_data_never_includes_a_test_image(train_split_only, checkpoint):
     images, labels, asked = train_split_only
-    held = validation_data(search())
+    held = validation_data(search(), seed=0)
     assert set(asked) == {"train"}
     prov = held.provenance
     assert (prov["split"], prov["severities"], prov["num_clean_images"]) == ("train", [4, 5], 200)
+    other = validation_data(search(), seed=1).provenance  # each stream seed draws its own images ...
+    assert other["seed"] == 1 and other["corruptions"] != prov["corruptions"]
+    same = validation_data(search(validation={"corruptions": ["speckle_noise", "saturate"], "severities": [4, 5],
+                                              "seeds": [0, 1], "resample_images": False}), seed=1).provenance
+    assert same["corruptions"] == prov["corruptions"]  # ... unless told not to
     assert [d.name for d in held.domains] == ["speckle_noise-4", "speckle_noise-5", "saturate-4", "saturate-5"]
     for domain in held.domains:  # every row: its clean training image under that corruption and severity
         idx = np.array(prov["corruptions"][domain.corruption])

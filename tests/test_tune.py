@@ -167,7 +167,12 @@ def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint,
     assert (decision["chosen"] == "searched") == (
         decision["best_objective"] is not None
         and decision["default_objective"] - decision["best_objective"] > decision["margin"])
-    assert json.loads((outcome.settings_path.parent / "validation_provenance.json").read_text())["split"] == "train"
+    provenance = json.loads((outcome.settings_path.parent / "validation_provenance.json").read_text())
+    assert sorted(provenance) == ["seed0", "seed1"] and {p["split"] for p in provenance.values()} == {"train"}
+    assert provenance["seed0"]["seed"] == 0 and provenance["seed1"]["seed"] == 1  # each seed draws its images
+    record = json.loads((outcome.settings_path.parent / "search.json").read_text())
+    assert [t["trial_id"] for t in record["trials"]] == [t["trial_id"] for t in outcome.trials]
+    assert record["decision"] == json.loads(json.dumps(decision)) and "seed1/objective" in record["trials"][0]
 
     # MLflow: one parent run, a child per trial and one for the default, nothing left RUNNING
     runs = mlflow.search_runs(experiment_names=["metatta"])
@@ -194,7 +199,7 @@ def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint,
     # the registry says which was chosen, with the numbers
     info = json.loads((outcome.settings_path.parent / "settings" / "settings.json").read_text())
     assert info["chosen"] == decision["chosen"] and info["decision"]["margin"] == decision["margin"]
-    assert info["validation"]["split"] == "train" and info["images_per_domain"] == 48
+    assert info["validation"]["seed1"]["split"] == "train" and info["images_per_domain"] == 48
 
     # best YAML: a full Tent config with the best lr
     saved = yaml.safe_load(outcome.settings_path.read_text())

@@ -22,6 +22,7 @@ them on Ray (docs/searches.md).
   (`<output_dir>/<name>/best_<method>.yaml`) and registered in MLflow (settings.yaml +
   settings.json, whose `decision` says `chosen: default | searched` with the numbers; version tag
   `chosen`); the `champion` alias moves only when its validation objective beats the champion's.
+  Every trial, the default first, and the decision: `<output_dir>/<name>/search.json`.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from metatta.config import ConfigError
 from metatta.models.checkpoint import checkpoint_hash
 from metatta.search import (SearchConfig, SearchOutcome, SpaceParam, absolute_paths, default_params, in_space,
                             num_reports, plain, run_trial, search_config, search_params, trial_method_config,
-                            validation_data, write_settings)
+                            validation_data, write_search_record, write_settings)
 from metatta.search_protocol import choose_setting, provenance_summary
 from metatta.source import source_checkpoint
 from trainers.cluster import cluster_gpus, connect
@@ -153,9 +154,14 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
     if gpus is None:
         gpus = 1.0 if cluster_gpus() >= 1 and cfg.device != "cpu" else 0.0
     resources = {"cpu": cfg.cpus_per_trial, "gpu": gpus}
-    validation = validation_data(cfg)  # built here once for its provenance and length; trials rebuild it
-    (out / "validation_provenance.json").write_text(json.dumps(validation.provenance))
-    max_reports = num_reports(cfg, validation)
+    # built here for its provenance and length, then dropped; trials rebuild it (seeded, a second or so per seed)
+    provenance = {}
+    for seed in cfg.validation.seeds:
+        held = validation_data(cfg, seed)
+        provenance[f"seed{seed}"] = held.provenance
+    (out / "validation_provenance.json").write_text(json.dumps(provenance))
+    max_reports, images_per_domain = num_reports(cfg, held), len(held.domains[0])
+    del held
 
     parent_ctx = tracking.start_run(cfg.name, experiment=cfg.experiment, params=search_params(cfg),
                                     tags={"kind": "tune-search", "method": cfg.method}) if cfg.mlflow else contextlib.nullcontext()
@@ -194,12 +200,13 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
                  best_params, decision["why"], cfg.metric, best_error)
         settings_path = write_settings(out / f"best_{cfg.method}.yaml", best_config, cfg.method, best_error,
                                        decision["chosen"])
+        write_search_record(out / "search.json", decision, trials)
         info = {"method": cfg.method, "validation_" + cfg.metric: best_error, "params": best_params,
                 "config": best_config, "chosen": decision["chosen"], "decision": decision, "search": cfg.name,
                 "trial_id": chosen["trial_id"], "source_checkpoint": checkpoint,
                 "source_checkpoint_sha256": checkpoint_hash(checkpoint),
-                "validation": provenance_summary(validation.provenance), "setting": cfg.stream.setting,
-                "batch_size": cfg.stream.batch_size, "images_per_domain": validation.domains[0].images.shape[0]}
+                "validation": {seed: provenance_summary(p) for seed, p in provenance.items()},
+                "setting": cfg.stream.setting, "batch_size": cfg.stream.batch_size, "images_per_domain": images_per_domain}
         version, promoted = None, False
         if parent is not None:
             tracking.log_metrics({"best_" + cfg.metric: best_error, "trials": len(trials),
