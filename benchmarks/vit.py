@@ -254,8 +254,8 @@ def target_lines(found: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def plot_curves(runs: dict[str, Sequence[Result]], path: Path, window: int = CURVE_WINDOW) -> Path:
-    """Error against adaptation batches (averaged over corruptions, `window`-batch trailing mean), one
-    panel per setting."""
+    """Error against adaptation batches (averaged over corruptions; at batch b the mean of the `window`
+    batches ending there, as the table), one panel per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,9 +265,9 @@ def plot_curves(runs: dict[str, Sequence[Result]], path: Path, window: int = CUR
     for ax, (setting, results) in zip(axes[0], runs.items()):
         for r in main_results(results):
             curve = error_curve(r)
-            smooth = trailing_means(curve, window)
-            ax.plot(np.arange(len(smooth)) + len(curve) - len(smooth) + 1, smooth, lw=1.2,
-                    label=f"{r.method} ({r.mean_error:.1f})")
+            batches = np.arange(1, len(curve) + 1)
+            ax.plot(batches, [curve_at(curve, b, window) for b in batches], lw=1.2, ms=3,
+                    marker="o" if len(curve) < 20 else None, label=f"{r.method} ({r.mean_error:.1f})")
         ax.set_xlabel("adaptation batch within a corruption")
         ax.set_ylabel(f"error (%), mean over corruptions, {window}-batch mean")
         ax.set_title(setting)
