@@ -54,7 +54,7 @@ from metatta.data.shares import images_to_tensor, split_shares
 from metatta.data.types import DomainData
 from metatta.device import resolve_device
 from metatta.learned.heldout import SPLIT, build_heldout_train_set
-from metatta.learned.losses import TTALoss
+from metatta.learned.losses import LOSS_CHOICES, TTALoss, loss_kind_for
 from metatta.learned.mgg import MGG, save_mgg
 from metatta.learned.unroll import BACKENDS, OUTER_LOSS_OVER, OUTER_LOSSES, REDUCTIONS, Trajectory, unroll
 from metatta.methods.common import configure_norm_adaptation
@@ -86,7 +86,7 @@ class MGGTrainConfig:
     inner_lr_max: float | None = None
     meta_lr: float = 1e-2  # paper: Adam lr on the MGG
     grad_clip: float = 1.0  # max global norm of the averaged meta-gradient
-    loss: str = "entropy+stats"  # entropy | entropy+stats
+    loss: str = "entropy+stats"  # entropy | entropy+stats | auto (ViT: entropy+stats, else entropy)
     stats_lambda: float = 0.4
     reliable_entropy_factor: float | None = None  # EATA's entropy term (metatta.learned.losses); None: paper
     num_actors: int = 2
@@ -115,7 +115,7 @@ class MGGTrainConfig:
 
 SOURCE_FIELDS = ("train_mgg.source_checkpoint", "train_mgg.source_config")
 TRAIN_DATA = ("benchmark", "train_split")
-CHOICES = {"outer_loss": OUTER_LOSSES, "outer_loss_over": OUTER_LOSS_OVER, "outer_reduction": REDUCTIONS,
+CHOICES = {"loss": LOSS_CHOICES, "outer_loss": OUTER_LOSSES, "outer_loss_over": OUTER_LOSS_OVER, "outer_reduction": REDUCTIONS,
            "train_data": TRAIN_DATA, "backend": BACKENDS}
 
 
@@ -217,8 +217,11 @@ def source_parts(checkpoint: str, device: torch.device):
     return load_source_model(checkpoint, device=device), load_feature_stats(checkpoint, device=device)
 
 
-def make_loss(cfg: MGGTrainConfig, source_stats):
-    return TTALoss(cfg.loss, source_stats if cfg.loss != "entropy" else None, cfg.stats_lambda,
+def make_loss(cfg: MGGTrainConfig, source_stats, model: torch.nn.Module):
+    """The inner loop's test-time loss on `model` (`loss: auto` resolved against it: the ViT's
+    CLS-statistics loss for a ViT), the loss MGTTA will use with the trained MGG."""
+    kind = loss_kind_for(cfg.loss, model)
+    return TTALoss(kind, source_stats if kind != "entropy" else None, cfg.stats_lambda,
                    reliable_factor=cfg.reliable_entropy_factor)
 
 
@@ -237,7 +240,7 @@ class RolloutWorker:
         self.device = resolve_device(cfg.device)
         model, stats = source_parts(checkpoint, self.device)
         configure_norm_adaptation(model)
-        self.trajectory = Trajectory(model, make_loss(cfg, stats), backend=cfg.backend)
+        self.trajectory = Trajectory(model, make_loss(cfg, stats, model), backend=cfg.backend)
         self.mgg = build_mgg(cfg).to(self.device)
         self.domains = [(images_to_tensor(d.images), torch.from_numpy(np.asarray(d.labels)).long(), d.name) for d in share]
         self.epoch, self.queue = -1, []
