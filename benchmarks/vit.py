@@ -66,6 +66,12 @@ def vit_settings_file(method: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def vit_row(name: str) -> dict[str, Any]:
+    """An experiment row of `name` with its ViT settings file, if it has one."""
+    settings = vit_settings_file(name)
+    return {"name": name, "label": name, **({"settings": str(settings)} if settings is not None else {})}
+
+
 def base_lr(method: str, settings: Path | None, config: dict[str, Any]) -> float:
     """The lr a row runs at before scaling to the batch: its explicit config, its settings file's, or
     its dataclass default."""
@@ -95,10 +101,7 @@ def method_rows(methods: Sequence[str], mgg: str | None, lr_sweep: bool,
         if name == "mgtta" and mgg is None:
             skipped[name] = "needs an MGG meta-trained for the ViT (--mgg models:/mgg_vit@champion or a directory)"
             continue
-        row: dict[str, Any] = {"name": name, "label": name}
-        settings = vit_settings_file(name)
-        if settings is not None:
-            row["settings"] = str(settings)
+        row = vit_row(name)
         if name == "mgtta":
             row["adapter"] = mgg
             row["config"] = dict(as_trained)
@@ -107,7 +110,7 @@ def method_rows(methods: Sequence[str], mgg: str | None, lr_sweep: bool,
         if mgg is None:
             skipped[f"{name}+mgg"] = "needs --mgg"
             continue
-        base = next((r for r in rows if r["name"] == name), {"name": name, "label": name})
+        base = next((r for r in rows if r["label"] == name), vit_row(name))
         rows.append({**base, "label": f"{name}+mgg", "adapter": mgg,
                      "config": {**base.get("config", {}), "optimizer": "mgg", "lr": as_trained.get("lr", 1e-3)}})
     if lr_sweep:

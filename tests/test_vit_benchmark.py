@@ -73,6 +73,8 @@ def test_mgtta_rows_take_the_mgg_test_config(bench, tmp_path):
     under = by_label["tent+mgg"]
     assert under["config"] == {"optimizer": "mgg", "lr": 2e-3} and under["adapter"] == str(adapter)
     assert under["settings"].endswith("tent_vit.yaml")
+    rows, _ = bench.method_rows(["source"], str(adapter), lr_sweep=False, mgg_under=["eata"])  # eata not a row
+    assert rows[1]["label"] == "eata+mgg" and rows[1]["settings"].endswith("eata_vit.yaml")
 
 
 # ---- report and targets ---------------------------------------------------------------------------
