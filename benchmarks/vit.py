@@ -116,8 +116,8 @@ def method_rows(methods: Sequence[str], mgg: str | None, lr_sweep: bool,
     if lr_sweep:
         for base in [r for r in rows if r["label"] in LR_SWEEP_METHODS]:
             lr = base_lr(base["name"], Path(base["settings"]) if "settings" in base else None, base.get("config", {}))
-            rows += [{**base, "label": sweep_label(base["label"], m), "config": {**base.get("config", {}), "lr": lr * m}}
-                     for m in LR_MULTIPLIERS if m != 1.0]
+            rows += [{**base, "label": sweep_label(base["label"], m),
+                      "config": {**base.get("config", {}), "lr": lr * m}} for m in LR_MULTIPLIERS if m != 1.0]
     return rows, skipped
 
 
@@ -287,10 +287,11 @@ def report(runs: dict[str, Sequence[Result]], records: list[dict], command: list
            stem: str, out: Path, num_images: int, batch_size: int) -> str:
     found = targets(runs)
     plot = plot_curves(runs, out / f"{stem}.png")
+    within = {s: {r.method: dict(zip(("batches", "final_error"), batches_to_within(error_curve(r))))
+                  for r in main_results(rs)} for s, rs in runs.items()}
     record = {"command": command, "skipped": skipped, "runs": records, "targets": found,
               "error_curve": {s: {r.method: error_curve(r) for r in rs} for s, rs in runs.items()},
-              "batches_to_within": {s: {r.method: dict(zip(("batches", "final_error"), batches_to_within(error_curve(r))))
-                                        for r in main_results(rs)} for s, rs in runs.items()}}
+              "batches_to_within": within}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     lines = [f"LayerNorm ViT (configs/fmnist_c/source_vit.yaml) on Fashion-MNIST-C, 15 corruptions at severity 5, "
              f"batch {batch_size}, {num_images} images per corruption; each method with its ViT settings. "
