@@ -293,7 +293,8 @@ def report(runs: dict[str, Sequence[Result]], records: list[dict], command: list
               "error_curve": {s: {r.method: error_curve(r) for r in rs} for s, rs in runs.items()},
               "batches_to_within": within}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    lines = [f"LayerNorm ViT (configs/fmnist_c/source_vit.yaml) on Fashion-MNIST-C, 15 corruptions at severity 5, "
+    domains = len(next(iter(runs.values()))[0].domain_errors)
+    lines = [f"LayerNorm ViT (configs/fmnist_c/source_vit.yaml) on Fashion-MNIST-C, {domains} corruptions at severity 5, "
              f"batch {batch_size}, {num_images} images per corruption; each method with its ViT settings. "
              f"Command: `python {' '.join(command)}`", "",
              "Mean error (%) and img/s (same machine, one run):", "", summary_table(runs), ""]

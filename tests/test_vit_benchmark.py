@@ -111,6 +111,7 @@ def test_tables_and_report_files(bench, tmp_path):
     assert "lr x" not in summary and "**29.9**" in summary
     assert "| tent | 33.0 | 31.0 | 50.0 |" in bench.sweep_table(runs["episodic"])
     text = bench.report(runs, [], ["benchmarks/vit.py"], {}, "vit_fake", tmp_path, 640, 64)
+    assert "Fashion-MNIST-C, 2 corruptions at severity 5, batch 64, 640 images" in text
     assert "Targets (issue 20):" in text and (tmp_path / "vit_fake.png").stat().st_size > 5_000
     record = json.loads((tmp_path / "vit_fake.json").read_text())
     assert record["error_curve"]["episodic"]["tent"][0] == 40.0 and record["targets"]
