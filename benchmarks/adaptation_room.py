@@ -63,7 +63,7 @@ def parse_args(argv):
                         help="another source model (e.g. configs/fmnist_c/source_vit.yaml); default: the MGTTA "
                              "benchmark's ResNet")
     parser.add_argument("--tag", default=None,
-                        help="result name (default: adaptation_room[_<source config stem without source_>][_n<images>])")
+                        help="result name (default: adaptation_room[_<source config stem minus source_>][_n<images>])")
     parser.add_argument("--out", default=str(HERE / "results"))
     return parser.parse_args(argv)
 

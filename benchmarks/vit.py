@@ -66,6 +66,12 @@ def vit_settings_file(method: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def vit_row(name: str) -> dict[str, Any]:
+    """An experiment row of `name` with its ViT settings file, if it has one."""
+    settings = vit_settings_file(name)
+    return {"name": name, "label": name, **({"settings": str(settings)} if settings is not None else {})}
+
+
 def base_lr(method: str, settings: Path | None, config: dict[str, Any]) -> float:
     """The lr a row runs at before scaling to the batch: its explicit config, its settings file's, or
     its dataclass default."""
@@ -95,10 +101,7 @@ def method_rows(methods: Sequence[str], mgg: str | None, lr_sweep: bool,
         if name == "mgtta" and mgg is None:
             skipped[name] = "needs an MGG meta-trained for the ViT (--mgg models:/mgg_vit@champion or a directory)"
             continue
-        row: dict[str, Any] = {"name": name, "label": name}
-        settings = vit_settings_file(name)
-        if settings is not None:
-            row["settings"] = str(settings)
+        row = vit_row(name)
         if name == "mgtta":
             row["adapter"] = mgg
             row["config"] = dict(as_trained)
@@ -107,14 +110,14 @@ def method_rows(methods: Sequence[str], mgg: str | None, lr_sweep: bool,
         if mgg is None:
             skipped[f"{name}+mgg"] = "needs --mgg"
             continue
-        base = next((r for r in rows if r["name"] == name), {"name": name, "label": name})
+        base = next((r for r in rows if r["label"] == name), vit_row(name))
         rows.append({**base, "label": f"{name}+mgg", "adapter": mgg,
                      "config": {**base.get("config", {}), "optimizer": "mgg", "lr": as_trained.get("lr", 1e-3)}})
     if lr_sweep:
         for base in [r for r in rows if r["label"] in LR_SWEEP_METHODS]:
             lr = base_lr(base["name"], Path(base["settings"]) if "settings" in base else None, base.get("config", {}))
-            rows += [{**base, "label": sweep_label(base["label"], m), "config": {**base.get("config", {}), "lr": lr * m}}
-                     for m in LR_MULTIPLIERS if m != 1.0]
+            rows += [{**base, "label": sweep_label(base["label"], m),
+                      "config": {**base.get("config", {}), "lr": lr * m}} for m in LR_MULTIPLIERS if m != 1.0]
     return rows, skipped
 
 
@@ -284,12 +287,14 @@ def report(runs: dict[str, Sequence[Result]], records: list[dict], command: list
            stem: str, out: Path, num_images: int, batch_size: int) -> str:
     found = targets(runs)
     plot = plot_curves(runs, out / f"{stem}.png")
+    within = {s: {r.method: dict(zip(("batches", "final_error"), batches_to_within(error_curve(r))))
+                  for r in main_results(rs)} for s, rs in runs.items()}
     record = {"command": command, "skipped": skipped, "runs": records, "targets": found,
               "error_curve": {s: {r.method: error_curve(r) for r in rs} for s, rs in runs.items()},
-              "batches_to_within": {s: {r.method: dict(zip(("batches", "final_error"), batches_to_within(error_curve(r))))
-                                        for r in main_results(rs)} for s, rs in runs.items()}}
+              "batches_to_within": within}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    lines = [f"LayerNorm ViT (configs/fmnist_c/source_vit.yaml) on Fashion-MNIST-C, 15 corruptions at severity 5, "
+    domains = len(next(iter(runs.values()))[0].domain_errors)
+    lines = [f"LayerNorm ViT (configs/fmnist_c/source_vit.yaml) on Fashion-MNIST-C, {domains} corruptions at severity 5, "
              f"batch {batch_size}, {num_images} images per corruption; each method with its ViT settings. "
              f"Command: `python {' '.join(command)}`", "",
              "Mean error (%) and img/s (same machine, one run):", "", summary_table(runs), ""]

@@ -73,6 +73,8 @@ def test_mgtta_rows_take_the_mgg_test_config(bench, tmp_path):
     under = by_label["tent+mgg"]
     assert under["config"] == {"optimizer": "mgg", "lr": 2e-3} and under["adapter"] == str(adapter)
     assert under["settings"].endswith("tent_vit.yaml")
+    rows, _ = bench.method_rows(["source"], str(adapter), lr_sweep=False, mgg_under=["eata"])  # eata not a row
+    assert rows[1]["label"] == "eata+mgg" and rows[1]["settings"].endswith("eata_vit.yaml")
 
 
 # ---- report and targets ---------------------------------------------------------------------------
@@ -109,6 +111,7 @@ def test_tables_and_report_files(bench, tmp_path):
     assert "lr x" not in summary and "**29.9**" in summary
     assert "| tent | 33.0 | 31.0 | 50.0 |" in bench.sweep_table(runs["episodic"])
     text = bench.report(runs, [], ["benchmarks/vit.py"], {}, "vit_fake", tmp_path, 640, 64)
+    assert "Fashion-MNIST-C, 2 corruptions at severity 5, batch 64, 640 images" in text
     assert "Targets (issue 20):" in text and (tmp_path / "vit_fake.png").stat().st_size > 5_000
     record = json.loads((tmp_path / "vit_fake.json").read_text())
     assert record["error_curve"]["episodic"]["tent"][0] == 40.0 and record["targets"]

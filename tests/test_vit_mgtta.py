@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from metatta.config import load_config
+from metatta.data.domains import BENCHMARK_CORRUPTIONS as CORRUPTIONS_15, HELD_OUT_CORRUPTIONS
 from metatta.data.types import DomainData
 from metatta.learned.losses import loss_kind_for, record_features, stats_alignment_loss
 from metatta.learned.meta_training import RolloutWorker, mgg_train_config, mgtta_config, split_domains
@@ -220,3 +221,14 @@ def test_cotta_on_the_vit_adapts_every_parameter_with_its_vit_settings():
     method = build_method("cotta", model, vit_settings("cotta"), batch_size=64)
     assert adapted_names(method) == {n for n, _ in model.named_parameters()}
     assert type(method.optimizer).__name__ == "SGD" and method.config.lr == 0.005
+
+
+def test_mgg_vit_config_mirrors_the_resnet_one_on_held_out_corruptions():
+    fmnist = Path(__file__).resolve().parents[1] / "configs" / "fmnist_c"
+    vit = vars(mgg_train_config(load_config(fmnist / "mgg_vit.yaml")))
+    resnet = vars(mgg_train_config(load_config(fmnist / "mgg.yaml")))
+    differs = {k for k in vit if vit[k] != resnet[k]}
+    assert differs == {"name", "source_config", "checkpoint_dir", "register_as"}
+    assert vit["source_config"] == "configs/fmnist_c/source_vit.yaml" and vit["register_as"] == "mgg_vit"
+    assert set(vit["corruptions"]) == set(HELD_OUT_CORRUPTIONS) and not set(vit["corruptions"]) & set(CORRUPTIONS_15)
+    assert vit["loss"] == "entropy+stats"  # on the ViT: the authors' CLS-statistics loss

@@ -115,8 +115,8 @@ class MGGTrainConfig:
 
 SOURCE_FIELDS = ("train_mgg.source_checkpoint", "train_mgg.source_config")
 TRAIN_DATA = ("benchmark", "train_split")
-CHOICES = {"loss": LOSS_CHOICES, "outer_loss": OUTER_LOSSES, "outer_loss_over": OUTER_LOSS_OVER, "outer_reduction": REDUCTIONS,
-           "train_data": TRAIN_DATA, "backend": BACKENDS}
+CHOICES = {"loss": LOSS_CHOICES, "outer_loss": OUTER_LOSSES, "outer_loss_over": OUTER_LOSS_OVER,
+           "outer_reduction": REDUCTIONS, "train_data": TRAIN_DATA, "backend": BACKENDS}
 
 
 def mgg_train_config(data: dict[str, Any]) -> MGGTrainConfig:
