@@ -33,7 +33,7 @@ RUNS = ("continual:200", "episodic:64", "episodic:16")
 LONG_RUN = "continual:200:10000"  # setting:batch:images per corruption (the whole test set)
 LONG_IMAGES = 10000
 # The methods built for a continual stream (and their usual baselines), run on the long stream.
-CONTINUAL_FAMILY = ("cotta", "rotta", "rmt", "roid", "cmf", "santa", "palm", "law", "eata", "tent")
+CONTINUAL_FAMILY = ("cotta", "rotta", "rmt", "roid", "cmf", "santa", "adacontrast", "palm", "law", "eata", "tent")
 NEEDS_ADAPTER = tuple(sorted(set(DEFAULT_ADAPTER_METHODS.values())))
 # Plug-ins wrap another method (their `base`); benchmarked over tent, their default base.
 PLUGINS = {"nanoadapt": "tent", "delta": "tent"}

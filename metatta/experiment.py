@@ -24,10 +24,11 @@ import torch
 
 from metatta import tracking
 from metatta.config import build_dataclass
+from metatta.data import ccc
 from metatta.data.benchmark_files import capped_num_images, fashion_mnist_c, read_cifar_c
 from metatta.data.clean import load_clean
 from metatta.data.domains import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, HELD_OUT_CORRUPTIONS, check_corruption_names
-from metatta.data.streams import SETTINGS, build_stream
+from metatta.data.streams import GENERATED_SETTINGS, SETTINGS, build_stream
 from metatta.device import resolve_device
 from metatta.evaluation import Result, evaluate, save_results
 from metatta.learned.mgg import load_mgg
@@ -72,10 +73,39 @@ class SourceConfig:
 
 @dataclasses.dataclass
 class StreamConfig:
-    setting: str = "continual"  # episodic | continual | gradual | mixed | label_shift
+    setting: str = "continual"  # episodic | continual | gradual | mixed | label_shift | ccc
     batch_size: int = 200
     seed: int = 0
     dirichlet_alpha: float = 0.1  # label_shift only
+    # ccc only: the generated lifelong stream's options (metatta.data.ccc.OPTIONS but `model`, which is the
+    # source model): difficulty, num_images, transition_images, corruptions, ...; the benchmark's clean test
+    # images are its source and `benchmark.corruptions/severities/num_images` do not apply
+    ccc: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def stream_options(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The setting's options for `build_stream`."""
+        if self.setting == "label_shift":
+            return {"dirichlet_alpha": self.dirichlet_alpha}
+        if self.setting == "ccc":
+            return {**self.ccc, "model": model}
+        return {}
+
+    def check(self) -> None:
+        """The setting and its options, checked before any work (ValueError names the field)."""
+        if self.setting not in SETTINGS + GENERATED_SETTINGS:
+            raise ValueError(f"stream.setting: unknown stream setting {self.setting!r}; "
+                             f"known: {', '.join(SETTINGS + GENERATED_SETTINGS)}")
+        if self.ccc and self.setting != "ccc":
+            raise ValueError(f"stream.ccc: options of the ccc setting given for setting {self.setting!r}")
+        if self.setting == "ccc":
+            unknown = sorted(set(self.ccc) - (set(ccc.OPTIONS) - {"model"}))
+            if unknown:
+                raise ValueError(f"stream.ccc: unknown option(s) {unknown}; known: "
+                                 f"{sorted(set(ccc.OPTIONS) - {'model'})}")
+            try:
+                ccc.check_options({**ccc.OPTIONS, **self.ccc})
+            except ValueError as e:
+                raise ValueError(f"stream.ccc: {e}") from e
 
 
 @dataclasses.dataclass
@@ -111,8 +141,7 @@ def experiment_config(data: dict[str, Any]) -> ExperimentConfig:
     if not cfg.methods:
         raise ValueError("experiment: `methods` is empty; list at least one method")
 
-    if cfg.stream.setting not in SETTINGS:
-        raise ValueError(f"stream.setting: unknown stream setting {cfg.stream.setting!r}; known: {', '.join(SETTINGS)}")
+    cfg.stream.check()
     for spec in cfg.methods:
         method_class(spec.name)  # unknown names fail here, before any work
         if spec.settings is not None and not spec.settings.startswith("models:/") and not Path(spec.settings).exists():
@@ -192,9 +221,12 @@ def benchmark_root(cfg: BenchmarkConfig) -> Path:
     return fashion_mnist_c(corruptions=cfg.corruption_names())  # only the files this benchmark reads
 
 
-def load_domains(cfg: BenchmarkConfig):
+def load_domains(cfg: BenchmarkConfig, setting: str = "continual"):
     """The benchmark's domains; `num_images` is capped, with a warning, to what the files hold
-    (a small dataset, e.g. a digits-sized one, cannot give a config's 1,000 images per domain)."""
+    (a small dataset, e.g. a digits-sized one, cannot give a config's 1,000 images per domain).
+    A generated setting (ccc) takes one domain, the benchmark's clean test images."""
+    if setting in GENERATED_SETTINGS:
+        return [ccc.clean_domain(*load_clean(cfg.name.removesuffix("_c"), "test"))]
     root = benchmark_root(cfg)
     num_images = capped_num_images(root, cfg.num_images, cfg.first_image, "benchmark.num_images")
     return read_cifar_c(root, cfg.corruption_names(), cfg.severities, num_images=num_images,
@@ -308,7 +340,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
     pinned_methods, references = pin_references(cfg.methods)
     cfg = dataclasses.replace(cfg, methods=pinned_methods)
     device = resolve_device(cfg.device)
-    domains = load_domains(cfg.benchmark)
+    domains = load_domains(cfg.benchmark, cfg.stream.setting)
     model, checkpoint = source_model(cfg.source, device)
     protocol = {
         "experiment": cfg.name,
@@ -321,8 +353,9 @@ def run_experiment(cfg: ExperimentConfig) -> list[Result]:
         "seed": cfg.stream.seed,
         "source_checkpoint": str(checkpoint),
         "source_checkpoint_sha256": checkpoint_hash(checkpoint),
+        **({"ccc": dict(cfg.stream.ccc)} if cfg.stream.setting == "ccc" else {}),
     }
-    stream_options = {"dirichlet_alpha": cfg.stream.dirichlet_alpha} if cfg.stream.setting == "label_shift" else {}
+    stream_options = cfg.stream.stream_options(model)
     results, cache = [], {}
     for spec, reference in zip(cfg.methods, references):
         torch.manual_seed(cfg.stream.seed)

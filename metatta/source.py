@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metatta.config import ConfigError, build_dataclass, load_config
-from metatta.data.clean import load_clean
+from metatta.data.clean import flips_allowed, load_clean
 from metatta.device import resolve_device
 from metatta.models import build_model
 from metatta.models.checkpoint import header_path, save_checkpoint, verify_checkpoint
@@ -67,7 +67,8 @@ class SourceTrainConfig:
     label_smoothing: float = 0.0
     augment: bool = True  # random crop (zero padding) + horizontal flip
     crop_padding: int = 2
-    hflip: bool = True
+    # auto: flip unless the dataset's classes change in a mirror (digits: clean.MIRROR_CHANGES_CLASS)
+    hflip: bool | Literal["auto"] = "auto"
     num_train_images: int | None = None  # first N training images (quick runs); None: all
     num_test_images: int | None = None  # first N test images; None: all
     feature_stats_images: int = 10000  # clean training images for MGTTA's feature statistics
@@ -114,6 +115,11 @@ def source_train_config(data: dict[str, Any] | SourceTrainConfig | None) -> Sour
         raise ValueError(f"train_source.warmup_fraction must be in (0, 1), got {cfg.warmup_fraction}")
     if cfg.crop_padding < 0:
         raise ValueError(f"train_source.crop_padding must be >= 0, got {cfg.crop_padding}")
+    if cfg.hflip == "auto":
+        cfg = dataclasses.replace(cfg, hflip=flips_allowed(cfg.dataset))
+    elif cfg.hflip and cfg.augment and not flips_allowed(cfg.dataset):
+        log.warning("train_source.hflip is true on %s, whose classes a mirror changes; hflip: auto would not flip",
+                    cfg.dataset)
     if cfg.output is None:
         cfg = dataclasses.replace(cfg, output=str(models_dir() / f"{cfg.model.replace(':', '_')}.pt"))
     return cfg

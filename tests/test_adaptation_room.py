@@ -10,6 +10,7 @@ from metatta import adaptation_room as room
 from metatta.data.streams import build_stream
 from metatta.data.types import DomainData
 from metatta.methods.common import softmax_entropy
+from metatta.models.vit import ViTClassifier
 from repo_scripts import load_script
 
 
@@ -83,3 +84,20 @@ def test_parse_args_defaults():
     bench = load_script("benchmarks/adaptation_room.py")
     args = bench.parse_args([])
     assert (args.num_images, args.lrs, args.floor_epochs) == (1000, [1e-3, 1e-2, 3e-2], 20)
+
+
+def test_the_vit_option_names_its_results_and_the_oracles_run_on_a_vit():
+    bench = load_script("benchmarks/adaptation_room.py")
+    assert bench.parse_args([]).source_config is None
+    assert bench.default_tag(None, 1000) == "adaptation_room"
+    assert bench.default_tag("configs/fmnist_c/source_vit.yaml", 1000) == "adaptation_room_vit"
+    assert bench.default_tag("configs/fmnist_c/source_vit.yaml", 10000) == "adaptation_room_vit_n10000"
+    torch.manual_seed(0)
+    vit = ViTClassifier(num_classes=3, in_channels=1, img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2)
+    net, params = room.norm_adapted(vit)
+    names = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert len(params) == len(names) == 10 and all(".norm" in n for n in names)  # 2 blocks x 2 LN + final, w+b
+    stream = tiny_stream()
+    unadapted, online = room.online_errors(vit, stream, None), room.online_errors(vit, stream, 0.3)
+    assert list(unadapted) == list(online) == ["noise-5", "blur-5"]
+    assert "noise-5" in room.gradient_agreement(vit, stream)["entropy"]  # an untrained ViT: no reliable sample

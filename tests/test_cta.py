@@ -283,3 +283,34 @@ def copy_net(net):
     import copy
 
     return copy.deepcopy(net)
+
+
+def test_digits_are_never_flipped(tmp_path, source_checkpoint, monkeypatch):
+    """Issue #24.9: hflip auto resolves from the source model's dataset (a mirrored 2 is no digit);
+    with hflip false no augmentation of any stage mirrors an image."""
+    from metatta.ssl import training
+    from metatta.ssl.objectives import stage_inputs
+
+    x = torch.rand(8, 1, 28, 28)
+    no_flip = config(tmp_path, source_checkpoint, crop_padding=0, hflip=False)
+    light, _, _, _ = stage_inputs("joint", x, torch.zeros(8, dtype=torch.long), no_flip, torch.Generator().manual_seed(0))
+    assert torch.equal(light, x)  # no padding to crop and no flip: the images themselves
+    flipped, _, _, _ = stage_inputs("joint", x, torch.zeros(8, dtype=torch.long),
+                                    dataclasses.replace(no_flip, hflip=True), torch.Generator().manual_seed(0))
+    assert not torch.equal(flipped, x)
+    seen = {}
+
+    def stop(cfg, *args):
+        seen["hflip"] = cfg.hflip
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "stage_spec", stop)
+    digits_source = save_checkpoint(tmp_path / "digits.pt", build_model("resnet_fmnist", 10, 1, widths=WIDTHS),
+                                    model_name="resnet_fmnist", model_kwargs={"widths": WIDTHS}, num_classes=10,
+                                    in_channels=1, dataset="digits")
+    for source, expected in ((digits_source, False), (source_checkpoint, True)):
+        with pytest.raises(KeyboardInterrupt):
+            train_cta(config(tmp_path, source), use_ray=False, domains=[DomainData("fog", 5, np.zeros((4, 28, 28, 1),
+                                                                                                     np.uint8),
+                                                                                   np.zeros(4, np.int64))])
+        assert seen["hflip"] is expected

@@ -70,7 +70,25 @@ def test_episodic_batch_one_and_label_shift(tmp_path, tiny_source, tiny_benchmar
         assert all(r.num_images == 48 for r in results)
 
 
+def test_a_ccc_stream_from_the_config(tmp_path, tiny_source, tiny_benchmark):
+    """`stream.setting: ccc` runs from a config: the generated lifelong stream over the clean test images,
+    calibrated against the experiment's source model; its options are recorded with the result."""
+    options = {"difficulty": "medium", "tolerance": 30, "num_images": 256, "transition_images": 128,
+               "calibration_images": 64, "cache": False}
+    cfg = config(tmp_path, tiny_source, tiny_benchmark, mlflow=False, methods=[{"name": "source"}, {"name": "bn"}],
+                 stream={"setting": "ccc", "batch_size": 32, "ccc": options})
+    source, bn = run_experiment(cfg)
+    for r in (source, bn):
+        assert r.num_images == 256 and list(r.domain_errors) == ["ccc-medium"]
+        assert r.protocol["ccc"] == options and r.protocol["domains"] == ["clean-0"]
+    assert bn.mean_error != source.mean_error
+
+
 @pytest.mark.parametrize("change, match", [
+    ({"stream": {"setting": "ccc", "ccc": {"difficulty": "brutal"}}}, "stream.ccc: .*difficulty"),
+    ({"stream": {"setting": "ccc", "ccc": {"model": "x"}}}, r"stream.ccc: unknown option\(s\) \['model'\]"),
+    ({"stream": {"setting": "ccc", "ccc": {"num_images": 0}}}, "stream.ccc: .*num_images"),
+    ({"stream": {"setting": "continual", "ccc": {"difficulty": "hard"}}}, "stream.ccc: options of the ccc setting"),
     ({"methods": [{"name": "tnet"}]}, "unknown method"),
     ({"methods": []}, "methods"),
     ({"stream": {"setting": "sideways"}}, "unknown stream setting"),

@@ -205,7 +205,7 @@ def test_cache_parses_once_returns_copies_and_notices_replaced_files(isolated, m
 
 # ---- other clean datasets ---------------------------------------------------------------------------
 def test_load_clean_errors(tmp_path, monkeypatch):
-    assert CLEAN_DATASETS == ("fashion_mnist", "cifar10", "cifar100")
+    assert CLEAN_DATASETS == ("fashion_mnist", "cifar10", "cifar100", "digits")
     with pytest.raises(ValueError, match="unknown dataset"):
         load_clean("mnist", "test")
     with pytest.raises(ValueError, match="split"):
@@ -246,3 +246,16 @@ def test_imagenet_folder(tmp_path):
     assert dataset.classes == ["n01", "n02"] and len(dataset) == 2
     with pytest.raises(FileNotFoundError, match="nowhere"):
         imagenet_folder(tmp_path / "nowhere")
+
+
+def test_digits_is_a_small_clean_dataset_that_is_never_flipped():
+    """Issue #24.9's digits-sized dataset: scikit-learn's bundled digits as 28x28 uint8, 1,400 + 397."""
+    pytest.importorskip("sklearn")
+    from metatta.data.clean import flips_allowed
+
+    train_x, train_y = load_clean("digits", "train")
+    test_x, test_y = load_clean("digits", "test")
+    assert train_x.shape == (1400, 28, 28, 1) and test_x.shape == (397, 28, 28, 1)
+    assert train_x.dtype == np.uint8 and train_y.dtype == np.int64 and sorted(set(train_y)) == list(range(10))
+    assert train_x.max() == 255 and len(test_y) == 397
+    assert not flips_allowed("digits") and flips_allowed("fashion_mnist") and flips_allowed("cifar10")

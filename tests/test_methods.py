@@ -41,6 +41,7 @@ FAST = {
     "roid": {"lr": 0.01},
     "cmf": {"lr": 0.01},
     "santa": {"lr": 0.01, "projection_dim": 8},
+    "adacontrast": {"lr": 0.01, "queue_size": 64, "refine_after": 16},
 }
 
 

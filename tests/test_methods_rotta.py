@@ -19,9 +19,15 @@ FAST = {"lr": 0.01, "memory_size": 16, "update_frequency": 16}
 
 def test_defaults_are_the_authors():
     cfg = method_class("rotta").Config()
-    assert (cfg.optimizer, cfg.lr, cfg.betas, cfg.lr_batch_size) == ("adam", 1e-3, (0.9, 0.999), 64)
+    assert (cfg.optimizer, cfg.lr, cfg.betas, cfg.lr_batch_size) == ("adam", 1e-3, (0.9, 0.999), None)
     assert (cfg.memory_size, cfg.update_frequency, cfg.nu, cfg.alpha, cfg.lambda_t, cfg.lambda_u) == (
         64, 64, 0.001, 0.05, 1.0, 1.0)
+
+
+def test_lr_does_not_scale_with_the_test_batch():
+    # the update batch is the memory bank, whatever the test batch (their code: OPTIM.LR at any batch)
+    method = build_method("rotta", TinyBNNet(), {}, batch_size=16)
+    assert method.optimizer.param_groups[0]["lr"] == 1e-3
 
 
 def test_adapts_the_norm_affines_of_a_bn_net_and_a_vit():

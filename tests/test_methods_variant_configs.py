@@ -8,8 +8,9 @@ from metatta.config import load_config
 from metatta.methods import method_class
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
-VARIANTS = {"deyo_vit": "deyo", "deyo_cifar": "deyo", "rpl_imagenet": "rpl", "memo_imagenet": "memo",
-            "bn_alpha": "bn", "bn_ema": "bn", "eta_rdumb_cifar": "eta", "eta_rdumb_imagenet": "eta", "eta_rdumb": "eta"}
+VARIANTS = {"deyo_vit": "deyo", "tent_vit": "tent", "sar_vit": "sar", "eata_vit": "eata", "cotta_vit": "cotta",
+            "mgtta_vit": "mgtta", "deyo_cifar": "deyo", "rpl_imagenet": "rpl", "memo_imagenet": "memo",
+            "bn_alpha": "bn", "bn_ema": "bn", "eta_rdumb_cifar": "eta", "eta_rdumb_imagenet": "eta", "eta_rdumb": "eta", "adacontrast_imagenet": "adacontrast"}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -363,7 +363,7 @@ def test_the_loss_an_mgg_is_meta_trained_on_is_the_one_it_is_tested_with():
     from metatta.learned.meta_training import make_loss, mgtta_config
 
     cfg = mgg_train_config({**BASE, "loss": "entropy", "reliable_entropy_factor": 0.4, "test_lr": 2e-3})
-    assert make_loss(cfg, None).reliable_factor == 0.4
+    assert make_loss(cfg, None, torch.nn.Linear(2, 2)).reliable_factor == 0.4
     assert mgtta_config(cfg) == {"lr": 2e-3, "loss": "entropy", "stats_lambda": 0.4, "reliable_entropy_factor": 0.4}
     assert mgtta_config(mgg_train_config(BASE))["reliable_entropy_factor"] is None  # the paper's loss
 

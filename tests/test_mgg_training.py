@@ -11,7 +11,9 @@ from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
 from test_mgg_options import train_split_only  # noqa: F401 (a fixture)
-from metatta.learned.meta_training import RolloutWorker, load_checkpoint, mgg_train_config, split_domains, steps_per_epoch
+from metatta.learned import meta_training
+from metatta.learned.meta_training import (RolloutWorker, fit_image_counts, images_per_corruption, load_checkpoint,
+                                           mgg_train_config, split_domains, steps_per_epoch)
 from trainers.mgg import gpus_per_actor, train_mgg
 
 CORRUPTIONS = ["speckle_noise", "gaussian_blur"]
@@ -191,6 +193,38 @@ def test_supervised_outer_loss_reads_only_the_training_split(tmp_path, source_ch
     assert 0.0 <= outcome.validation_error <= 100.0 and outcome.steps >= 1
     with pytest.raises(ValueError, match=r"train_mgg\.train_data 'train_split'"):
         config(tmp_path, source_checkpoint, outer_loss="supervised")
+
+
+def test_image_counts_are_scaled_to_a_small_dataset_with_a_warning_before_training(tmp_path, source_checkpoint,
+                                                                                  caplog, monkeypatch):
+    """Issue #24.9: the config's counts (16 to train over 2 corruptions + 8 to validate = 16 per corruption)
+    on domains of 12 images become the same split of 12 (6 + 6), with a warning, before any training."""
+    small = [DomainData(c, 5, np.zeros((12, 28, 28, 1), np.uint8), np.zeros(12, np.int64)) for c in CORRUPTIONS]
+    cfg = config(tmp_path, source_checkpoint, num_actors=1)
+    assert fit_image_counts(cfg, 16) is cfg  # enough: unchanged
+    with caplog.at_level("WARNING", logger="metatta.learned.meta_training"):
+        fitted = fit_image_counts(cfg, images_per_corruption(cfg, small))
+    assert (fitted.train_images, fitted.val_images) == (12, 6)
+    assert "train_images 16 and val_images 8 need 16 images per corruption, but the data holds 12" in caplog.text
+    shares, val = split_domains(small, fitted)
+    assert [len(d) for d in shares[0]] == [6, 6] and [len(d) for d in val] == [6, 6]
+    outcome = train_mgg(dataclasses.replace(cfg, name="small"), use_ray=False, domains=small)
+    assert outcome.steps >= 1
+
+    def no_source(*args):
+        raise AssertionError("the source model was asked for before the sizes were checked")
+
+    monkeypatch.setattr(meta_training, "source_checkpoint", no_source)
+    tiny = [DomainData(c, 5, d.images[:5], d.labels[:5]) for c, d in zip(CORRUPTIONS, small)]
+    with pytest.raises(ValueError, match=r"scaled down to 5 images per corruption.*needs at least 2 batches of 2"):
+        train_mgg(cfg, use_ray=False, domains=tiny)
+
+
+def test_images_per_corruption_of_the_training_split(tmp_path, source_checkpoint, train_split_only):
+    cfg = config(tmp_path, source_checkpoint, train_data="train_split", train_images=400, val_images=100)
+    assert images_per_corruption(cfg) == 150  # 300 clean training images, disjoint over 2 corruptions
+    fitted = fit_image_counts(cfg, 150)
+    assert (fitted.train_images, fitted.val_images) == (200, 50)
 
 
 @pytest.mark.parametrize("gpus, actors, device, expected", [

@@ -16,7 +16,7 @@ from metatta.models.checkpoint import (
 )
 from metatta.models.feature_stats import FeatureRecorder, compute_feature_stats, feature_samples, feature_taps
 from metatta.models.normalize import Normalize, NormalizedModel
-from metatta.models.resnet import BasicBlock, ResNet
+from metatta.models.resnet import BasicBlock, ResNet, keep_channels_last_in_backward
 from metatta.models.wideresnet import WideBasicBlock
 
 
@@ -378,3 +378,21 @@ def test_compute_feature_stats_errors():
         compute_feature_stats(model, _images(1, 1, 28))
     with pytest.raises(ValueError, match="\\(N, C, H, W\\)"):
         compute_feature_stats(model, torch.zeros(3, 28, 28))
+
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn16_4"])
+def test_nhwc_models_pass_nhwc_gradients_back_through_the_pool_with_the_same_values(name):
+    """The pooled features' gradient is made NHWC (the last ReLU's backward is slow on mixed layouts);
+    the gradients are bit-identical to those of the plain pool path."""
+    model = build_model(name, num_classes=10, in_channels=3).to(memory_format=torch.channels_last).train()
+    x = torch.rand(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    layouts = []
+    features = keep_channels_last_in_backward(model.forward_features(x))
+    features.register_hook(lambda g: layouts.append(g.is_contiguous(memory_format=torch.channels_last)))
+    params = list(model.parameters())
+    hooked = torch.autograd.grad(model.fc(model.pool(features).flatten(1)).sum(), params)
+    plain = torch.autograd.grad(model.fc(model.pool(model.forward_features(x)).flatten(1)).sum(), params)
+    assert layouts == [True]
+    assert all(torch.equal(a, b) for a, b in zip(hooked, plain))
+    assert torch.equal(model(x), model.fc(model.pool(model.forward_features(x)).flatten(1)))

@@ -236,3 +236,16 @@ def test_the_shipped_vit_source_config_is_valid():
     assert cfg.optimizer == "adamw" and cfg.model == "vit_tiny_fmnist"
     model = build_model(cfg.model, cfg.num_classes, cfg.in_channels, **cfg.model_kwargs)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_hflip_auto_never_flips_digits(caplog):
+    """Issue #24.9: a mirrored 2, 3 or 7 is no digit; Fashion-MNIST's classes are mirror-symmetric."""
+    assert source.source_train_config({"dataset": "digits"}).hflip is False
+    assert source.source_train_config({"dataset": "fashion_mnist"}).hflip is True
+    shipped = load_config(Path(__file__).parents[1] / "configs" / "fmnist_c" / "source.yaml")
+    assert shipped["hflip"] == "auto" and source.source_train_config(shipped).hflip is True
+    with caplog.at_level("WARNING", logger="metatta.source"):
+        assert source.source_train_config({"dataset": "digits", "hflip": True}).hflip is True  # asked for: kept
+    assert "hflip is true on digits" in caplog.text
+    with pytest.raises(ConfigError, match="hflip"):
+        source.source_train_config({"hflip": "sometimes"})

@@ -20,7 +20,7 @@ from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
 from metatta.search import run_trial, search_config
 from trainers.tune import optuna_space, run_search
-from trainers.tune_trials import named_trainable
+from trainers.tune_trials import TRIAL_TAG, close_stopped_runs, named_trainable
 
 HELD_OUT = ["speckle_noise", "gaussian_blur"]
 
@@ -125,6 +125,26 @@ def test_run_trial_reports_running_objective_over_every_seed(source_checkpoint):
         assert out[f"seed{seed}/worst_window"] == pytest.approx(max(errors))
         assert out[f"seed{seed}/objective"] == pytest.approx(0.75 * out[f"seed{seed}/mean_error"] + 0.25 * max(errors))
     assert out["objective"] == pytest.approx((out["seed0/objective"] + out["seed1/objective"]) / 2)
+
+
+def test_every_trial_has_a_closed_run_even_one_killed_before_it_opened_it(mlflow_uri):
+    """Issue #24.8: a trial whose process was killed before `create_run` still gets a child run, FAILED."""
+    cfg = search_config(data(source={"checkpoint": "unused.pt"}))
+    c = tracking.client()
+    experiment_id = c.create_experiment("trials")
+    parent = c.create_run(experiment_id).info.run_id
+    for trial_id in ("done", "raised"):
+        c.create_run(experiment_id, tags={"mlflow.parentRunId": parent, TRIAL_TAG: trial_id})
+    trials = [{"trial_id": "done", "config": {"lr": 1e-3}, "completed": True, "error": None},
+              {"trial_id": "raised", "config": {"lr": 1e-3}, "completed": False, "error": "ValueError: x"},
+              {"trial_id": "killed", "config": {"lr": 2e-3}, "completed": False, "error": "ActorDiedError: died"}]
+    close_stopped_runs(parent, experiment_id, trials, cfg)
+    runs = {r.data.tags[TRIAL_TAG]: r for r in c.search_runs([experiment_id],
+                                                             filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
+    assert {k: r.info.status for k, r in runs.items()} == {"done": "FINISHED", "raised": "FAILED", "killed": "FAILED"}
+    killed = runs["killed"].data
+    assert killed.tags["stopped_by"] == "error" and "ActorDiedError" in killed.tags["error"]
+    assert killed.params == {"lr": "0.002"}
 
 
 # ---- a tiny real search on Ray -------------------------------------------------------------------

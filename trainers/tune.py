@@ -189,7 +189,7 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
         grid = tuner.fit()
         searched = collect(grid)
         if parent is not None:
-            close_stopped_runs(parent_id, experiment_id, searched)
+            close_stopped_runs(parent_id, experiment_id, searched, cfg)
         trials = [default] + searched
         decision = choose_setting(default, searched, cfg.acceptance, cfg.metric)
         chosen = next(t for t in trials if t["trial_id"] == decision["trial_id"])

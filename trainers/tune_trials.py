@@ -4,12 +4,13 @@ logs one line per trial that ends (the job log is otherwise silent while Tune ru
 and the trials' records after the search (`collect`; MLflow runs left open closed)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from metatta import tracking
-from metatta.search import SearchConfig
+from metatta.search import SearchConfig, plain
 
 log = logging.getLogger("trainers.tune")  # the search's own logger: one place to read the job log
 
@@ -87,12 +88,15 @@ def collect(grid) -> list[dict[str, Any]]:
     return trials
 
 
-def close_stopped_runs(parent_id: str, experiment_id: str, trials) -> None:
+def close_stopped_runs(parent_id: str, experiment_id: str, trials, cfg: SearchConfig) -> None:
     """Child runs left RUNNING are closed: FINISHED where the trial completed (its own
-    set_terminated was lost), FAILED where it raised, else KILLED with stopped_by=asha."""
+    set_terminated was lost), FAILED where it raised, else KILLED with stopped_by=asha. A trial
+    whose process died before it opened its run gets one, FAILED, with its error."""
     c = tracking.client()
     status = {t["trial_id"]: t for t in trials}
+    with_runs = set()
     for run in c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"):
+        with_runs.add(run.data.tags.get(TRIAL_TAG, ""))
         if run.info.status != "RUNNING":
             continue
         trial = status.get(run.data.tags.get(TRIAL_TAG, ""))
@@ -102,3 +106,14 @@ def close_stopped_runs(parent_id: str, experiment_id: str, trials) -> None:
         failed = trial is not None and trial["error"]
         c.set_tag(run.info.run_id, "stopped_by", "error" if failed else "asha")
         c.set_terminated(run.info.run_id, "FAILED" if failed else "KILLED")
+    for number, trial in enumerate(trials):
+        if trial["completed"] or (trial["trial_id"] and trial["trial_id"] in with_runs):
+            continue
+        trial_id = trial["trial_id"] or f"unnamed-{number}"
+        run = c.create_run(experiment_id, run_name=f"{cfg.name}-{trial_id}", tags={
+            "mlflow.parentRunId": parent_id, TRIAL_TAG: trial_id, "kind": "tune-trial", "method": cfg.method,
+            "stopped_by": "error", "error": (trial["error"] or "ended without a result")[:5000]})
+        for key, value in trial["config"].items():
+            if key in cfg.space:
+                c.log_param(run.info.run_id, key, json.dumps(plain(value)))
+        c.set_terminated(run.info.run_id, "FAILED")

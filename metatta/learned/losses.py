@@ -19,6 +19,12 @@ loss, kept in the graph, when a batch has none), the signal EATA adapts on.
 
 A batch of one image has no standard deviation: the std term is then left out
 and only the mean term is used.
+
+"auto" (a config value, resolved by `loss_kind_for` against the model): "entropy+stats" for a
+vision transformer, the authors' ViT loss (their only model), "entropy" for anything else (the
+paper's framing; the stats term is our analogue for CNNs, asked for by name). Decided from the
+model itself, so a ViT source gets its loss whatever the dataset is called; the statistics it
+aligns to are the ones stored in its checkpoint.
 """
 from __future__ import annotations
 
@@ -29,11 +35,22 @@ import torch
 from torch import nn
 
 from metatta.losses import reliable_entropy, softmax_entropy
-from metatta.models.feature_stats import FeatureRecorder
+from metatta.models.feature_stats import FeatureRecorder, is_vision_transformer
 
 LOSS_KINDS = ("entropy", "entropy+stats")
+LOSS_CHOICES = ("auto", *LOSS_KINDS)  # what a config may say; "auto" is resolved by `loss_kind_for`
 STATS_REDUCTIONS = ("per_layer_mse", "authors")
 AUTHORS_STATS_DIVISOR = 64.0
+
+
+def loss_kind_for(kind: str, model: nn.Module) -> str:
+    """The loss kind a config's `kind` means on `model`: "auto" -> "entropy+stats" for a vision
+    transformer (the authors' ViT loss), else "entropy"; an explicit kind as is."""
+    if kind not in LOSS_CHOICES:
+        raise ValueError(f"loss kind {kind!r} is not one of {LOSS_CHOICES}")
+    if kind != "auto":
+        return kind
+    return "entropy+stats" if is_vision_transformer(model) else "entropy"
 
 
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -47,12 +47,14 @@ from tqdm.auto import tqdm
 
 from metatta import tracking
 from metatta.config import build_dataclass
+from metatta.data import clean
+from metatta.data.benchmark_files import fashion_mnist_c, images_per_severity
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names
 from metatta.data.shares import images_to_tensor, split_shares
 from metatta.data.types import DomainData
 from metatta.device import resolve_device
-from metatta.learned.heldout import build_heldout_train_set
-from metatta.learned.losses import TTALoss
+from metatta.learned.heldout import SPLIT, build_heldout_train_set
+from metatta.learned.losses import LOSS_CHOICES, TTALoss, loss_kind_for
 from metatta.learned.mgg import MGG, save_mgg
 from metatta.learned.unroll import BACKENDS, OUTER_LOSS_OVER, OUTER_LOSSES, REDUCTIONS, Trajectory, unroll
 from metatta.methods.common import configure_norm_adaptation
@@ -84,7 +86,7 @@ class MGGTrainConfig:
     inner_lr_max: float | None = None
     meta_lr: float = 1e-2  # paper: Adam lr on the MGG
     grad_clip: float = 1.0  # max global norm of the averaged meta-gradient
-    loss: str = "entropy+stats"  # entropy | entropy+stats
+    loss: str = "entropy+stats"  # entropy | entropy+stats | auto (ViT: entropy+stats, else entropy)
     stats_lambda: float = 0.4
     reliable_entropy_factor: float | None = None  # EATA's entropy term (metatta.learned.losses); None: paper
     num_actors: int = 2
@@ -113,7 +115,7 @@ class MGGTrainConfig:
 
 SOURCE_FIELDS = ("train_mgg.source_checkpoint", "train_mgg.source_config")
 TRAIN_DATA = ("benchmark", "train_split")
-CHOICES = {"outer_loss": OUTER_LOSSES, "outer_loss_over": OUTER_LOSS_OVER, "outer_reduction": REDUCTIONS,
+CHOICES = {"loss": LOSS_CHOICES, "outer_loss": OUTER_LOSSES, "outer_loss_over": OUTER_LOSS_OVER, "outer_reduction": REDUCTIONS,
            "train_data": TRAIN_DATA, "backend": BACKENDS}
 
 
@@ -139,15 +141,52 @@ def mgg_train_config(data: dict[str, Any]) -> MGGTrainConfig:
     if cfg.outer_loss == "supervised" and cfg.train_data != "train_split":
         raise ValueError("train_mgg.outer_loss 'supervised' needs train_mgg.train_data 'train_split': the "
                          "benchmark files are built from the test split, whose labels must not train anything")
+    check_unroll_fits(cfg)
+    return cfg
+
+
+def check_unroll_fits(cfg: MGGTrainConfig, why: str = "") -> None:
+    """Every actor's share of every corruption holds at least one unroll."""
     per_actor = cfg.train_images // (len(cfg.corruptions) * cfg.num_actors)
     needed = cfg.unroll_steps + 1  # a fresh trajectory primes on one batch, then steps K times
     if per_actor < cfg.batch_size * needed:
         raise ValueError(
-            f"train_mgg.train_images: {cfg.train_images} training images over {len(cfg.corruptions)} corruptions "
-            f"and {cfg.num_actors} actors leave {per_actor} per actor and corruption; an unroll of "
+            f"train_mgg.train_images: {cfg.train_images} training images{why} over {len(cfg.corruptions)} "
+            f"corruptions and {cfg.num_actors} actors leave {per_actor} per actor and corruption; an unroll of "
             f"train_mgg.unroll_steps={cfg.unroll_steps} needs at least {needed} batches of {cfg.batch_size}"
         )
-    return cfg
+
+
+def images_per_corruption(cfg: MGGTrainConfig, domains: list[DomainData] | None = None) -> int:
+    """How many distinct images each corruption can have: the given domains' smallest, else those of
+    the clean training split (train_split: disjoint per corruption) or of a benchmark severity block."""
+    if domains is not None:
+        return min(len(d) for d in domains)
+    if cfg.train_data == "train_split":
+        _, labels = clean.load_clean(cfg.dataset, SPLIT, cfg.data_root)
+        return len(labels) // len(cfg.corruptions)
+    root = Path(cfg.benchmark_root) if cfg.benchmark_root else fashion_mnist_c(corruptions=list(cfg.corruptions))
+    return images_per_severity(root)
+
+
+def fit_image_counts(cfg: MGGTrainConfig, available: int) -> MGGTrainConfig:
+    """`cfg` with train_images and val_images scaled down together, with a warning, when a corruption
+    needs more images (train_images / #corruptions + val_images) than the `available` ones (a small
+    dataset, e.g. a digits-sized one): the same training/validation split of what there is. Raises,
+    naming the fields, when even that leaves an actor no full unroll."""
+    corruptions = len(cfg.corruptions)
+    needed = cfg.train_images // corruptions + cfg.val_images
+    if needed <= available:
+        return cfg
+    scale = available / needed
+    val_images = max(1, math.floor(cfg.val_images * scale))
+    train_images = (available - val_images) * corruptions
+    log.warning("train_mgg: train_images %d and val_images %d need %d images per corruption, but the data holds %d; "
+                "using train_images %d and val_images %d (the same split of what there is)", cfg.train_images,
+                cfg.val_images, needed, available, train_images, val_images)
+    fitted = dataclasses.replace(cfg, train_images=train_images, val_images=val_images)
+    check_unroll_fits(fitted, why=f" (scaled down to {available} images per corruption)")
+    return fitted
 
 
 def build_mgg(cfg: MGGTrainConfig):
@@ -178,8 +217,11 @@ def source_parts(checkpoint: str, device: torch.device):
     return load_source_model(checkpoint, device=device), load_feature_stats(checkpoint, device=device)
 
 
-def make_loss(cfg: MGGTrainConfig, source_stats):
-    return TTALoss(cfg.loss, source_stats if cfg.loss != "entropy" else None, cfg.stats_lambda,
+def make_loss(cfg: MGGTrainConfig, source_stats, model: torch.nn.Module):
+    """The inner loop's test-time loss on `model` (`loss: auto` resolved against it: the ViT's
+    CLS-statistics loss for a ViT), the loss MGTTA will use with the trained MGG."""
+    kind = loss_kind_for(cfg.loss, model)
+    return TTALoss(kind, source_stats if kind != "entropy" else None, cfg.stats_lambda,
                    reliable_factor=cfg.reliable_entropy_factor)
 
 
@@ -198,7 +240,7 @@ class RolloutWorker:
         self.device = resolve_device(cfg.device)
         model, stats = source_parts(checkpoint, self.device)
         configure_norm_adaptation(model)
-        self.trajectory = Trajectory(model, make_loss(cfg, stats), backend=cfg.backend)
+        self.trajectory = Trajectory(model, make_loss(cfg, stats, model), backend=cfg.backend)
         self.mgg = build_mgg(cfg).to(self.device)
         self.domains = [(images_to_tensor(d.images), torch.from_numpy(np.asarray(d.labels)).long(), d.name) for d in share]
         self.epoch, self.queue = -1, []
@@ -441,6 +483,7 @@ def meta_train(
     called after every learner step."""
     pool_class = pool_class or LocalPool
     torch.manual_seed(cfg.seed)
+    cfg = fit_image_counts(cfg, images_per_corruption(cfg, domains))  # before a source model trains
     checkpoint = source_checkpoint(cfg.source_checkpoint, cfg.source_config, SOURCE_FIELDS)
     provenance = None
     if domains is None:

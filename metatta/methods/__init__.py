@@ -26,7 +26,7 @@ _LATE_METHOD_MODULES = ("metatta.methods.mgtta", "metatta.methods.law", "metatta
                         "metatta.methods.ttt", "metatta.methods.cta", "metatta.methods.nanoadapt",
                         "metatta.methods.delta", "metatta.methods.rotta",
                         "metatta.methods.rmt", "metatta.methods.roid", "metatta.methods.cmf",
-                        "metatta.methods.santa")
+                        "metatta.methods.santa", "metatta.methods.adacontrast")
 
 
 def import_builtin_methods() -> None:

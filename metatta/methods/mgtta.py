@@ -14,9 +14,11 @@ directory / weights file (also settable as config `mgg_path`); `source_stats=`
 the source feature statistics (`metatta.models.feature_stats.compute_feature_stats`),
 needed only for loss "entropy+stats".
 
-Loss: "entropy" (default, the paper's framing) or "entropy+stats" (the
-authors' code: entropy + 0.4 * feature-statistics alignment); see
-`metatta.learned.losses`. `reliable_entropy_factor` (beyond the paper) swaps the
+Loss: "auto" (default): the authors' ViT loss, "entropy+stats" (entropy + 0.4 *
+the mean/std alignment of the CLS token after every block with the clean
+statistics stored in the source checkpoint), when the model is a vision
+transformer, and "entropy" (the paper's framing) for any other model; or either
+by name. See `metatta.learned.losses` (`loss_kind_for`). `reliable_entropy_factor` (beyond the paper) swaps the
 mean entropy for EATA's entropy term on its reliable samples. The authors' code runs the model in train mode; here
 the model is in eval mode with BN on batch statistics, which is the same for BN
 and LayerNorm networks without dropout.
@@ -29,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from metatta.learned.losses import LOSS_KINDS, STATS_REDUCTIONS, TTALoss, record_features
+from metatta.learned.losses import LOSS_CHOICES, STATS_REDUCTIONS, TTALoss, loss_kind_for, record_features
 from metatta.learned.mgg import MGG, load_mgg
 from metatta.learned.optimizer import frozen_mgg, mgg_optimizer_factory
 from metatta.methods.base import MethodConfig, OptimizerFactory, TTAMethod, register
@@ -39,7 +41,7 @@ from metatta.methods.common import configure_norm_adaptation, norm_affine_params
 @dataclasses.dataclass
 class MGTTAConfig(MethodConfig):
     lr: float = 1e-3  # adapt_lr: theta <- theta - lr * tanh(MGG output)
-    loss: str = "entropy"  # entropy | entropy+stats
+    loss: str = "auto"  # auto (ViT: entropy+stats, else entropy) | entropy | entropy+stats
     stats_lambda: float = 0.4  # weight of the feature-statistics term (authors: 0.4 on ImageNet-C)
     stats_reduction: str = "per_layer_mse"  # per_layer_mse | authors (sum of squared errors / 64)
     mgg_path: str | None = None  # used when no `mgg` / `mgg_path` context is given
@@ -49,8 +51,8 @@ class MGTTAConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.loss not in LOSS_KINDS:
-            self.refuse("loss", f"one of {LOSS_KINDS}")
+        if self.loss not in LOSS_CHOICES:
+            self.refuse("loss", f"one of {LOSS_CHOICES}")
         if self.stats_reduction not in STATS_REDUCTIONS:
             self.refuse("stats_reduction", f"one of {STATS_REDUCTIONS}")
 
@@ -76,7 +78,12 @@ class MGTTA(TTAMethod):
         config = self.checked_config(config)
         device = next(model.parameters()).device
         stats = {k: v.to(device) for k, v in source_stats.items()} if source_stats else None
-        loss_fn = TTALoss(config.loss, stats, config.stats_lambda, config.stats_reduction,
+        kind = loss_kind_for(config.loss, model)
+        if kind == "entropy+stats" and not stats:
+            raise ValueError(f"mgtta: loss {config.loss!r} on {type(model).__name__} is entropy+stats, which needs "
+                             "source_stats (the clean feature statistics stored in the source checkpoint, "
+                             "metatta.models.checkpoint.load_feature_stats); pass them or set loss: entropy")
+        loss_fn = TTALoss(kind, stats, config.stats_lambda, config.stats_reduction,
                           reliable_factor=config.reliable_entropy_factor)
         mgg = _resolve_mgg(mgg, mgg_path or config.mgg_path, device)
         factory = optimizer_factory or mgg_optimizer_factory(mgg, config.lr)

@@ -36,7 +36,11 @@ bank and counter.
 Defaults: the authors' (configs/adapter/rotta.yaml, configs/ defaults; CIFAR-10/100-C
 and the broadest codebase alike): Adam lr 1e-3, betas (0.9, 0.999), no weight
 decay, batch 64, memory 64, update every 64 images, nu 0.001, alpha 0.05,
-lambda_t = lambda_u = 1.
+lambda_t = lambda_u = 1. The lr is not scaled with the test batch: each update is on the
+bank, whatever the batch size.
+
+Fidelity: against the broadest codebase's RoTTA on the project's stream (same augmentation
+draws), identical predictions (docs/results/fidelity.md).
 """
 from __future__ import annotations
 
@@ -57,7 +61,9 @@ from metatta.methods.common import BN_TYPES, adaptable_norm_params, freeze_all, 
 class RoTTAConfig(MethodConfig):
     optimizer: str = "adam"
     lr: float = 1e-3
-    lr_batch_size: int | None = 64  # their batch size
+    # None: not scaled with the test batch. Every update is on the 64-image bank, whatever the test
+    # batch (their code likewise uses OPTIM.LR at any batch); scaling it at batch 16 would cut the lr 4x.
+    lr_batch_size: int | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     memory_size: int = 64  # images in the bank (MEMORY_SIZE)

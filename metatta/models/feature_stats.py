@@ -51,6 +51,12 @@ def _vision_transformers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, vit_module.VisionTransformer)]
 
 
+def is_vision_transformer(model: nn.Module) -> bool:
+    """Whether `model` holds a timm VisionTransformer (this project's ViTClassifier does): the
+    model MGTTA's authors' loss (CLS-token statistics after every block) is defined for."""
+    return bool(_vision_transformers(model))
+
+
 def feature_taps(model: nn.Module) -> list[nn.Module]:
     """The modules whose outputs are the features, in forward order."""
     for m in model.modules():

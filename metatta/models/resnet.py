@@ -22,6 +22,22 @@ from torch import nn
 from metatta.models.normalize import Normalize, default_stats
 
 
+def _to_channels_last(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous(memory_format=torch.channels_last)
+
+
+def keep_channels_last_in_backward(features: torch.Tensor) -> torch.Tensor:
+    """`features` (NHWC) as is, with its gradient made NHWC too before it reaches the layer that
+    produced it. The global average pool's backward hands back a contiguous (NCHW) gradient; the
+    last ReLU's backward then mixes NCHW and NHWC operands and takes 17 ms instead of 0.5 ms
+    (ResNet-8, batch 200, one thread), once per backward pass. The values are untouched (a copy
+    into another layout), so gradients are bit-identical."""
+    if features.requires_grad and features.dim() == 4 and not features.is_contiguous() \
+            and features.is_contiguous(memory_format=torch.channels_last):
+        features.register_hook(_to_channels_last)
+    return features
+
+
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
@@ -98,4 +114,4 @@ class ResNet(nn.Module):
         return self.stages(self.stem(self.normalize(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.forward_features(x)).flatten(1))
+        return self.fc(self.pool(keep_channels_last_in_backward(self.forward_features(x))).flatten(1))

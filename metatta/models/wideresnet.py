@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from metatta.models.normalize import Normalize
+from metatta.models.resnet import keep_channels_last_in_backward
 
 
 class WideBasicBlock(nn.Module):
@@ -107,4 +108,4 @@ class WideResNet(nn.Module):
         return self.relu(self.bn1(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.forward_features(x)).flatten(1))
+        return self.fc(self.pool(keep_channels_last_in_backward(self.forward_features(x))).flatten(1))

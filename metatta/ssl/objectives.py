@@ -123,15 +123,16 @@ def build_objective(stage: str, net, cfg: CTATrainConfig, checkpoint: str) -> nn
 def stage_inputs(stage: str, x: torch.Tensor, y: torch.Tensor, cfg: CTATrainConfig,
                  generator: torch.Generator) -> tuple:
     """The objective's inputs for a float batch in [0, 1] (augmentations drawn from `generator`)."""
-    simclr = SimCLRAugment(crop_scale=tuple(cfg.crop_scale))
+    flip = cfg.hflip is not False  # "auto" not resolved (a stage run directly): the recipe's flips
+    simclr = SimCLRAugment(crop_scale=tuple(cfg.crop_scale), hflip_prob=0.5 if flip else 0.0)
     if stage == "simclr":
         return simclr.views(x, generator)
     if stage == "align":
-        pair = simclr(x, generator) if cfg.align.augment == "simclr" else augment_batch(x, cfg.crop_padding, True,
+        pair = simclr(x, generator) if cfg.align.augment == "simclr" else augment_batch(x, cfg.crop_padding, flip,
                                                                                          generator)
         if cfg.align.simclr_weight:  # + SimCLR's two views of the unaugmented batch
             return (pair, *simclr.views(x, generator))
         return (pair,)
-    light = augment_batch(x, cfg.crop_padding, True, generator)  # the source recipe's crop and flip
+    light = augment_batch(x, cfg.crop_padding, flip, generator)  # the source recipe's crop and flip
     x_rot, r = rotate_batch(light, "rand", generator)
     return light, y, x_rot, r

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from metatta.config import build_dataclass
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names
@@ -79,6 +79,9 @@ class CTATrainConfig:
     rotation_weight: float = 1.0  # joint: cross-entropy + rotation_weight * rotation loss
     crop_scale: tuple[float, float] = (0.2, 1.0)  # SimCLR's random resized crop
     crop_padding: int = 2  # align / joint: the source recipe's random crop (and horizontal flip)
+    # horizontal flips in every augmentation; auto: unless the source model's dataset's classes change
+    # in a mirror (digits: metatta.data.clean.MIRROR_CHANGES_CLASS), resolved by train_stages
+    hflip: bool | Literal["auto"] = "auto"
     channels_last: bool = True  # NHWC weights and batches: faster convolutions on CPU (as metatta/source.py)
     # validation: the method with the trained network on held-out corruptions (the champion rule)
     benchmark_root: str | None = None  # Fashion-MNIST-C is built when None

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metatta import tracking
+from metatta.data.clean import flips_allowed
 from metatta.data.types import DomainData
 from metatta.device import resolve_device
 from metatta.models.checkpoint import checkpoint_hash, read_header
@@ -224,6 +225,8 @@ def train_stages(
     cfg = cta_train_config(cfg)
     checkpoint = source_checkpoint(cfg.source_checkpoint, cfg.source_config,
                                    ("train_cta.source_checkpoint", "train_cta.source_config"))
+    if cfg.hflip == "auto":
+        cfg = dataclasses.replace(cfg, hflip=flips_allowed(read_header(checkpoint)["dataset"]))
     files = stage_files(cfg)
     run_file = files[STAGES[cfg.method][0]].parent / "mlflow_run_id"
     if resume and not any(p.is_file() for p in files.values()):

@@ -1,0 +1,74 @@
+"""benchmarks/fidelity_methods.py: the pieces that need no reference checkout (the model split,
+the source batches, the config comparison, the summary); one small end-to-end comparison runs
+when METATTA_REFERENCE_REPO names a checkout of mariodoebler/test-time-adaptation."""
+from __future__ import annotations
+
+import copy
+import os
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from metatta.methods import build_method
+from metatta.models import build_model
+from repo_scripts import load_script
+
+fidelity = load_script("benchmarks/fidelity_methods.py")
+
+
+def cfg(**sections):
+    return types.SimpleNamespace(**{k: types.SimpleNamespace(**v) for k, v in sections.items()})
+
+
+def test_split_up_model_gives_the_classifier_input_and_shares_weights():
+    model = build_model("resnet_fmnist", 10, 1).eval()
+    features, classifier = fidelity.split_up_model(model)
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(classifier(features(x)), model(x), atol=1e-6)
+    assert classifier is model.fc and features.model is model
+    with pytest.raises(ValueError, match="forward_features"):
+        fidelity.split_up_model(torch.nn.Linear(2, 2))
+
+
+def test_source_batches_carry_their_batch_size():
+    batches = fidelity.SourceBatches([(torch.zeros(4, 1, 2, 2), torch.zeros(4)), (torch.zeros(2, 1, 2, 2), torch.zeros(2))])
+    assert batches.batch_size == 4 and len(list(iter(batches))) == 2
+
+
+def test_config_mismatches_name_each_differing_field():
+    ours = build_method("tent", build_model("resnet_fmnist", 10, 1), {}).config
+    theirs = cfg(OPTIM={"METHOD": "Adam", "LR": 1e-3, "WD": 0.0, "BETA": 0.9}, MODEL={"EPISODIC": False})
+    assert fidelity.config_mismatches("tent", ours, theirs) == []
+    theirs.OPTIM.LR, theirs.OPTIM.METHOD = 2e-3, "SGD"
+    found = fidelity.config_mismatches("tent", ours, theirs)
+    assert any("optimizer" in m for m in found) and any("OPTIM.LR" in m for m in found)
+    assert fidelity.config_mismatches("tent", ours, theirs, adapts=False) == []  # e.g. Source, BN, LAME
+
+
+def test_summary_reports_means_ranges_and_the_largest_difference():
+    runs = {"ours": [{"a": 10.0, "b": 20.0}, {"a": 12.0, "b": 20.0}],
+            "theirs": [{"a": 11.0, "b": 23.0}, {"a": 11.0, "b": 25.0}]}
+    s = fidelity.summarize(runs)
+    a, b = s["rows"]
+    assert a["ours"] == 11.0 and a["ours_range"] == (10.0, 12.0) and a["difference"] == 0.0
+    assert b["theirs"] == 24.0 and s["max_abs_difference"] == 4.0
+    assert s["mean"] == {"ours": 15.5, "theirs": 17.5}
+
+
+REFERENCE = os.environ.get("METATTA_REFERENCE_REPO")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE, reason="set METATTA_REFERENCE_REPO to a checkout of mariodoebler/test-time-adaptation")
+def test_tent_agrees_with_the_reference_on_a_small_stream(tmp_path):
+    pytest.importorskip("yacs")
+    from metatta.data.benchmark_files import read_cifar_c  # noqa: PLC0415 (only with the checkout)
+    conf = fidelity.load_reference(Path(REFERENCE), fidelity.reference_source_loader)
+    source = fidelity.load_source_model(fidelity.cache_root() / "models" / "resnet_fmnist.pt")
+    domains = read_cifar_c(fidelity.cache_root() / "fashion_mnist_c-n10000-s0-v2", ["fog"], [5], num_images=100)
+    run = fidelity.run_pair("tent", "continual", 50, "shared", 0, conf=conf, checkout=Path(REFERENCE),
+                            source=copy.deepcopy(source), domains=domains, warmup_samples=0, channels_last=False)
+    assert run["errors"]["ours"] == run["errors"]["theirs"]
+    assert run["predictions_differing"] == {"fog-5": 0}
