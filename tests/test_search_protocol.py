@@ -217,3 +217,15 @@ def test_the_deyo_default_is_the_published_cifar_setting():
     published = load_config(ROOT / "configs" / "methods" / "deyo_cifar.yaml")
     params = default_params(cfg)
     assert params["lr"] == published["lr"] and cfg.method_config["optimizer"] == published["optimizer"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_its_default_through_one_trial(family, train_split_only, checkpoint):
+    data = load_config(ROOT / "configs" / "fmnist_c" / f"tune_{family}.yaml")
+    data.update(benchmark={"num_images": 10}, stream={"setting": "continual", "batch_size": 10}, device="cpu",
+                validation={"corruptions": ["speckle_noise", "saturate"], "severities": [5], "seeds": [0, 1]},
+                divergence={"max_window_error": None, "on_collapse": False}, fisher_images=20)
+    cfg = search_config(data)
+    out = run_trial(cfg, default_params(cfg), checkpoint)
+    assert out["diverged"] == 0 and out["images"] == 2 * 2 * 10 and 0 <= out["objective"] <= 100
+    assert set(train_split_only[2]) == {"train"}
