@@ -216,7 +216,7 @@ def test_image_counts_are_scaled_to_a_small_dataset_with_a_warning_before_traini
 
     monkeypatch.setattr(meta_training, "source_checkpoint", no_source)
     tiny = [DomainData(c, 5, d.images[:5], d.labels[:5]) for c, d in zip(CORRUPTIONS, small)]
-    with pytest.raises(ValueError, match=r"scaled down to 5 images per corruption.*needs at least 2 batches of 2"):
+    with pytest.raises(ValueError, match=r"scaled down to 5 images per corruption.*needs at least 2 batches of 2; on this dataset lower"):
         train_mgg(cfg, use_ray=False, domains=tiny)
 
 

@@ -145,7 +145,7 @@ def mgg_train_config(data: dict[str, Any]) -> MGGTrainConfig:
     return cfg
 
 
-def check_unroll_fits(cfg: MGGTrainConfig, why: str = "") -> None:
+def check_unroll_fits(cfg: MGGTrainConfig, why: str = "", hint: str = "") -> None:
     """Every actor's share of every corruption holds at least one unroll."""
     per_actor = cfg.train_images // (len(cfg.corruptions) * cfg.num_actors)
     needed = cfg.unroll_steps + 1  # a fresh trajectory primes on one batch, then steps K times
@@ -153,7 +153,7 @@ def check_unroll_fits(cfg: MGGTrainConfig, why: str = "") -> None:
         raise ValueError(
             f"train_mgg.train_images: {cfg.train_images} training images{why} over {len(cfg.corruptions)} "
             f"corruptions and {cfg.num_actors} actors leave {per_actor} per actor and corruption; an unroll of "
-            f"train_mgg.unroll_steps={cfg.unroll_steps} needs at least {needed} batches of {cfg.batch_size}"
+            f"train_mgg.unroll_steps={cfg.unroll_steps} needs at least {needed} batches of {cfg.batch_size}{hint}"
         )
 
 
@@ -185,7 +185,8 @@ def fit_image_counts(cfg: MGGTrainConfig, available: int) -> MGGTrainConfig:
                 "using train_images %d and val_images %d (the same split of what there is)", cfg.train_images,
                 cfg.val_images, needed, available, train_images, val_images)
     fitted = dataclasses.replace(cfg, train_images=train_images, val_images=val_images)
-    check_unroll_fits(fitted, why=f" (scaled down to {available} images per corruption)")
+    check_unroll_fits(fitted, why=f" (scaled down to {available} images per corruption)",
+                      hint="; on this dataset lower train_mgg.batch_size, unroll_steps or num_actors")
     return fitted
 
 
