@@ -4,14 +4,19 @@ when METATTA_REFERENCE_REPO names a checkout of mariodoebler/test-time-adaptatio
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from metatta.data.benchmark_files import read_cifar_c
 from metatta.methods import build_method
+from metatta.methods.augment import CoTTAAugment
+from metatta.methods.roid import roid_augment
 from metatta.models import build_model
 from repo_scripts import load_script
 
@@ -64,7 +69,6 @@ REFERENCE = os.environ.get("METATTA_REFERENCE_REPO")
 @pytest.mark.skipif(not REFERENCE, reason="set METATTA_REFERENCE_REPO to a checkout of mariodoebler/test-time-adaptation")
 def test_tent_agrees_with_the_reference_on_a_small_stream(tmp_path):
     pytest.importorskip("yacs")
-    from metatta.data.benchmark_files import read_cifar_c  # noqa: PLC0415 (only with the checkout)
     conf = fidelity.load_reference(Path(REFERENCE), fidelity.reference_source_loader)
     source = fidelity.load_source_model(fidelity.cache_root() / "models" / "resnet_fmnist.pt")
     domains = read_cifar_c(fidelity.cache_root() / "fashion_mnist_c-n10000-s0-v2", ["fog"], [5], num_images=100)
@@ -72,3 +76,22 @@ def test_tent_agrees_with_the_reference_on_a_small_stream(tmp_path):
                             source=copy.deepcopy(source), domains=domains, warmup_samples=0, channels_last=False)
     assert run["errors"]["ours"] == run["errors"]["theirs"]
     assert run["predictions_differing"] == {"fog-5": 0}
+
+
+@pytest.mark.skipif(not REFERENCE, reason="set METATTA_REFERENCE_REPO to a checkout of mariodoebler/test-time-adaptation")
+def test_our_augmentations_draw_what_theirs_draw_for_a_seed():
+    """CoTTA's augmentation (RoTTA, RMT, SANTA) and ROID's: from the same seed, metatta's and the
+    reference's transforms give the same images (float rounding apart)."""
+    fidelity.load_reference(Path(REFERENCE), fidelity.reference_source_loader)
+    cotta = importlib.import_module("augmentations.transforms_cotta")
+    x = torch.rand(8, 1, 28, 28)
+    pairs = [(cotta.get_tta_transforms((28, 28)), CoTTAAugment()),
+             (cotta.get_tta_transforms((28, 28), padding_mode="reflect", cotta_augs=False), roid_augment)]
+    for theirs, ours in pairs:
+        for seed in range(5):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            a = theirs(x)
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            assert torch.allclose(a, ours(x), atol=1e-5)
