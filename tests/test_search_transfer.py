@@ -14,7 +14,7 @@ from metatta.experiment import experiment_config, run_experiment
 from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
-from metatta.search import write_search_record
+from metatta.search import search_config, search_params, write_search_record
 from metatta.search_protocol import average_ranks, spearman
 from repo_scripts import load_script
 
@@ -192,3 +192,8 @@ def test_the_search_record_keeps_the_config_and_the_validation_rank_correlation(
     assert saved["config"] == {"name": "x", "lr": 2.0} and [t["trial_id"] for t in saved["trials"]][0] == "default"
     # objective ranks 2, 3, 1, 4 against mean error ranks 2, 1, 3, 4 (the diverged trial left out): d = 0, 2, -2, 0
     assert saved["rank_correlation"] == {"objective_vs_mean_error": pytest.approx(1 - 6 * 8 / 60), "trials": 4}
+
+
+def test_the_recorded_search_config_parses_back_to_the_same_config(source_checkpoint, tiny_benchmark):
+    cfg = search_config(search_data(source_checkpoint, tiny_benchmark))
+    assert search_config(json.loads(json.dumps(search_params(cfg)))) == cfg
