@@ -191,7 +191,8 @@ def markdown(summary: dict[str, Any], source: str, cfg: SearchConfig, protocol: 
     rows = [[t["trial_id"], "+".join(t["roles"]), short_params(t["params"]),
              "diverged" if t["validation_diverged"] else number(t["validation_objective"]),
              "-" if t["validation_diverged"] else number(t["validation_mean_error"]),
-             number(t["benchmark_mean_error"]) + (f" ± {t['benchmark_seed_std']:.2f}" if t["benchmark_seed_std"] else "")]
+             number(t["benchmark_mean_error"])
+             + (f" ± {t['benchmark_seed_std']:.2f}" if t["benchmark_seed_std"] is not None else "")]
             for t in summary["trials"]]
     rho, comp = summary["spearman"], summary["chosen_vs_default"]
     best = summary["best_on_benchmark"]
