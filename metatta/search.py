@@ -36,7 +36,8 @@ from metatta.learned.heldout import HeldOutSet
 from metatta.methods.base import method_class
 from metatta.models import load_source_model
 from metatta.search_protocol import (AcceptanceConfig, DivergenceConfig, DivergenceWatch, ObjectiveConfig,
-                                     TrialDiverged, ValidationConfig, check_protocol, combine, validation_set)
+                                     TrialDiverged, ValidationConfig, check_protocol, combine, spearman,
+                                     validation_set)
 
 
 SPACE_TYPES = ("loguniform", "uniform", "int", "choice")
@@ -368,17 +369,26 @@ def write_settings(path: Path, config: dict[str, Any], method: str, error: float
     return path
 
 
-def write_search_record(path: Path, decision: dict[str, Any], trials: list[dict[str, Any]]) -> Path:
-    """The search's record as JSON: the decision and, per trial (the default first), its
-    parameters, how it ended and its validation values (per seed too)."""
+def write_search_record(path: Path, decision: dict[str, Any], trials: list[dict[str, Any]],
+                        config: dict[str, Any] | None = None) -> Path:
+    """The search's record as JSON: the search config (`config`, what benchmarks/search_transfer.py
+    re-runs the trials by), the decision, the validation rank correlation between the objective
+    and the plain mean error over the trials that completed, and, per trial (the default first),
+    its parameters, how it ended and its validation values (per seed too)."""
     keep = ("objective", "mean_error", "worst_window", "diverged_reason", "seconds")
     rows = [{"trial_id": t["trial_id"], "params": plain(t["config"]), "completed": t["completed"],
              "diverged": bool(t.get("diverged")), "error": t.get("error"),
              **{k: v for k, v in t["metrics"].items() if k in keep or (k.startswith("seed") and k.count("/") == 1)}}
             for t in trials]
+    finished = [r for r in rows if r["completed"] and not r["diverged"] and "mean_error" in r]
+    rho = spearman([r["objective"] for r in finished], [r["mean_error"] for r in finished])
+    record = {"decision": decision, "trials": rows,
+              "rank_correlation": {"objective_vs_mean_error": rho, "trials": len(finished)}}
+    if config is not None:
+        record = {"config": plain(config), **record}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"decision": decision, "trials": rows}, indent=1, default=str))
+    tmp.write_text(json.dumps(record, indent=1, default=str))
     tmp.replace(path)
     return path
 

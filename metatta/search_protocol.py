@@ -18,6 +18,8 @@ validation's seed noise.
 - Choice (`AcceptanceConfig`, `choose_setting`): the published default runs first, on the same
   seeds; the best searched trial wins only if its objective is lower than the default's by more
   than max(k * noise, min_margin), noise being the spread of the default's per-seed objectives.
+- Transfer (`spearman`): how well the validation ranks settings as the benchmark does, the
+  rank correlation over a search's trials (benchmarks/search_transfer.py measures it).
 """
 from __future__ import annotations
 
@@ -227,3 +229,34 @@ def choose_setting(default: dict[str, Any], trials: Sequence[dict[str, Any]], cf
            f"the best searched trial beats the default by {default_value - best_value:.3f}, "
            f"not more than the margin {margin:.3f}")
     return {**decision, "chosen": "default", "trial_id": default["trial_id"], "why": why}
+
+
+# ---- transfer -----------------------------------------------------------------------------------
+def average_ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of the ranks they span (Spearman's convention)."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation of paired values (the Pearson correlation of their average
+    ranks, so ties are handled); None with fewer than 3 pairs or when either side is constant
+    (no ranking to compare)."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} values against {len(y)}")
+    if len(x) < 3:
+        return None
+    rx, ry = average_ranks(x) - (len(x) + 1) / 2, average_ranks(y) - (len(y) + 1) / 2
+    scale = float(np.sqrt((rx ** 2).sum() * (ry ** 2).sum()))
+    if scale == 0.0:
+        return None
+    return float((rx * ry).sum() / scale)

@@ -173,6 +173,9 @@ def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint,
     record = json.loads((outcome.settings_path.parent / "search.json").read_text())
     assert [t["trial_id"] for t in record["trials"]] == [t["trial_id"] for t in outcome.trials]
     assert record["decision"] == json.loads(json.dumps(decision)) and "seed1/objective" in record["trials"][0]
+    # the record carries the search config (benchmarks/search_transfer.py re-runs its trials by it)
+    assert search_config(record["config"]).validation.seeds == [0, 1]
+    assert record["rank_correlation"]["trials"] == sum(t["completed"] and not t["diverged"] for t in outcome.trials)
 
     # MLflow: one parent run, a child per trial and one for the default, nothing left RUNNING
     runs = mlflow.search_runs(experiment_names=["metatta"])
@@ -200,6 +203,7 @@ def test_search_end_to_end(tmp_path, ray_session, mlflow_uri, source_checkpoint,
     info = json.loads((outcome.settings_path.parent / "settings" / "settings.json").read_text())
     assert info["chosen"] == decision["chosen"] and info["decision"]["margin"] == decision["margin"]
     assert info["validation"]["seed1"]["split"] == "train" and info["images_per_domain"] == 48
+    assert (outcome.settings_path.parent / "settings" / "search.json").is_file()  # registered with the setting
 
     # best YAML: a full Tent config with the best lr
     saved = yaml.safe_load(outcome.settings_path.read_text())

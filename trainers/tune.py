@@ -22,7 +22,8 @@ them on Ray (docs/searches.md).
   (`<output_dir>/<name>/best_<method>.yaml`) and registered in MLflow (settings.yaml +
   settings.json, whose `decision` says `chosen: default | searched` with the numbers; version tag
   `chosen`); the `champion` alias moves only when its validation objective beats the champion's.
-  Every trial, the default first, and the decision: `<output_dir>/<name>/search.json`.
+  Every trial, the default first, the decision and the search config: `<output_dir>/<name>/search.json`,
+  also registered with the settings (benchmarks/search_transfer.py re-runs the trials on the benchmark).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -200,7 +202,9 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
                  best_params, decision["why"], cfg.metric, best_error)
         settings_path = write_settings(out / f"best_{cfg.method}.yaml", best_config, cfg.method, best_error,
                                        decision["chosen"])
-        write_search_record(out / "search.json", decision, trials)
+        # the resolved checkpoint, so that the trials can be re-run on the same source model
+        recorded = {**search_params(cfg), "source": {"checkpoint": checkpoint, "config": None}}
+        record = write_search_record(out / "search.json", decision, trials, recorded)
         info = {"method": cfg.method, "validation_" + cfg.metric: best_error, "params": best_params,
                 "config": best_config, "chosen": decision["chosen"], "decision": decision, "search": cfg.name,
                 "trial_id": chosen["trial_id"], "source_checkpoint": checkpoint,
@@ -220,6 +224,7 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
             name = cfg.register_as if cfg.register_as is not None else f"{cfg.method}_settings"
             if name:
                 directory = tracking.write_settings_dir(out / "settings", best_config, info)
+                shutil.copyfile(record, directory / record.name)  # the trials travel with the registered setting
                 version = tracking.register_settings(name, directory, parent_id, tags={"chosen": decision["chosen"]})
                 promoted = tracking.promote_if_better(name, version, best_error)
     return SearchOutcome(best_params, best_config, best_error, settings_path, trials, parent_id, version, promoted,
