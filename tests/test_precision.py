@@ -1,5 +1,6 @@
 """MethodConfig.precision: the model's forward under autocast (bf16), float32 everywhere else;
-the default (fp32) leaves the model untouched, so PALM's and LAW's results do not change."""
+the default (fp32) leaves the model untouched, so PALM's and LAW's results do not change. And the
+NHWC gradient at the ResNet's pool (a speedup) leaves PALM's and LAW's steps bit-identical."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +10,8 @@ import torch
 
 from metatta.methods import build_method
 from metatta.methods.common import autocast_forward
+from metatta.models import build_model
+from metatta.models.resnet import ResNet
 
 from test_methods import TinyBNNet, batches
 
@@ -60,3 +63,27 @@ def test_a_deep_copy_has_hooks_of_its_own_and_autocast_is_left_when_forward_rais
 def test_unknown_precision_is_refused_naming_the_field():
     with pytest.raises(ValueError, match=r"palm: config.precision must be 'fp32' or 'bf16', got 'fp16'"):
         build_method("palm", TinyBNNet(), {"precision": "fp16"})
+
+
+class PlainPoolResNet(ResNet):
+    """The ResNet forward without the NHWC gradient hook at the pool (the code before the speedup)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.forward_features(x)).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["palm", "law"])
+def test_the_nhwc_pool_gradient_leaves_palm_and_law_bit_identical(name):
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+    plain = PlainPoolResNet(num_classes=10, in_channels=1, blocks=(1, 1, 1), widths=(16, 32, 64))
+    plain.load_state_dict(model.state_dict())
+    hooked_method, plain_method = build_method(name, model), build_method(name, plain)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.rand(16, 1, 12, 12, generator=g)
+        torch.manual_seed(1)
+        expected = plain_method(x)
+        torch.manual_seed(1)
+        assert torch.equal(hooked_method(x), expected)
+    for p, q in zip(hooked_method.model.parameters(), plain_method.model.parameters()):
+        assert torch.equal(p, q)
