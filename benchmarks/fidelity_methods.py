@@ -20,7 +20,9 @@ Two modes per stochastic method (`--modes`):
   (0.1 points per corruption);
 - `own`: each side with its own augmentation code (theirs on PIL images, numpy's and
   torch's generators), `--seeds` seeds of each; the errors should agree within the seeds'
-  spread.
+  spread. metatta's CoTTA and ROID augmentations draw the reference's random numbers in the
+  reference's order, so for RoTTA, RMT, SANTA, ROID and CMF this mode too gives the same
+  images on both sides; MEMO's and TTAug's AugMix views differ.
 
 Shims (the harness's, nothing of theirs is edited): their `methods` package is entered
 without its `__init__` (which imports every method, the CLIP ones included); `models.model`
@@ -338,6 +340,16 @@ def build_reference(conf, checkout: Path, pair: MethodPair, model: nn.Module, ba
         return cls(cfg, model, NUM_CLASSES), cfg
 
 
+loaders: list[SourceBatches] = []  # the source batches get_source_loader hands out next
+
+
+def reference_source_loader(**kwargs) -> tuple[None, SourceBatches]:
+    """Their `get_source_loader` for RMT/SANTA: the batches the running comparison made."""
+    if not loaders:
+        raise RuntimeError("get_source_loader called with no source batches prepared")
+    return None, loaders[0]
+
+
 # ---- one comparison -------------------------------------------------------------------------------
 def per_image_views(x: torch.Tensor, uint8_images: np.ndarray, mode: str, views: int, augmenter) -> list[list[torch.Tensor]]:
     """MEMO/TTAug inputs for their code: per image [image, view_1, ..., view_n], each (1, C, H, W)."""
@@ -421,16 +433,6 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
             "predictions_differing": differ, "images": images,
             "images_per_second": {k: images / v for k, v in clock.seconds.items()},
             "config_mismatches": mismatches}
-
-
-loaders: list[SourceBatches] = []  # the source batches get_source_loader hands out next
-
-
-def reference_source_loader(**kwargs) -> tuple[None, SourceBatches]:
-    """Their `get_source_loader` for RMT/SANTA: the batches the running comparison made."""
-    if not loaders:
-        raise RuntimeError("get_source_loader called with no source batches prepared")
-    return None, loaders[0]
 
 
 def stream_rows(stream, batch, step: int) -> np.ndarray:
