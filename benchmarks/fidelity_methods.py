@@ -36,8 +36,8 @@ code sizes its augmentations for 28x28 images (it assumes 32 for CIFAR); their A
 pre-augmentation is their CIFAR one (pad-4 crop, flip) at 28 pixels. Their RoTTA at HEAD
 calls `loss_calculation(x)`, defined without `x` (a TypeError on the first update unless
 mixed precision on CUDA); the shim drops the argument. Their MEMO's SGD uses conf.py's
-NESTEROV True (its single step from a fresh optimizer is then 1.9 lr); metatta has no Nesterov
-option, so the reference runs without it (noted on the results page).
+NESTEROV True (its single step from a fresh optimizer is then 1.9 lr, where MEMO's authors take
+one plain SGD step of lr, as metatta does); the reference runs without Nesterov here.
 
 Learning rate: their code uses the cfg's lr at any batch size; metatta's runners scale it down
 linearly below a method's published batch (`MethodConfig.lr_batch_size`), so the harness
