@@ -20,7 +20,9 @@ Two modes per stochastic method (`--modes`):
   (0.1 points per corruption);
 - `own`: each side with its own augmentation code (theirs on PIL images, numpy's and
   torch's generators), `--seeds` seeds of each; the errors should agree within the seeds'
-  spread.
+  spread. metatta's CoTTA and ROID augmentations draw the reference's random numbers in the
+  reference's order, so for RoTTA, RMT, SANTA, ROID and CMF this mode too gives the same
+  images on both sides; MEMO's and TTAug's AugMix views differ.
 
 Shims (the harness's, nothing of theirs is edited): their `methods` package is entered
 without its `__init__` (which imports every method, the CLIP ones included); `models.model`
@@ -34,8 +36,8 @@ code sizes its augmentations for 28x28 images (it assumes 32 for CIFAR); their A
 pre-augmentation is their CIFAR one (pad-4 crop, flip) at 28 pixels. Their RoTTA at HEAD
 calls `loss_calculation(x)`, defined without `x` (a TypeError on the first update unless
 mixed precision on CUDA); the shim drops the argument. Their MEMO's SGD uses conf.py's
-NESTEROV True (its single step from a fresh optimizer is then 1.9 lr); both sides run
-without Nesterov, as MEMO's paper code and metatta do (noted on the results page).
+NESTEROV True (its single step from a fresh optimizer is then 1.9 lr, where MEMO's authors take
+one plain SGD step of lr, as metatta does); the reference runs without Nesterov here.
 
 Learning rate: their code uses the cfg's lr at any batch size; metatta's runners scale it down
 linearly below a method's published batch (`MethodConfig.lr_batch_size`), so the harness
@@ -338,6 +340,16 @@ def build_reference(conf, checkout: Path, pair: MethodPair, model: nn.Module, ba
         return cls(cfg, model, NUM_CLASSES), cfg
 
 
+loaders: list[SourceBatches] = []  # the source batches get_source_loader hands out next
+
+
+def reference_source_loader(**kwargs) -> tuple[None, SourceBatches]:
+    """Their `get_source_loader` for RMT/SANTA: the batches the running comparison made."""
+    if not loaders:
+        raise RuntimeError("get_source_loader called with no source batches prepared")
+    return None, loaders[0]
+
+
 # ---- one comparison -------------------------------------------------------------------------------
 def per_image_views(x: torch.Tensor, uint8_images: np.ndarray, mode: str, views: int, augmenter) -> list[list[torch.Tensor]]:
     """MEMO/TTAug inputs for their code: per image [image, view_1, ..., view_n], each (1, C, H, W)."""
@@ -421,16 +433,6 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
             "predictions_differing": differ, "images": images,
             "images_per_second": {k: images / v for k, v in clock.seconds.items()},
             "config_mismatches": mismatches}
-
-
-loaders: list[SourceBatches] = []  # the source batches get_source_loader hands out next
-
-
-def reference_source_loader(**kwargs) -> tuple[None, SourceBatches]:
-    """Their `get_source_loader` for RMT/SANTA: the batches the running comparison made."""
-    if not loaders:
-        raise RuntimeError("get_source_loader called with no source batches prepared")
-    return None, loaders[0]
 
 
 def stream_rows(stream, batch, step: int) -> np.ndarray:
