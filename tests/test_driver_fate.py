@@ -7,6 +7,7 @@ a dashboard it never exits by itself); a named detached actor is a cluster servi
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,6 +100,7 @@ def test_a_killed_driver_with_its_own_ray_leaves_no_process(tmp_path):
     assert alive_after(pids.values(), EXIT_WITHIN_S) == []
     left = alive_after([p.pid for p in processes_in_env("RAY_TMPDIR", ray_tmp)], EXIT_WITHIN_S)
     assert left == [], [psutil.Process(pid).cmdline() for pid in left]
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # kept for a look when the test failed
 
 
 @pytest.mark.slow  # a `ray start` cluster and four actors: tens of seconds on a shared 2-core machine
@@ -115,3 +117,4 @@ def test_a_killed_driver_on_a_running_cluster_leaves_no_worker_of_its_job(tmp_pa
         assert psutil.pid_exists(pids["named_detached"])  # a cluster service: stays with the cluster
     finally:
         subprocess.run([sys.executable, str(ROOT / "scripts/cluster_procs.py"), "stop", work], check=True, timeout=120)
+    shutil.rmtree(work, ignore_errors=True)  # kept for a look when the test failed
