@@ -92,7 +92,7 @@ ray job submit --working-dir . --runtime-env-json "$ENV" -- python launch/train_
     --config configs/fmnist_c/cta.yaml checkpoint_dir=$OUT/cta \
     source_checkpoint=$SRC train_images=64 simclr.epochs=1 simclr.batch_size=32 align.epochs=1 \
     align.batch_size=32 val_images=16 val_batch_size=16 device=cpu
-ray job submit --working-dir . --runtime-env-json "$ENV" -- python launch/tune_palm.py \
+ray job submit --working-dir . --runtime-env-json "$ENV" -- python launch/tune.py \
     --config configs/fmnist_c/tune_palm.yaml output_dir=$OUT \
     source.checkpoint=$SRC num_samples=2 report_every=1 $TINY_DATA
 ray job submit --working-dir . --runtime-env-json "$ENV" -- python launch/tune_nanoadapt.py \
