@@ -12,19 +12,25 @@ statistics, episodic reset, the update-then-predict loop) is
 `metatta.methods.ttt.SelfSupervisedTTA`.
 
 Choices the paper leaves open: the test-time augmentations and temperature are
-those of training (SimCLR's CIFAR recipe, temperature 0.5); Adam, lr 1e-4,
+those of training (SimCLR's CIFAR recipe, temperature 0.5), horizontal flips
+included only when the network was trained with them (`hflip: auto` reads the
+adapter's record, `MultiHeadNet.trained_augmentation`: digits are never
+mirrored; an adapter without the record flips, as before it was kept;
+`hflip: true | false` overrides); Adam, lr 1e-4,
 online by default (`episodic: true` resets before every batch), as for TTT, so
 that the two differ only in what they were trained with.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 
 from metatta.methods.base import register
 from metatta.methods.ttt import SelfSupervisedTTA, SelfSupervisedTTAConfig
 from metatta.ssl.augment import SimCLRAugment
+from metatta.ssl.networks import MultiHeadNet
 from metatta.ssl.simclr import nt_xent
 
 
@@ -33,6 +39,9 @@ class CTAConfig(SelfSupervisedTTAConfig):
     temperature: float = 0.5  # NT-Xent temperature (training's)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # SimCLR random resized crop, area fraction
     projection_dim: int = 64  # only for the fresh head made when no trained network is given
+    # horizontal flips in the test-time views; auto: as the trained network was trained (its adapter's
+    # record; flips when there is none); true / false: regardless of the network
+    hflip: bool | Literal["auto"] = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -41,6 +50,8 @@ class CTAConfig(SelfSupervisedTTAConfig):
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             self.refuse("crop_scale", "(low, high) with 0 < low <= high <= 1")
+        if not (isinstance(self.hflip, bool) or self.hflip == "auto"):
+            self.refuse("hflip", "'auto', true or false")
 
 
 @register("cta")
@@ -50,9 +61,17 @@ class CTA(SelfSupervisedTTA):
     adapter_input = "cta_model"
     context_inputs = ("cta_model",)
 
+    @classmethod
+    def config_for_network(cls, config: CTAConfig, net: MultiHeadNet) -> CTAConfig:
+        """hflip auto resolved from what the network was trained with (recorded results then say
+        which views were used)."""
+        if config.hflip != "auto":
+            return config
+        return dataclasses.replace(config, hflip=net.trained_augmentation.get("hflip", True))
+
     @property
     def augment(self) -> SimCLRAugment:
-        return SimCLRAugment(crop_scale=tuple(self.config.crop_scale))
+        return SimCLRAugment(crop_scale=tuple(self.config.crop_scale), hflip_prob=0.5 if self.config.hflip else 0.0)
 
     def head_outputs(self, config: CTAConfig) -> int:
         return config.projection_dim

@@ -17,7 +17,8 @@ classifier with a fresh, seeded head: only meaningful for smoke tests.
 TTT: the auxiliary task is rotation prediction (`metatta.ssl.rotation`) with a
 head on the shared encoder's pooled features, trained jointly with the
 classifier by trainers/cta.py. At test time every image is rotated four ways
-(the authors' "expand") and the encoder takes the rotation loss.
+(the authors' "expand") and the encoder takes the rotation loss; nothing is
+cropped or mirrored at test time, so TTT has no `hflip` (CTA's views do).
 
 Choices the papers leave open here, and why:
 - the Y-split is at the pooled features (the head is a 2-layer MLP), not after
@@ -72,7 +73,13 @@ class SelfSupervisedTTA(TTAMethod):
             raise TypeError(f"{self.name}: {self.adapter_input} must be a MultiHeadNet, got {type(net).__name__}")
         net.head(self.head_name)  # a network without the auxiliary head fails here, naming it
         device = next(model.parameters()).device
+        config = self.config_for_network(config, net)
         super().__init__(net.to(device), config, optimizer_factory=optimizer_factory, **context)
+
+    @classmethod
+    def config_for_network(cls, config: SelfSupervisedTTAConfig, net: MultiHeadNet) -> SelfSupervisedTTAConfig:
+        """`config` with what it leaves to the trained network resolved (default: nothing)."""
+        return config
 
     def _fresh_network(self, model: nn.Module, config: SelfSupervisedTTAConfig) -> MultiHeadNet:
         with torch.random.fork_rng(devices=[]):

@@ -13,9 +13,15 @@ non-finite guard's tests rely on that).
 Adapter directory (the layout `metatta.tracking.register_adapter` registers):
 `weights.pt`, the network's state dict (loaded with weights_only=True), and
 `adapter.json`: {"kind": "cta" | "ttt", "source_model": how to rebuild the
-source architecture, "heads": {name: [in, hidden, out]}, plus what training
-adds (the source checkpoint's path and sha256, the training config, the
-validation error)}.
+source architecture, "heads": {name: [in, hidden, out]}, "augmentation":
+{"hflip": bool} (what the network was trained with; absent in adapters written
+before it was recorded), plus what training adds (the source checkpoint's path
+and sha256, the training config, the validation error)}.
+
+A network carries that record as `net.trained_augmentation` (a plain dict, {}
+when unknown), so a test-time method that augments as in training (CTA) does
+what the network was trained with: no mirror on a dataset whose classes a
+mirror changes (digits), without the method knowing the dataset.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from metatta.ssl.simclr import MLPHead
 CLASSIFIER = "classifier"
 WEIGHTS_FILE = "weights.pt"  # = metatta.tracking.ADAPTER_WEIGHTS (tracking imports MLflow lazily; no cycle)
 CONFIG_FILE = "adapter.json"  # = metatta.tracking.ADAPTER_CONFIG
+AUGMENTATION = "augmentation"  # adapter.json's record of the training augmentation
 
 
 def split_classifier(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -59,6 +66,8 @@ class MultiHeadNet(nn.Module):
         self.encoder = encoder
         self.classifier = classifier
         self.heads = nn.ModuleDict(dict(heads))
+        # how the network was trained to see images ({"hflip": bool}); {}: not recorded
+        self.trained_augmentation: dict[str, Any] = {}
 
     @property
     def feature_dim(self) -> int:
@@ -105,6 +114,8 @@ def save_network(net: MultiHeadNet, directory: str | Path, kind: str, source_mod
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     torch.save(state, directory / WEIGHTS_FILE)
     info = {"kind": kind, "source_model": dict(source_model), "heads": net.head_dims(), **dict(extra or {})}
+    if net.trained_augmentation:
+        info[AUGMENTATION] = dict(net.trained_augmentation)
     (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str))
     return directory
 
@@ -127,4 +138,14 @@ def load_network(directory: str | Path, kind: str | None = None,
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"adapter {directory}: weights do not fit its {arch['model']} network: {e}") from None
+    net.trained_augmentation = _augmentation_record(info, directory)
     return net.eval(), info
+
+
+def _augmentation_record(info: Mapping[str, Any], directory: Path) -> dict[str, Any]:
+    """adapter.json's "augmentation", checked ({} when absent: an adapter written before the record)."""
+    record = info.get(AUGMENTATION, {})
+    if not isinstance(record, dict) or not isinstance(record.get("hflip", False), bool):
+        raise ValueError(f"adapter {directory}: {CONFIG_FILE} field {AUGMENTATION!r} must be "
+                         f'{{"hflip": true|false}}, got {record!r}')
+    return dict(record)

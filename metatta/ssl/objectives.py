@@ -17,7 +17,7 @@ from metatta.ssl.augment import SimCLRAugment
 from metatta.ssl.networks import build_network, source_model_info, split_classifier
 from metatta.ssl.rotation import NUM_ROTATIONS, rotate_batch
 from metatta.ssl.simclr import nt_xent
-from metatta.ssl.stages import HEADS, AlignStageConfig, CTATrainConfig, load_stage_state
+from metatta.ssl.stages import HEADS, AlignStageConfig, CTATrainConfig, load_stage_state, trains_with_flips
 
 
 # ---- the networks of each stage --------------------------------------------------------------
@@ -123,7 +123,7 @@ def build_objective(stage: str, net, cfg: CTATrainConfig, checkpoint: str) -> nn
 def stage_inputs(stage: str, x: torch.Tensor, y: torch.Tensor, cfg: CTATrainConfig,
                  generator: torch.Generator) -> tuple:
     """The objective's inputs for a float batch in [0, 1] (augmentations drawn from `generator`)."""
-    flip = cfg.hflip is not False  # "auto" not resolved (a stage run directly): the recipe's flips
+    flip = trains_with_flips(cfg)
     simclr = SimCLRAugment(crop_scale=tuple(cfg.crop_scale), hflip_prob=0.5 if flip else 0.0)
     if stage == "simclr":
         return simclr.views(x, generator)

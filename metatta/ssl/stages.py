@@ -123,6 +123,12 @@ def cta_train_config(data: dict[str, Any] | CTATrainConfig) -> CTATrainConfig:
     return dataclasses.replace(cfg, checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()))
 
 
+def trains_with_flips(cfg: CTATrainConfig) -> bool:
+    """Whether the stages mirror images: hflip as resolved by train_stages; "auto" left unresolved
+    (a stage run directly) keeps the recipe's flips."""
+    return cfg.hflip is not False
+
+
 def stage_files(cfg: CTATrainConfig) -> dict[str, Path]:
     root = Path(cfg.checkpoint_dir) / cfg.name
     return {stage: root / f"{stage}.pt" for stage in STAGES[cfg.method]}

@@ -49,6 +49,7 @@ from metatta.ssl.stages import (
     save_stage_state,
     stage_complete,
     stage_files,
+    trains_with_flips,
 )
 from metatta.training import TrainOutcome, benchmark_domains, method_error
 
@@ -266,9 +267,11 @@ def stage_spec(cfg: CTATrainConfig, checkpoint: str, data=None, stage: str | Non
 
 
 def trained_network(cfg: CTATrainConfig, checkpoint: str, files: dict[str, Path]):
-    """The final network: the last stage's weights."""
+    """The final network: the last stage's weights, carrying the augmentation they were trained with
+    (validation and the saved adapter then augment at test time as training did)."""
     net = initial_network(STAGES[cfg.method][0], cfg, checkpoint, files)
     net.load_state_dict(load_stage_state(files[STAGES[cfg.method][-1]])["model"])
+    net.trained_augmentation = {"hflip": trains_with_flips(cfg)}
     return net.eval()
 
 
