@@ -98,12 +98,8 @@ class StreamConfig:
         if self.ccc and self.setting != "ccc":
             raise ValueError(f"stream.ccc: options of the ccc setting given for setting {self.setting!r}")
         if self.setting == "ccc":
-            unknown = sorted(set(self.ccc) - (set(ccc.OPTIONS) - {"model"}))
-            if unknown:
-                raise ValueError(f"stream.ccc: unknown option(s) {unknown}; known: "
-                                 f"{sorted(set(ccc.OPTIONS) - {'model'})}")
             try:
-                ccc.check_options({**ccc.OPTIONS, **self.ccc})
+                ccc.check_config_options(self.ccc)
             except ValueError as e:
                 raise ValueError(f"stream.ccc: {e}") from e
 

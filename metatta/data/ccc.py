@@ -465,6 +465,16 @@ class CCCStream:
         return Batch(torch.from_numpy(x), torch.from_numpy(self.labels[rows]), self.name)
 
 
+def check_config_options(options: dict[str, Any]) -> CCCOptions:
+    """The options an experiment config may give (all but `model`, which is the experiment's source
+    model), checked before any work; ValueError names the option."""
+    allowed = set(OPTIONS) - {"model"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; known: {sorted(allowed)}")
+    return check_options({**OPTIONS, **options})
+
+
 def build_ccc_stream(domains: Sequence[DomainData], batch_size: int, seed: int, options: dict[str, Any]) -> CCCStream:
     """The `stream.setting: ccc` stream; `domains` is one DomainData of clean test images.
     `options`: OPTIONS (defaults filled in here)."""
