@@ -20,6 +20,7 @@ from metatta.learned.unroll import Trajectory, unroll
 from metatta.learned.meta_training import average, guarded_step, mgg_train_config
 
 from test_learned import random_mgg, tiny_batches, tiny_model
+from fake_data import serve_train_split_only
 
 LABELS = torch.tensor([0, 1, 2, 3])
 
@@ -232,21 +233,7 @@ def test_the_learner_averages_finite_unrolls_only_and_undoes_non_finite_steps():
 @pytest.fixture
 def train_split_only(monkeypatch):
     """Clean Fashion-MNIST whose test split cannot be read; returns the list of splits asked for."""
-    from metatta.data import fashion_mnist
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (300, 28, 28, 1), dtype=np.uint8)
-    labels = rng.integers(0, 10, 300).astype(np.int64)
-    asked = []
-
-    def load(split="test", root=None):
-        asked.append(split)
-        if split != "train":
-            raise AssertionError(f"the {split} split was read")
-        return images.copy(), labels.copy()
-
-    monkeypatch.setattr(fashion_mnist, "load_fashion_mnist", load)
-    return images, labels, asked
+    return serve_train_split_only(monkeypatch, 300)
 
 
 def test_heldout_set_is_built_from_the_training_split_and_records_its_provenance(train_split_only):

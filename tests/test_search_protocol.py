@@ -19,6 +19,8 @@ from metatta.search import default_params, in_space, run_trial, search_config, v
 from metatta.search_protocol import (AcceptanceConfig, DivergenceConfig, DivergenceWatch, TrialDiverged,
                                      check_provenance, choose_setting, seed_noise)
 
+from fake_data import serve_train_split_only
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("palm", "tent", "eata", "sar", "law", "deyo")
 
@@ -26,21 +28,7 @@ FAMILIES = ("palm", "tent", "eata", "sar", "law", "deyo")
 @pytest.fixture
 def train_split_only(monkeypatch):
     """Clean Fashion-MNIST whose test split cannot be read; returns the list of splits asked for."""
-    from metatta.data import fashion_mnist
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (200, 28, 28, 1), dtype=np.uint8)
-    labels = rng.integers(0, 10, 200).astype(np.int64)
-    asked = []
-
-    def load(split="test", root=None):
-        asked.append(split)
-        if split != "train":
-            raise AssertionError(f"the {split} split was read")
-        return images.copy(), labels.copy()
-
-    monkeypatch.setattr(fashion_mnist, "load_fashion_mnist", load)
-    return images, labels, asked
+    return serve_train_split_only(monkeypatch, 200)
 
 
 @pytest.fixture(scope="module")
