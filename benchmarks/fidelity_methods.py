@@ -2,14 +2,24 @@
 
 Runs the implementations of mariodoebler/test-time-adaptation (`classification/methods/*.py`,
 imported unmodified from a checkout given with `--reference-repo`; needs `yacs`) of RoTTA, RMT,
-SANTA, ROID, CMF, RPL, MEMO, TTAug and LAME, with Source, BN and Tent as sanity rows, beside
+SANTA, ROID, CMF, RPL, MEMO, TTAug, LAME, EATA, ETA, SAR and CoTTA, with Source, BN and Tent as
+sanity rows, beside
 metatta's on the Fashion-MNIST-C stream (severity 5, the project's within-corruption order:
 `metatta.data.streams`, seed 0) with the project's source ResNet. Settings: continual at
 batch 200 and episodic (reset at every corruption, the project's episodic) at batch 64;
 MEMO and TTAug work image by image with no state carried between images, so they run once.
 Both sides use their CIFAR-10-C config (`cfgs/cifar10_c/<method>.yaml` over their conf.py
 defaults; TTAug has no file: conf.py's defaults), which metatta's config dataclasses mirror;
-`config_mismatches` lists where they do not.
+`config_mismatches` lists where they do not (and where a constant of their code differs), and a
+run also compares the names of the parameters each side's optimizer updates. Where metatta's
+defaults are another setting, the pair's `ours_config` sets their cfg's: EATA/ETA Adam lr 1e-3
+(metatta: the paper's SGD lr 0.005); SAR lr 1e-3 (their SAR builds SAM around SGD with
+OPTIM.LR and OPTIM.MOMENTUM whatever OPTIM.METHOD says; metatta: the authors' ImageNet 2.5e-4),
+every BN layer adapted (their rule skips modules named 'layer4', which this ResNet has none of;
+metatta's `top_layers` skips its last stage) and the EMA cleared at a recovery (their `reset()`
+sets it to None; the authors' SAR keeps it, metatta's default). EATA's Fisher comes from
+SOURCE.NUM_SAMPLES (2,000) clean training images at the test batch size, the same batches on both
+sides (their `get_source_loader`, below).
 
 Two modes per stochastic method (`--modes`):
 
@@ -22,7 +32,9 @@ Two modes per stochastic method (`--modes`):
   torch's generators), `--seeds` seeds of each; the errors should agree within the seeds'
   spread. metatta's CoTTA and ROID augmentations draw the reference's random numbers in the
   reference's order, so for RoTTA, RMT, SANTA, ROID and CMF this mode too gives the same
-  images on both sides; MEMO's and TTAug's AugMix views differ.
+  images on both sides; MEMO's and TTAug's AugMix views differ, and so do CoTTA's: metatta's
+  CoTTA draws its 32 views batched by default (`batched_views`, one parameter set per view),
+  which shared mode turns off so that its loop of views draws what their loop draws.
 
 Shims (the harness's, nothing of theirs is edited): their `methods` package is entered
 without its `__init__` (which imports every method, the CLIP ones included); `models.model`
@@ -30,7 +42,7 @@ without its `__init__` (which imports every method, the CLIP ones included); `mo
 (`split_up_model`, here the ResNet's pooled features and `fc`; `ResNetDomainNet126`, which
 nothing here is); `datasets.data_loading.get_source_loader` gives RMT and SANTA the same
 labelled source batches metatta's RMT gets (5,000 training images, seed 0, unshuffled
-cycle); `iopath` for conf.py; on a machine without CUDA, CMF's one `.cuda()` is made a
+cycle) and EATA its Fisher batches (above); `iopath` for conf.py; on a machine without CUDA, CMF's one `.cuda()` is made a
 no-op while it is built. The model gets `model_preprocess` = CenterCrop(28) so that their
 code sizes its augmentations for 28x28 images (it assumes 32 for CIFAR); their AugMix
 pre-augmentation is their CIFAR one (pad-4 crop, flip) at 28 pixels. Their RoTTA at HEAD
@@ -103,6 +115,8 @@ class MethodPair(NamedTuple):
     augment_attr: str | None = None  # their attribute holding the batch augmentation
     stochastic: bool = False
     per_image: bool = False  # MEMO, TTAug: views of one image at a time
+    shared_config: dict = {}  # metatta overrides in shared mode only (CoTTA: the loop of views)
+    their_optimizer: str | None = None  # what their code builds whatever OPTIM.METHOD says (SAR: SGD)
 
 
 METHODS: dict[str, MethodPair] = {
@@ -120,6 +134,17 @@ METHODS: dict[str, MethodPair] = {
                        stochastic=True, per_image=True),
     "ttaug": MethodPair("ttaug", "methods.ttaug", "TTAug", None, cfg_overrides=(("MODEL.ADAPTATION", "ttaug"),),
                         stochastic=True, per_image=True),
+    # metatta's EATA/ETA defaults are the paper's CIFAR-10 ones (SGD, lr 0.005); their cfg: Adam 1e-3
+    "eata": MethodPair("eata", "methods.eata", "EATA", "eata", ours_config={"optimizer": "adam", "lr": 1e-3}),
+    "eta": MethodPair("eta", "methods.eata", "EATA", "eta", ours_config={"optimizer": "adam", "lr": 1e-3}),
+    # their SAR: SAM around SGD (momentum OPTIM.MOMENTUM) at OPTIM.LR whatever OPTIM.METHOD says; their
+    # name rule ('layer4' in the module name) excludes nothing on this ResNet, and their reset() clears
+    # the EMA (the authors' recovery keeps it): metatta set alike (docstring)
+    "sar": MethodPair("sar", "methods.sar", "SAR", "sar",
+                      ours_config={"lr": 1e-3, "excluded_modules": [], "clear_ema_on_recovery": True},
+                      their_optimizer="sgd"),
+    "cotta": MethodPair("cotta", "methods.cotta", "CoTTA", "cotta", augment_attr="transform", stochastic=True,
+                        shared_config={"batched_views": False}),
 }
 
 # metatta config field -> their cfg key, per method, for `config_mismatches`.
@@ -143,6 +168,26 @@ CONFIG_KEYS: dict[str, dict[str, str]] = {
     "lame": {"affinity": "LAME.AFFINITY", "knn": "LAME.KNN", "force_symmetry": "LAME.FORCE_SYMMETRY"},
     "memo": {"num_augmentations": "TEST.N_AUGMENTATIONS", "bn_alpha": "BN.ALPHA", "momentum": "OPTIM.MOMENTUM"},
     "ttaug": {"num_augmentations": "TEST.N_AUGMENTATIONS", "bn_alpha": "BN.ALPHA"},
+    "eata": {"entropy_factor": "EATA.MARGIN_E0", "d_margin": "EATA.D_MARGIN", "fisher_alpha": "EATA.FISHER_ALPHA",
+             "use_fisher": "EATA.FISHER_ALPHA > 0 and SOURCE.NUM_SAMPLES > 0"},
+    "eta": {"entropy_factor": "EATA.MARGIN_E0", "d_margin": "EATA.D_MARGIN",
+            "use_fisher": "EATA.FISHER_ALPHA > 0 and SOURCE.NUM_SAMPLES > 0"},
+    "sar": {"momentum": "OPTIM.MOMENTUM", "entropy_factor": "EATA.MARGIN_E0", "reset_threshold": "SAR.RESET_CONSTANT_EM"},
+    "cotta": {"teacher_momentum": "M_TEACHER.MOMENTUM", "restore_prob": "COTTA.RST", "aug_threshold": "COTTA.AP",
+              "num_augmentations": "TEST.N_AUGMENTATIONS"},
+}
+# Values their code fixes (not in their cfg), per method: metatta field -> their constant.
+CODE_CONSTANTS: dict[str, dict[str, Any]] = {
+    "eata": {"probs_momentum": 0.9},  # update_model_probs
+    "eta": {"probs_momentum": 0.9},
+    "sar": {"rho": 0.05, "adaptive": False, "ema_momentum": 0.9,  # SAM(...) defaults, update_ema
+            "clear_ema_on_recovery": True},  # their SAR.reset() sets self.ema = None
+    "cotta": {"symmetric_loss": False},  # softmax_entropy_cifar for a "cifar" dataset name
+}
+# Derived values of their cfg that a config field mirrors (a key of CONFIG_KEYS that is not a path).
+DERIVED_KEYS: dict[str, Callable[[Any], Any]] = {
+    "EATA.FISHER_ALPHA > 0 and SOURCE.NUM_SAMPLES > 0":
+        lambda cfg: cfg.EATA.FISHER_ALPHA > 0 and cfg.SOURCE.NUM_SAMPLES > 0,
 }
 OPTIMIZER_NAMES = {"Adam": "adam", "SGD": "sgd", "AdamW": "adamw"}
 
@@ -190,10 +235,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def config_mismatches(method: str, ours: Any, theirs: Any, adapts: bool = True) -> list[str]:
+def config_mismatches(method: str, ours: Any, theirs: Any, adapts: bool = True,
+                      their_optimizer: str | None = None) -> list[str]:
     """Where metatta's config (a dataclass) and their cfg (a yacs node) disagree for `method`
-    (the optimizer's fields only where the method `adapts` parameters)."""
+    (the optimizer's fields only where the method `adapts` parameters; `their_optimizer`: the one
+    their code builds whatever OPTIM.METHOD says), and where it differs from a constant of their code."""
     def lookup(key: str) -> Any:
+        if key in DERIVED_KEYS:
+            return DERIVED_KEYS[key](theirs)
         node = theirs
         for part in key.split("."):
             node = getattr(node, part)
@@ -203,7 +252,7 @@ def config_mismatches(method: str, ours: Any, theirs: Any, adapts: bool = True) 
     optimizer = adapts and getattr(ours, "optimizer", None) in ("sgd", "adam")
     keys = {"episodic": "MODEL.EPISODIC", **(CONFIG_KEYS["common"] if optimizer else {}), **CONFIG_KEYS.get(method, {})}
     if optimizer:
-        theirs_opt = OPTIMIZER_NAMES.get(lookup("OPTIM.METHOD"), lookup("OPTIM.METHOD"))
+        theirs_opt = their_optimizer or OPTIMIZER_NAMES.get(lookup("OPTIM.METHOD"), lookup("OPTIM.METHOD"))
         if theirs_opt != ours.optimizer:
             out.append(f"optimizer: ours {ours.optimizer}, theirs {theirs_opt}")
         if ours.optimizer == "adam" and tuple(ours.betas)[0] != lookup("OPTIM.BETA"):
@@ -216,7 +265,16 @@ def config_mismatches(method: str, ours: Any, theirs: Any, adapts: bool = True) 
             same = a == b
         if not same:
             out.append(f"{field}: ours {a!r}, theirs {key} {b!r}")
+    for field, value in CODE_CONSTANTS.get(method, {}).items():
+        if getattr(ours, field) != value:
+            out.append(f"{field}: ours {getattr(ours, field)!r}, their code {value!r}")
     return out
+
+
+def adapted_parameter_names(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
+    """The names in `model` of the tensors in `params` (what an optimizer updates), in model order."""
+    ids = {id(p) for p in params}
+    return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
 def error(logits: torch.Tensor, labels: torch.Tensor) -> int:
@@ -371,21 +429,33 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
     batches = source_batches(batch_size)
     # scale_lr off: their code uses the cfg's lr at any batch size (metatta's runners scale it down
     # linearly below the method's published batch, e.g. to 0.32x at batch 64 for Tent, RPL, ROID)
-    overrides = {"channels_last": channels_last, "scale_lr": False, **pair.ours_config}
+    overrides = {"channels_last": channels_last, "scale_lr": False, **pair.ours_config,
+                 **(pair.shared_config if mode == "shared" else {})}
     context = {}
     if name in ("rmt", "santa"):
         context["source_batches"] = list(batches)
     if name == "rmt":
         overrides["warmup_samples"] = warmup_samples
+    extra = [("RMT.NUM_SAMPLES_WARM_UP", warmup_samples)] if name == "rmt" else []
+    pair_run = pair._replace(cfg_overrides=pair.cfg_overrides + tuple(extra))
     with tempfile.TemporaryDirectory() as ckpt_dir:
+        fisher_images = reference_cfg(conf, checkout, pair_run, batch_size, ckpt_dir).SOURCE.NUM_SAMPLES
+        if name == "eata":
+            # their Fisher loader: SOURCE.NUM_SAMPLES (2,000) clean images at the test batch size
+            batches = source_batches(batch_size, count=fisher_images)
+            context["fisher_batches"] = [x for x, _ in batches]
         seed_everything(seed)
         ours = build_method(pair.ours, copy.deepcopy(source), overrides, batch_size=batch_size, **context)
-        extra = [("RMT.NUM_SAMPLES_WARM_UP", warmup_samples)] if name == "rmt" else []
-        pair_run = pair._replace(cfg_overrides=pair.cfg_overrides + tuple(extra))
         loaders[:] = [batches]
         seed_everything(seed)
         theirs, cfg = build_reference(conf, checkout, pair_run, copy.deepcopy(source), batch_size, ckpt_dir)
-    mismatches = config_mismatches(name, ours.config, cfg, adapts=ours.optimizer is not None)
+    mismatches = config_mismatches(name, ours.config, cfg, adapts=ours.optimizer is not None,
+                                   their_optimizer=pair.their_optimizer)
+    if ours.optimizer is not None and getattr(theirs, "optimizer", None) is not None:
+        names = {side: adapted_parameter_names(m.model, [p for g in m.optimizer.param_groups for p in g["params"]])
+                 for side, m in (("ours", ours), ("theirs", theirs))}
+        if names["ours"] != names["theirs"]:
+            mismatches.append(f"adapted parameters: ours {names['ours']}, theirs {names['theirs']}")
     if hasattr(theirs, "projector") and hasattr(ours, "projector"):
         # same starting projector (each side draws its own at construction)
         theirs.projector.load_state_dict(ours.projector.state_dict())

@@ -52,6 +52,56 @@ def test_config_mismatches_name_each_differing_field():
     assert fidelity.config_mismatches("tent", ours, theirs, adapts=False) == []  # e.g. Source, BN, LAME
 
 
+def eata_cfg(fisher_alpha=1.0, num_samples=2000, method="Adam"):
+    return cfg(OPTIM={"METHOD": method, "LR": 1e-3, "WD": 0.0, "BETA": 0.9, "MOMENTUM": 0.9},
+               MODEL={"EPISODIC": False}, EATA={"MARGIN_E0": 0.4, "D_MARGIN": 0.4, "FISHER_ALPHA": fisher_alpha},
+               SOURCE={"NUM_SAMPLES": num_samples}, SAR={"RESET_CONSTANT_EM": 0.2})
+
+
+def test_eata_and_eta_configs_map_onto_their_cfg_including_whether_the_fisher_term_is_on():
+    model = build_model("resnet_fmnist", 10, 1)
+    eata = build_method("eata", model, fidelity.METHODS["eata"].ours_config).config
+    assert fidelity.config_mismatches("eata", eata, eata_cfg()) == []
+    # their ETA is EATA with FISHER_ALPHA 0; ours is use_fisher false (fisher_alpha then unused)
+    eta = build_method("eta", model, fidelity.METHODS["eta"].ours_config).config
+    assert fidelity.config_mismatches("eta", eta, eata_cfg(fisher_alpha=0.0)) == []
+    assert any("use_fisher" in m for m in fidelity.config_mismatches("eta", eta, eata_cfg()))
+    assert any("use_fisher" in m for m in fidelity.config_mismatches("eata", eata, eata_cfg(num_samples=-1)))
+    # metatta's own EATA defaults (the paper's SGD, lr 0.005) are not their cfg's
+    found = fidelity.config_mismatches("eata", build_method("eata", model, {}).config, eata_cfg())
+    assert any("optimizer" in m for m in found) and any("OPTIM.LR" in m for m in found)
+
+
+def test_sar_is_checked_against_the_sgd_their_code_builds_and_its_constants():
+    model = build_model("resnet_fmnist", 10, 1)
+    pair = fidelity.METHODS["sar"]
+    sar = build_method("sar", model, pair.ours_config).config
+    # their cfg says Adam, their SAR builds SAM around SGD regardless
+    assert fidelity.config_mismatches("sar", sar, eata_cfg(), their_optimizer=pair.their_optimizer) == []
+    assert any("optimizer" in m for m in fidelity.config_mismatches("sar", sar, eata_cfg()))
+    # constants of their code: rho 0.05, the EMA cleared by their reset()
+    authors = build_method("sar", model, {**pair.ours_config, "clear_ema_on_recovery": False, "rho": 0.1}).config
+    found = fidelity.config_mismatches("sar", authors, eata_cfg(), their_optimizer="sgd")
+    assert any(m.startswith("clear_ema_on_recovery") for m in found) and any(m.startswith("rho") for m in found)
+
+
+def test_adapted_parameter_names_follow_the_model_order():
+    model = build_model("resnet_fmnist", 10, 1)
+    named = dict(model.named_parameters())
+    picked = [named["fc.weight"], named["stages.0.0.bn1.bias"]]
+    assert fidelity.adapted_parameter_names(model, picked) == ["stages.0.0.bn1.bias", "fc.weight"]
+    # metatta's SAR default leaves out the top stage; the harness's setting adapts every BN layer
+    # (their 'layer4' rule matches nothing on this ResNet)
+    default = build_method("sar", build_model("resnet_fmnist", 10, 1), {})
+    harness = build_method("sar", build_model("resnet_fmnist", 10, 1), fidelity.METHODS["sar"].ours_config)
+    names = {k: fidelity.adapted_parameter_names(m.model, [p for g in m.optimizer.param_groups for p in g["params"]])
+             for k, m in (("default", default), ("harness", harness))}
+    assert not any(n.startswith("stages.2") for n in names["default"])
+    every_bn = [f"{n}.{w}" for n, m in harness.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+                for w in ("weight", "bias")]
+    assert names["harness"] == every_bn and any(n.startswith("stages.2") for n in every_bn)
+
+
 def test_summary_reports_means_ranges_and_the_largest_difference():
     runs = {"ours": [{"a": 10.0, "b": 20.0}, {"a": 12.0, "b": 20.0}],
             "theirs": [{"a": 11.0, "b": 23.0}, {"a": 11.0, "b": 25.0}]}
