@@ -145,6 +145,12 @@ METHODS: dict[str, MethodPair] = {
                       their_optimizer="sgd"),
     "cotta": MethodPair("cotta", "methods.cotta", "CoTTA", "cotta", augment_attr="transform", stochastic=True,
                         shared_config={"batched_views": False}),
+    # metatta's deyo_cifar.yaml (their cfg's Adam 1e-3); their 'layer4' rule excludes nothing here (SAR).
+    # The patch shuffle draws torch.rand(B', 16) from the global generator on both sides: one seed
+    "deyo": MethodPair("deyo", "methods.deyo", "DeYO", "deyo",
+                       ours_config={"optimizer": "adam", "lr": 1e-3, "excluded_modules": []}),
+    "bn_alpha": MethodPair("bn", "methods.norm", "BNAlpha", "norm_alpha", ours_config={"statistics": "alpha"}),
+    "bn_ema": MethodPair("bn", "methods.norm", "BNEMA", "norm_ema", ours_config={"statistics": "ema"}),
 }
 
 # metatta config field -> their cfg key, per method, for `config_mismatches`.
@@ -175,6 +181,10 @@ CONFIG_KEYS: dict[str, dict[str, str]] = {
     "sar": {"momentum": "OPTIM.MOMENTUM", "entropy_factor": "EATA.MARGIN_E0", "reset_threshold": "SAR.RESET_CONSTANT_EM"},
     "cotta": {"teacher_momentum": "M_TEACHER.MOMENTUM", "restore_prob": "COTTA.RST", "aug_threshold": "COTTA.AP",
               "num_augmentations": "TEST.N_AUGMENTATIONS"},
+    "deyo": {"entropy_factor": "DEYO.MARGIN", "reweight_factor": "EATA.MARGIN_E0", "plpd_threshold": "DEYO.PLPD",
+             "reweight_entropy": "DEYO.REWEIGHT_ENT", "reweight_plpd": "DEYO.REWEIGHT_PLPD",
+             "augmentation": "DEYO.AUG_TYPE ('occ': occlusion)", "patch_grid": "DEYO.PATCH_LEN"},
+    "bn_alpha": {"alpha": "BN.ALPHA"},
 }
 # Values their code fixes (not in their cfg), per method: metatta field -> their constant.
 CODE_CONSTANTS: dict[str, dict[str, Any]] = {
@@ -183,11 +193,14 @@ CODE_CONSTANTS: dict[str, dict[str, Any]] = {
     "sar": {"rho": 0.05, "adaptive": False, "ema_momentum": 0.9,  # SAM(...) defaults, update_ema
             "clear_ema_on_recovery": True},  # their SAR.reset() sets self.ema = None
     "cotta": {"symmetric_loss": False},  # softmax_entropy_cifar for a "cifar" dataset name
+    "deyo": {"filter_entropy": True, "filter_plpd": True},  # their loss_calculation always filters
+    "bn_ema": {"ema_momentum": None},  # their EMABatchNorm: each layer's own momentum
 }
 # Derived values of their cfg that a config field mirrors (a key of CONFIG_KEYS that is not a path).
 DERIVED_KEYS: dict[str, Callable[[Any], Any]] = {
     "EATA.FISHER_ALPHA > 0 and SOURCE.NUM_SAMPLES > 0":
         lambda cfg: cfg.EATA.FISHER_ALPHA > 0 and cfg.SOURCE.NUM_SAMPLES > 0,
+    "DEYO.AUG_TYPE ('occ': occlusion)": lambda cfg: {"occ": "occlusion"}.get(cfg.DEYO.AUG_TYPE, cfg.DEYO.AUG_TYPE),
 }
 OPTIMIZER_NAMES = {"Adam": "adam", "SGD": "sgd", "AdamW": "adamw"}
 

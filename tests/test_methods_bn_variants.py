@@ -2,6 +2,8 @@
 against hand-computed normalizations, reset, non-finite batches, models they refuse."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -55,6 +57,32 @@ def test_ema_updates_the_running_statistics_before_normalizing_by_hand():
     assert int(bn.num_batches_tracked) == 2
     fast = build_method("bn", one_bn(), {"statistics": "ema", "ema_momentum": 1.0, "channels_last": False})
     torch.testing.assert_close(fast(X), normalized(X, (3.0, 2.0), (20 / 3, 4 / 3)))
+
+
+def test_ema_takes_each_layers_statistics_under_batch_normalization_upstream():
+    """Two BN layers in a row: the second layer's running statistics follow the first layer's output
+    normalized with the batch's statistics (a train-mode pass, as PyTorch's running statistics and the
+    broadest codebase's EMABatchNorm have them), not with the first layer's updated running ones;
+    the prediction then uses the running statistics (an eval-mode pass). Bit for bit with that."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).eval()
+    with torch.no_grad():
+        for bn in (net[1], net[3]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    oracle = copy.deepcopy(net)
+    method = build_method("bn", net, {"statistics": "ema", "channels_last": False})
+    for seed in range(3):
+        x = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(seed)) * 2 + 1
+        oracle.train()
+        with torch.no_grad():
+            oracle(x)
+            oracle.eval()
+            expected = oracle(x)
+        assert torch.equal(method(x), expected)
+    for ours, theirs in ((method.model[3], oracle[3]), (method.model[1], oracle[1])):
+        assert torch.equal(ours.running_mean, theirs.running_mean)
+        assert torch.equal(ours.running_var, theirs.running_var)
 
 
 @pytest.mark.parametrize("statistics", ["alpha", "ema"])

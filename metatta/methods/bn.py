@@ -17,10 +17,16 @@ normalization statistics come from:
   as a prior of strength N: alpha = n / (N + n) for n test samples. Stateless.
 - "ema": the running statistics follow the test batches, r <- (1 - m) r + m batch
   (unbiased variance), starting from the source ones, and normalize each batch
-  after its own update (their two passes: train mode, then eval mode). m is
-  `ema_momentum`, or each layer's own momentum (PyTorch's 0.1) when null. The
-  running statistics are model buffers, so `reset()` restores the source ones; a
-  batch with NaN/inf pixels is predicted without updating them.
+  after its own update, in their two passes: first every layer normalizes with the
+  batch's own statistics and updates its running ones from them (a train-mode
+  pass, output discarded), so a layer's statistics are those of its input under
+  batch normalization upstream, as PyTorch's running statistics are; then the
+  prediction with the running statistics (an eval-mode pass). m is `ema_momentum`,
+  or each layer's own momentum (PyTorch's 0.1) when null. The running statistics
+  are model buffers, so `reset()` restores the source ones; a batch with NaN/inf
+  pixels is predicted without updating them. (A layer that sees one value per
+  channel, BatchNorm1d at batch 1, cannot normalize with the batch's statistics:
+  it updates from the biased moments and normalizes with its running ones.)
 
 "alpha" and "ema" keep the source statistics, so they need plain BatchNorm layers
 with running buffers. Defaults: alpha 0.1 (their BN.ALPHA, all datasets).
@@ -95,17 +101,24 @@ class _AlphaNorm(_SourceMixedNorm):
         return (1 - a) * self.running_mean + a * mean, (1 - a) * self.running_var + a * var
 
 
-class _EMANorm(_SourceMixedNorm):
-    ema_momentum: float
-    frozen: bool = False  # predict with the running statistics without updating them
+class _EMANorm:
+    """Mixin before `nn.BatchNorm*d`: normalize with the running statistics; while `collecting`
+    (the first pass), normalize with the batch's and move the running ones towards them (a
+    training-mode BatchNorm with momentum `ema_momentum`, bit for bit)."""
 
-    def statistics(self, mean, var):
-        if not self.frozen:
-            with torch.no_grad():
-                self.running_mean.lerp_(mean, self.ema_momentum)
-                self.running_var.lerp_(var, self.ema_momentum)
-                self.num_batches_tracked.add_(1)
-        return self.running_mean, self.running_var
+    ema_momentum: float
+    collecting: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.collecting:
+            self.num_batches_tracked.add_(1)
+            if x.numel() // x.shape[1] > 1:
+                return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
+                                    self.ema_momentum, self.eps)
+            mean, var = batch_moments(x)  # one value per channel: no batch normalization possible
+            self.running_mean.lerp_(mean, self.ema_momentum)
+            self.running_var.lerp_(var, self.ema_momentum)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class AlphaBatchNorm1d(_AlphaNorm, nn.BatchNorm1d):
@@ -163,16 +176,16 @@ def mix_source_statistics(model: nn.Module, statistics: str, alpha: float = 0.1,
 
 
 @contextlib.contextmanager
-def frozen_running_statistics(model: nn.Module) -> Iterator[None]:
-    """EMA layers predict without updating their running statistics inside the block."""
+def collecting_statistics(model: nn.Module) -> Iterator[None]:
+    """EMA layers normalize with the batch's statistics and update their running ones inside the block."""
     layers = [m for m in model.modules() if isinstance(m, _EMANorm)]
     for m in layers:
-        m.frozen = True
+        m.collecting = True
     try:
         yield
     finally:
         for m in layers:
-            m.frozen = False
+            m.collecting = False
 
 
 @register("bn")
@@ -187,8 +200,19 @@ class BatchNormAdapt(TTAMethod):
         else:
             mix_source_statistics(self.model, self.config.statistics, self.config.alpha, self.config.ema_momentum)
 
+    frozen = False  # "ema": predict with the running statistics as they are (a NaN/inf batch)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.statistics == "ema" and not bool(torch.isfinite(x).all()):
-            with frozen_running_statistics(self.model):
+            self.frozen = True
+            try:
                 return self._nonfinite_input(self.in_layout(x))
+            finally:
+                self.frozen = False
         return super().forward(x)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.statistics == "ema" and not self.frozen:
+            with torch.no_grad(), collecting_statistics(self.model):
+                self.model(x)  # first pass: update the running statistics (output discarded)
+        return super().predict(x)
