@@ -81,6 +81,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 from torchvision import transforms
@@ -437,13 +438,16 @@ def per_image_views(x: torch.Tensor, uint8_images: np.ndarray, mode: str, views:
 
 
 def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, conf, checkout: Path,
-             source: nn.Module, domains, warmup_samples: int, channels_last: bool) -> dict[str, Any]:
+             source: nn.Module, domains, warmup_samples: int, channels_last: bool,
+             ours_set: dict | None = None) -> dict[str, Any]:
+    """One method on one setting; `ours_set`: metatta config fields set over the pair's (a what-if:
+    the run's config mismatches then name them)."""
     pair = METHODS[name]
     batches = source_batches(batch_size)
     # scale_lr off: their code uses the cfg's lr at any batch size (metatta's runners scale it down
     # linearly below the method's published batch, e.g. to 0.32x at batch 64 for Tent, RPL, ROID)
     overrides = {"channels_last": channels_last, "scale_lr": False, **pair.ours_config,
-                 **(pair.shared_config if mode == "shared" else {})}
+                 **(pair.shared_config if mode == "shared" else {}), **(ours_set or {})}
     context = {}
     if name in ("rmt", "santa"):
         context["source_batches"] = list(batches)
@@ -481,6 +485,7 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
         augmenter = augmix.AugMixAugmenter(transforms.Compose([transforms.CenterCrop(28)]), transforms.ToTensor(),
                                            dataset_name="cifar10_c", n_views=cfg.TEST.N_AUGMENTATIONS,
                                            use_augmix=True, severity=1)
+    their_resets = count_resets_in_forward(theirs) if name == "sar" else None
     stream = build_stream(domains, setting, batch_size, seed=0)
     by_name = {d.name: d for d in domains}
     clock, wrong, counts, differ = Clock(), {}, {}, {}
@@ -512,10 +517,34 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
         counts[current] += len(batch.y)
         step += 1
     images = sum(counts.values())
-    return {"errors": {side: {d: 100 * wrong[d][side] / counts[d] for d in counts} for side in ("ours", "theirs")},
-            "predictions_differing": differ, "images": images,
-            "images_per_second": {k: images / v for k, v in clock.seconds.items()},
-            "config_mismatches": mismatches}
+    out = {"errors": {side: {d: 100 * wrong[d][side] / counts[d] for d in counts} for side in ("ours", "theirs")},
+           "predictions_differing": differ, "images": images,
+           "images_per_second": {k: images / v for k, v in clock.seconds.items()},
+           "config_mismatches": mismatches}
+    if their_resets is not None:  # SAR's model recovery, exercised or not
+        out["recoveries"] = {"ours": ours.recoveries, "theirs": their_resets["count"]}
+    return out
+
+
+def count_resets_in_forward(method: nn.Module) -> dict[str, int]:
+    """Count the `reset()` calls `method` makes inside its own forward (SAR's recovery), not the
+    harness's resets at corruption boundaries; wraps the instance's bound methods, not their class."""
+    counter = {"count": 0, "inside": 0}
+    reset, forward = method.reset, method.forward
+
+    def counting_reset(*args, **kwargs):
+        counter["count"] += counter["inside"]
+        return reset(*args, **kwargs)
+
+    def marked_forward(*args, **kwargs):
+        counter["inside"] = 1
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            counter["inside"] = 0
+
+    method.reset, method.forward = counting_reset, marked_forward
+    return counter
 
 
 def stream_rows(stream, batch, step: int) -> np.ndarray:
@@ -542,6 +571,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--warmup-samples", type=int, default=50000, help="RMT's warm-up (both sides)")
     parser.add_argument("--channels-last", action="store_true", help="metatta's NHWC layout (faster on CPU)")
+    parser.add_argument("--ours-set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="metatta config fields over the pair's (YAML values), e.g. clear_ema_on_recovery=false")
     parser.add_argument("--tag", default="fidelity_methods")
     args = parser.parse_args(argv)
 
@@ -557,6 +588,7 @@ def main(argv=None) -> dict:
                 seeds = args.seeds if (pair.stochastic and mode == "own") else args.seeds[:1]
                 runs = [run_pair(name, setting, batch_size, mode, s, conf=conf, checkout=args.reference_repo,
                                  source=source, domains=domains, warmup_samples=args.warmup_samples,
+                                 ours_set=parse_assignments(args.ours_set),
                                  channels_last=args.channels_last) for s in seeds]
                 summary = summarize({side: [r["errors"][side] for r in runs] for side in ("ours", "theirs")})
                 speed = {side: float(np.mean([r["images_per_second"][side] for r in runs])) for side in ("ours", "theirs")}
@@ -569,6 +601,17 @@ def main(argv=None) -> dict:
                                  | {"mean": summary["mean"], "max_diff": summary["max_abs_difference"],
                                     "differing": runs[0]["predictions_differing"]}), flush=True)
     return record
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """FIELD=VALUE strings -> {field: YAML-parsed value}."""
+    out = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--ours-set: expected FIELD=VALUE, got {item!r}")
+        out[field] = yaml.safe_load(value)
+    return out
 
 
 def write_results(record: dict, tag: str) -> None:
@@ -595,7 +638,9 @@ def report(record: dict) -> str:
                          f"{r['difference']:+.1f}", e["runs"][0]["predictions_differing"][r["corruption"]]])
         detail.append(f"### {label}\n\n" + markdown_table(
             ["corruption", "metatta", "reference", "difference", "predictions differing (seed 1st)"], rows)
-            + ("\n\nConfig mismatches: " + "; ".join(e["config_mismatches"]) if e["config_mismatches"] else ""))
+            + ("\n\nConfig mismatches: " + "; ".join(e["config_mismatches"]) if e["config_mismatches"] else "")
+            + ("\n\nModel recoveries (resets by the EMA rule, seed 1st): metatta {ours}, reference {theirs}".format(
+                **e["runs"][0]["recoveries"]) if "recoveries" in e["runs"][0] else ""))
     head = markdown_table(["method", "metatta", "reference", "max per-corruption |diff|", "img/s metatta",
                            "img/s reference", "speed ratio"], summary_rows)
     return head + "\n\n" + "\n\n".join(detail) + "\n"

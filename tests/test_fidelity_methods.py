@@ -102,6 +102,32 @@ def test_adapted_parameter_names_follow_the_model_order():
     assert names["harness"] == every_bn and any(n.startswith("stages.2") for n in every_bn)
 
 
+def test_resets_inside_forward_are_counted_and_the_harness_own_are_not():
+    class Recovering(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                self.reset()  # like SAR's recovery
+            return x
+
+        def reset(self):
+            pass
+
+    method = Recovering()
+    counter = fidelity.count_resets_in_forward(method)
+    method(torch.ones(1))
+    method(-torch.ones(1))
+    method.reset()  # the harness's reset at a corruption boundary
+    method(torch.ones(1))
+    assert counter["count"] == 2
+
+
+def test_ours_set_parses_yaml_values_and_refuses_a_missing_value():
+    assert fidelity.parse_assignments(["clear_ema_on_recovery=false", "lr=0.001", "excluded_modules=[]"]) == {
+        "clear_ema_on_recovery": False, "lr": 1e-3, "excluded_modules": []}
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        fidelity.parse_assignments(["lr"])
+
+
 def test_summary_reports_means_ranges_and_the_largest_difference():
     runs = {"ours": [{"a": 10.0, "b": 20.0}, {"a": 12.0, "b": 20.0}],
             "theirs": [{"a": 11.0, "b": 23.0}, {"a": 11.0, "b": 25.0}]}
