@@ -31,7 +31,7 @@ import numpy as np
 from metatta.config import ConfigError
 from metatta.data.domains import HELD_OUT_CORRUPTIONS, check_corruption_names, check_severities
 from metatta.evaluation import Progress
-from metatta.learned.heldout import SPLIT, HeldOutSet, build_heldout_domains
+from metatta.learned.heldout import SPLIT, HeldOutSet, build_heldout_domains, parse_composition
 from metatta.lifelong import window_errors
 
 NOISE_RULES = ("std", "range")
@@ -45,6 +45,9 @@ class ValidationConfig:
     root: str | None = None  # its files; None: the usual places (metatta.data.clean)
     corruptions: list[str] = dataclasses.field(default_factory=lambda: list(HELD_OUT_CORRUPTIONS))
     severities: list[int] = dataclasses.field(default_factory=lambda: [3, 4, 5])
+    # more held-out shifts, after the corruptions x severities: held-out corruptions applied in turn,
+    # "gaussian_blur-5+speckle_noise-5" (a corruption repeated: a severity beyond 5); metatta.learned.heldout
+    compositions: list[str] = dataclasses.field(default_factory=list)
     num_images: int | None = None  # per domain; None: the search's benchmark.num_images (the run's)
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # stream seeds, each run by every trial
     data_seed: int = 0  # which clean training images, and their corruption draws
@@ -86,6 +89,19 @@ def check_protocol(validation: ValidationConfig, objective: ObjectiveConfig, div
         severities = check_severities(validation.severities)
     except ValueError as e:
         raise ConfigError(f"{where}.validation.severities: {e}") from None
+    compositions = validation.compositions
+    for item in compositions:
+        try:
+            parse_composition(item)
+        except ValueError as e:
+            raise ConfigError(f"{where}.validation.compositions: {e}") from None
+    if compositions and setting == "gradual":
+        raise ConfigError(f"{where}.validation.compositions: the gradual setting runs every corruption through "
+                          f"severities 1-5; a composition has one severity (leave compositions empty)")
+    if len(set(compositions)) != len(compositions):
+        raise ConfigError(f"{where}.validation.compositions: repeats: {compositions}")
+    if not names and not compositions:
+        raise ConfigError(f"{where}.validation: no corruptions and no compositions: nothing to validate on")
     if setting == "gradual" and sorted(severities) != [1, 2, 3, 4, 5]:
         raise ConfigError(f"{where}.validation.severities: the gradual setting needs severities 1-5, got {severities}")
     seeds = validation.seeds
@@ -118,7 +134,8 @@ def validation_set(cfg: ValidationConfig, num_images: int, dataset: str, seed: i
     """The validation domains of stream seed `seed` (one per corruption and severity,
     corruption-major) and their provenance, checked: clean training images only."""
     data_seed = cfg.data_seed + seed if cfg.resample_images else cfg.data_seed
-    held = build_heldout_domains(cfg.corruptions, cfg.severities, num_images, dataset, cfg.root, data_seed)
+    held = build_heldout_domains(cfg.corruptions, cfg.severities, num_images, dataset, cfg.root, data_seed,
+                                 compositions=cfg.compositions)
     check_provenance(held.provenance)
     return held
 
@@ -131,15 +148,18 @@ def check_provenance(provenance: dict[str, Any]) -> None:
     leaked = [c for c in provenance.get("corruptions", {}) if c not in HELD_OUT_CORRUPTIONS]
     if leaked:
         raise ValueError(f"validation data: {leaked} are benchmark corruptions")
-    blocks = [set(v) for v in provenance["corruptions"].values()]
+    for name in provenance.get("compositions", {}):
+        parse_composition(name)  # held-out parts only
+    blocks = [set(v) for key in ("corruptions", "compositions") for v in provenance.get(key, {}).values()]
     if any(a & b for i, a in enumerate(blocks) for b in blocks[i + 1:]):
-        raise ValueError("validation data: two corruptions share clean images")
+        raise ValueError("validation data: two corruptions (or compositions) share clean images")
 
 
 def provenance_summary(provenance: dict[str, Any]) -> dict[str, Any]:
     """The provenance without the index lists (for the registry and MLflow), with their count."""
-    return {**{k: v for k, v in provenance.items() if k != "corruptions"},
-            "images_per_corruption": {c: len(v) for c, v in provenance["corruptions"].items()}}
+    return {**{k: v for k, v in provenance.items() if k not in ("corruptions", "compositions")},
+            "images_per_corruption": {c: len(v) for key in ("corruptions", "compositions")
+                                      for c, v in provenance.get(key, {}).items()}}
 
 
 # ---- objective and divergence -------------------------------------------------------------------

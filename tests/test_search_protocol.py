@@ -10,7 +10,7 @@ import torch
 from metatta.config import ConfigError, load_config
 from metatta.data.benchmark_files import image_seeds
 from metatta.evaluation import Progress
-from metatta.learned.heldout import corrupt_uint8
+from metatta.learned.heldout import STEP_SEED_OFFSET, corrupt_uint8
 from metatta.lifelong import window_errors
 from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
@@ -75,6 +75,69 @@ def test_validation_data_never_includes_a_test_image(train_split_only, checkpoin
         check_provenance({**prov, "split": "test"})
     with pytest.raises(ValueError, match="benchmark corruptions"):
         check_provenance({**prov, "corruptions": {"fog": [1]}})
+
+
+COMPOSED = {"corruptions": ["speckle_noise", "saturate"], "severities": [4, 5], "seeds": [0, 1],
+            "compositions": ["gaussian_blur-5+speckle_noise-4", "spatter-3+spatter-3"]}
+
+
+def test_compositions_are_held_out_corruptions_in_turn_on_training_images(train_split_only):
+    images, labels, asked = train_split_only
+    held = validation_data(search(validation=COMPOSED), seed=0)
+    plain = validation_data(search(), seed=0)
+    assert set(asked) == {"train"}
+    prov = held.provenance
+    assert [d.name for d in held.domains] == ["speckle_noise-4", "speckle_noise-5", "saturate-4", "saturate-5",
+                                              "gaussian_blur-5+speckle_noise-4", "spatter-3+spatter-3"]
+    assert prov["corruptions"] == plain.provenance["corruptions"]  # compositions add blocks, move none
+    blocks = [set(v) for key in ("corruptions", "compositions") for v in prov[key].values()]
+    assert all(len(b) == 20 for b in blocks) and len(set.union(*blocks)) == 20 * 4  # disjoint
+    for domain, name in zip(held.domains[4:], COMPOSED["compositions"]):
+        idx = np.array(prov["compositions"][name])
+        expected = images[idx]
+        for k, step in enumerate(name.split("+")):  # step k: the -C seed of its corruption, + k offsets
+            corruption, severity = step.rsplit("-", 1)
+            seeds = (image_seeds(0, corruption, int(severity), 200)[idx] + k * STEP_SEED_OFFSET) % 2 ** 62
+            expected = corrupt_uint8(expected, corruption, int(severity), seeds)
+        assert np.array_equal(domain.images, expected) and np.array_equal(domain.labels, labels[idx])
+    twice = held.domains[5].images  # a repeated step draws new noise: spatter twice is not spatter once
+    idx = np.array(prov["compositions"]["spatter-3+spatter-3"])
+    once = corrupt_uint8(images[idx], "spatter", 3, image_seeds(0, "spatter", 3, 200)[idx])
+    assert not np.array_equal(twice, corrupt_uint8(once, "spatter", 3, image_seeds(0, "spatter", 3, 200)[idx]))
+    again = validation_data(search(validation=COMPOSED), seed=0)  # deterministic per seed ...
+    assert all(np.array_equal(a.images, b.images) for a, b in zip(held.domains, again.domains))
+    other = validation_data(search(validation=COMPOSED), seed=1)  # ... and each seed draws its own
+    assert other.provenance["compositions"] != prov["compositions"]
+    only = validation_data(search(validation={**COMPOSED, "corruptions": []}), seed=0)
+    assert [d.name for d in only.domains] == COMPOSED["compositions"]
+    check_provenance(prov)
+    with pytest.raises(ValueError, match="benchmark corruptions"):
+        check_provenance({**prov, "compositions": {"fog-5+spatter-3": [1]}})
+    with pytest.raises(ValueError, match="share clean images"):
+        check_provenance({**prov, "compositions": {"spatter-3+spatter-3": prov["corruptions"]["saturate"][:1]}})
+
+
+@pytest.mark.parametrize("compositions, match", [
+    (["fog-5+speckle_noise-5"], r"validation\.compositions: .*'fog-5\+speckle_noise-5'.*benchmark corruptions"),
+    (["speckle_noise-5"], r"validation\.compositions: .*at least two steps"),
+    (["speckle_noise-7+saturate-5"], r"validation\.compositions: .*severity"),
+    (["speckle_noise+saturate-5"], r"validation\.compositions: .*<corruption>-<severity>"),
+    (["spatter-3+spatter-3", "spatter-3+spatter-3"], r"validation\.compositions: repeats"),
+    ("spatter-3+spatter-3", r"validation\.compositions: expected a list"),
+])
+def test_composition_errors_name_the_field(compositions, match):
+    with pytest.raises(ConfigError, match=match):
+        search(validation={**COMPOSED, "compositions": compositions})
+
+
+def test_compositions_are_refused_in_the_gradual_setting():
+    with pytest.raises(ConfigError, match=r"validation\.compositions: the gradual setting"):
+        search(stream={"setting": "gradual"}, validation={**COMPOSED, "severities": [1, 2, 3, 4, 5]})
+
+
+def test_validation_needs_a_corruption_or_a_composition():
+    with pytest.raises(ConfigError, match=r"validation: no corruptions and no compositions"):
+        search(validation={**COMPOSED, "corruptions": [], "compositions": []})
 
 
 @pytest.mark.parametrize("change, match", [

@@ -19,6 +19,16 @@ Choices:
   corruption always gets the same damage, whatever else is built.
 - Built in memory on each call (some hundred images take about a second);
   nothing is cached on disk, so there is no stale file to trust.
+- Compositions (`compositions=["gaussian_blur-5+speckle_noise-5", ...]`): held-out
+  corruptions applied one after the other, a new shift made of held-out parts
+  only. A corruption repeated is a severity beyond the table's 5 (blur twice:
+  sigma x sqrt 2). Each composition gets its own block of clean images (after
+  the corruptions' blocks, which adding compositions does not move); step k of
+  a composition draws with the -C seed of its (corruption, severity) plus
+  k x STEP_SEED_OFFSET, so a repeated step draws new noise and step 0 equals
+  the single corruption's damage on those images. Its domain is named after
+  the steps ("gaussian_blur-5+speckle_noise-5": `DomainData.corruption` holds
+  all but the last severity).
 
 The source model was trained on this split, clean: the shift the MGG learns to
 undo is the corruption, as on the benchmark. Validating on these images
@@ -40,6 +50,7 @@ from metatta.data.types import DomainData
 
 SPLIT = "train"
 CORRUPT_BATCH = 500
+STEP_SEED_OFFSET = 7_919 * 10**12  # added per composition step to the -C seed (mod 2**62)
 
 
 @dataclasses.dataclass
@@ -61,6 +72,30 @@ def _check_held_out(corruptions: Sequence[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"held-out set: corruptions repeat: {names}")
     return names
+
+
+def parse_composition(text: str) -> list[tuple[str, int]]:
+    """"gaussian_blur-5+speckle_noise-4" -> [("gaussian_blur", 5), ("speckle_noise", 4)]: at least
+    two steps, each a held-out corruption and a severity 1-5."""
+    steps = []
+    for part in str(text).split("+"):
+        name, _, severity = part.strip().rpartition("-")
+        if not name or not severity.isdigit():
+            raise ValueError(f"held-out composition {text!r}: each step is <corruption>-<severity>, got {part!r}")
+        steps.append((name, int(severity)))
+    if len(steps) < 2:
+        raise ValueError(f"held-out composition {text!r}: needs at least two steps joined by '+'")
+    names = check_corruption_names([n for n, _ in steps])
+    benchmark = sorted({n for n in names if n not in HELD_OUT_CORRUPTIONS})
+    if benchmark:
+        raise ValueError(f"held-out composition {text!r}: {benchmark} are benchmark corruptions; compositions may "
+                         f"use only the held-out ones {list(HELD_OUT_CORRUPTIONS)}")
+    check_severities([s for _, s in steps])
+    return steps
+
+
+def composition_name(steps: Sequence[tuple[str, int]]) -> str:
+    return "+".join(f"{name}-{severity}" for name, severity in steps)
 
 
 def disjoint_indices(num_clean: int, blocks: int, per_block: int, seed: int) -> list[np.ndarray]:
@@ -97,6 +132,7 @@ def build_heldout_train_set(
     held = build_heldout_domains(corruptions, [severity], images_per_corruption, dataset, root, seed, device)
     provenance = dict(held.provenance)
     provenance["severity"] = provenance.pop("severities")[0]
+    del provenance["compositions"]  # none here
     return HeldOutSet(held.domains, provenance)
 
 
@@ -108,25 +144,44 @@ def build_heldout_domains(
     root: str | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    compositions: Sequence[str] = (),
 ) -> HeldOutSet:
     """As `build_heldout_train_set`, at several severities: one domain per (corruption, severity),
-    corruption-major. A corruption's block of clean images is the same at every severity (as in
-    the -C files, where each severity corrupts the same test images); the corruptions share none.
-    Provenance: {"dataset", "split", "severities", "seed", "num_clean_images", "corruptions"}."""
+    corruption-major, then one per composition (module docstring), in the order given. A
+    corruption's block of clean images is the same at every severity (as in the -C files, where
+    each severity corrupts the same test images); corruptions and compositions share none.
+    Provenance: {"dataset", "split", "severities", "seed", "num_clean_images", "corruptions",
+    "compositions"} (the last two: {name: [index in the split of every row]})."""
     names = _check_held_out(corruptions)
     severities = check_severities(list(severities))
-    if not severities or len(set(severities)) != len(severities):
+    if names and (not severities or len(set(severities)) != len(severities)):
         raise ValueError(f"held-out set: severities must be a non-empty list without repeats, got {severities}")
+    steps = [parse_composition(c) for c in compositions]
+    composed = [composition_name(s) for s in steps]
+    if len(set(composed)) != len(composed):
+        raise ValueError(f"held-out set: compositions repeat: {composed}")
+    if not names and not composed:
+        raise ValueError("held-out set: no corruption and no composition to build")
     if images_per_corruption < 1:
         raise ValueError(f"held-out set: images_per_corruption must be >= 1, got {images_per_corruption}")
     images, labels = clean.load_clean(dataset, SPLIT, root)
-    blocks = disjoint_indices(len(images), len(names), images_per_corruption, seed)
-    domains, provenance = [], {}
+    blocks = disjoint_indices(len(images), len(names) + len(composed), images_per_corruption, seed)
+    domains, provenance, composed_provenance = [], {}, {}
     for name, idx in zip(names, blocks):
         for severity in severities:
             seeds = image_seeds(seed, name, severity, len(images))[idx]
             domains.append(DomainData(name, severity, corrupt_uint8(images[idx], name, severity, seeds, device),
                                       np.asarray(labels[idx], dtype=np.int64)))
         provenance[name] = idx.tolist()
+    for name, composition, idx in zip(composed, steps, blocks[len(names):]):
+        corrupted = images[idx]
+        for k, (step, severity) in enumerate(composition):
+            seeds = (image_seeds(seed, step, severity, len(images))[idx] + k * STEP_SEED_OFFSET) % (2 ** 62)
+            corrupted = corrupt_uint8(corrupted, step, severity, seeds, device)
+        last = composition[-1][1]
+        domains.append(DomainData(name.removesuffix(f"-{last}"), last, corrupted,
+                                  np.asarray(labels[idx], dtype=np.int64)))
+        composed_provenance[name] = idx.tolist()
     return HeldOutSet(domains, {"dataset": dataset, "split": SPLIT, "severities": severities, "seed": seed,
-                                "num_clean_images": len(images), "corruptions": provenance})
+                                "num_clean_images": len(images), "corruptions": provenance,
+                                "compositions": composed_provenance})
