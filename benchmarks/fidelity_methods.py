@@ -2,8 +2,8 @@
 
 Runs the implementations of mariodoebler/test-time-adaptation (`classification/methods/*.py`,
 imported unmodified from a checkout given with `--reference-repo`; needs `yacs`) of RoTTA, RMT,
-SANTA, ROID, CMF, RPL, MEMO, TTAug, LAME, EATA, ETA, SAR and CoTTA, with Source, BN and Tent as
-sanity rows, beside
+SANTA, ROID, CMF, RPL, MEMO, TTAug, LAME, EATA, ETA, RDumb, SAR, CoTTA, DeYO, BN-alpha and BN-EMA,
+with Source, BN and Tent as sanity rows, beside
 metatta's on the Fashion-MNIST-C stream (severity 5, the project's within-corruption order:
 `metatta.data.streams`, seed 0) with the project's source ResNet. Settings: continual at
 batch 200 and episodic (reset at every corruption, the project's episodic) at batch 64;
@@ -42,7 +42,8 @@ without its `__init__` (which imports every method, the CLIP ones included); `mo
 (`split_up_model`, here the ResNet's pooled features and `fc`; `ResNetDomainNet126`, which
 nothing here is); `datasets.data_loading.get_source_loader` gives RMT and SANTA the same
 labelled source batches metatta's RMT gets (5,000 training images, seed 0, unshuffled
-cycle) and EATA its Fisher batches (above); `iopath` for conf.py; on a machine without CUDA, CMF's one `.cuda()` is made a
+cycle) and EATA its Fisher batches (above); `iopath` for conf.py; their DeYO imports `einops`
+(installed, not shimmed); on a machine without CUDA, CMF's one `.cuda()` is made a
 no-op while it is built. The model gets `model_preprocess` = CenterCrop(28) so that their
 code sizes its augmentations for 28x28 images (it assumes 32 for CIFAR); their AugMix
 pre-augmentation is their CIFAR one (pad-4 crop, flip) at 28 pixels. Their RoTTA at HEAD
@@ -54,6 +55,11 @@ one plain SGD step of lr, as metatta does); the reference runs without Nesterov 
 Learning rate: their code uses the cfg's lr at any batch size; metatta's runners scale it down
 linearly below a method's published batch (`MethodConfig.lr_batch_size`), so the harness
 builds metatta's methods with `scale_lr: false` to give both sides the same lr.
+
+Resets a method makes by itself (SAR's recovery, RDumb's schedule) are counted on both sides (theirs
+by wrapping the instance's `reset`, inside its forward). `--ours-set` / `--theirs-set` set config
+fields on one side (a what-if: the mismatches then name it) or on both alike (RDumb's schedule at a
+length these short streams reach).
 
 Speed: per batch, the two sides alternate which goes first; img/s of each over the run
 (their MEMO/TTAug include making their views, which their data loader does).
@@ -152,7 +158,13 @@ METHODS: dict[str, MethodPair] = {
                        ours_config={"optimizer": "adam", "lr": 1e-3, "excluded_modules": []}),
     "bn_alpha": MethodPair("bn", "methods.norm", "BNAlpha", "norm_alpha", ours_config={"statistics": "alpha"}),
     "bn_ema": MethodPair("bn", "methods.norm", "BNEMA", "norm_ema", ours_config={"statistics": "ema"}),
+    # RDumb: their EATA with FISHER_ALPHA 0 and MODEL.RESET_AFTER_NUM_UPDATES; metatta's eta with reset_every
+    # (configs/methods/eta_rdumb_cifar.yaml)
+    "rdumb": MethodPair("eta", "methods.eata", "EATA", "rdumb",
+                        ours_config={"optimizer": "adam", "lr": 1e-3, "reset_every": 1000}),
 }
+# Resets a method makes by itself (a recovery, a schedule): metatta's counter attribute per pair.
+SELF_RESETS = {"sar": "recoveries", "rdumb": "scheduled_resets"}
 
 # metatta config field -> their cfg key, per method, for `config_mismatches`.
 CONFIG_KEYS: dict[str, dict[str, str]] = {
@@ -186,11 +198,15 @@ CONFIG_KEYS: dict[str, dict[str, str]] = {
              "reweight_entropy": "DEYO.REWEIGHT_ENT", "reweight_plpd": "DEYO.REWEIGHT_PLPD",
              "augmentation": "DEYO.AUG_TYPE ('occ': occlusion)", "patch_grid": "DEYO.PATCH_LEN"},
     "bn_alpha": {"alpha": "BN.ALPHA"},
+    "rdumb": {"entropy_factor": "EATA.MARGIN_E0", "d_margin": "EATA.D_MARGIN",
+              "use_fisher": "EATA.FISHER_ALPHA > 0 and SOURCE.NUM_SAMPLES > 0",
+              "reset_every": "MODEL.RESET_AFTER_NUM_UPDATES"},
 }
 # Values their code fixes (not in their cfg), per method: metatta field -> their constant.
 CODE_CONSTANTS: dict[str, dict[str, Any]] = {
     "eata": {"probs_momentum": 0.9},  # update_model_probs
     "eta": {"probs_momentum": 0.9},
+    "rdumb": {"probs_momentum": 0.9},
     "sar": {"rho": 0.05, "adaptive": False, "ema_momentum": 0.9,  # SAM(...) defaults, update_ema
             "clear_ema_on_recovery": True},  # their SAR.reset() sets self.ema = None
     "cotta": {"symmetric_loss": False},  # softmax_entropy_cifar for a "cifar" dataset name
@@ -439,9 +455,9 @@ def per_image_views(x: torch.Tensor, uint8_images: np.ndarray, mode: str, views:
 
 def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, conf, checkout: Path,
              source: nn.Module, domains, warmup_samples: int, channels_last: bool,
-             ours_set: dict | None = None) -> dict[str, Any]:
-    """One method on one setting; `ours_set`: metatta config fields set over the pair's (a what-if:
-    the run's config mismatches then name them)."""
+             ours_set: dict | None = None, theirs_set: dict | None = None) -> dict[str, Any]:
+    """One method on one setting; `ours_set`: metatta config fields set over the pair's, `theirs_set`:
+    their cfg keys over their file's (a what-if, or both set alike; config mismatches name what differs)."""
     pair = METHODS[name]
     batches = source_batches(batch_size)
     # scale_lr off: their code uses the cfg's lr at any batch size (metatta's runners scale it down
@@ -454,6 +470,7 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
     if name == "rmt":
         overrides["warmup_samples"] = warmup_samples
     extra = [("RMT.NUM_SAMPLES_WARM_UP", warmup_samples)] if name == "rmt" else []
+    extra += list((theirs_set or {}).items())
     pair_run = pair._replace(cfg_overrides=pair.cfg_overrides + tuple(extra))
     with tempfile.TemporaryDirectory() as ckpt_dir:
         fisher_images = reference_cfg(conf, checkout, pair_run, batch_size, ckpt_dir).SOURCE.NUM_SAMPLES
@@ -485,7 +502,7 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
         augmenter = augmix.AugMixAugmenter(transforms.Compose([transforms.CenterCrop(28)]), transforms.ToTensor(),
                                            dataset_name="cifar10_c", n_views=cfg.TEST.N_AUGMENTATIONS,
                                            use_augmix=True, severity=1)
-    their_resets = count_resets_in_forward(theirs) if name == "sar" else None
+    their_resets = count_resets_in_forward(theirs) if name in SELF_RESETS else None
     stream = build_stream(domains, setting, batch_size, seed=0)
     by_name = {d.name: d for d in domains}
     clock, wrong, counts, differ = Clock(), {}, {}, {}
@@ -521,8 +538,8 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
            "predictions_differing": differ, "images": images,
            "images_per_second": {k: images / v for k, v in clock.seconds.items()},
            "config_mismatches": mismatches}
-    if their_resets is not None:  # SAR's model recovery, exercised or not
-        out["recoveries"] = {"ours": ours.recoveries, "theirs": their_resets["count"]}
+    if their_resets is not None:  # SAR's model recovery, RDumb's schedule: exercised or not
+        out["self_resets"] = {"ours": getattr(ours, SELF_RESETS[name]), "theirs": their_resets["count"]}
     return out
 
 
@@ -573,6 +590,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--channels-last", action="store_true", help="metatta's NHWC layout (faster on CPU)")
     parser.add_argument("--ours-set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="metatta config fields over the pair's (YAML values), e.g. clear_ema_on_recovery=false")
+    parser.add_argument("--theirs-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="their cfg keys over their file's (YAML values), e.g. MODEL.RESET_AFTER_NUM_UPDATES=2")
     parser.add_argument("--tag", default="fidelity_methods")
     args = parser.parse_args(argv)
 
@@ -589,6 +608,7 @@ def main(argv=None) -> dict:
                 runs = [run_pair(name, setting, batch_size, mode, s, conf=conf, checkout=args.reference_repo,
                                  source=source, domains=domains, warmup_samples=args.warmup_samples,
                                  ours_set=parse_assignments(args.ours_set),
+                                 theirs_set=parse_assignments(args.theirs_set),
                                  channels_last=args.channels_last) for s in seeds]
                 summary = summarize({side: [r["errors"][side] for r in runs] for side in ("ours", "theirs")})
                 speed = {side: float(np.mean([r["images_per_second"][side] for r in runs])) for side in ("ours", "theirs")}
@@ -604,12 +624,12 @@ def main(argv=None) -> dict:
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
-    """FIELD=VALUE strings -> {field: YAML-parsed value}."""
+    """FIELD=VALUE strings (--ours-set, --theirs-set) -> {field: YAML-parsed value}."""
     out = {}
     for item in items:
         field, sep, value = item.partition("=")
         if not sep or not field:
-            raise ValueError(f"--ours-set: expected FIELD=VALUE, got {item!r}")
+            raise ValueError(f"--ours-set/--theirs-set: expected FIELD=VALUE, got {item!r}")
         out[field] = yaml.safe_load(value)
     return out
 
@@ -639,8 +659,8 @@ def report(record: dict) -> str:
         detail.append(f"### {label}\n\n" + markdown_table(
             ["corruption", "metatta", "reference", "difference", "predictions differing (seed 1st)"], rows)
             + ("\n\nConfig mismatches: " + "; ".join(e["config_mismatches"]) if e["config_mismatches"] else "")
-            + ("\n\nModel recoveries (resets by the EMA rule, seed 1st): metatta {ours}, reference {theirs}".format(
-                **e["runs"][0]["recoveries"]) if "recoveries" in e["runs"][0] else ""))
+            + ("\n\nResets the method made itself (SAR: recoveries, RDumb: its schedule; seed 1st): metatta {ours}, "
+               "reference {theirs}".format(**e["runs"][0]["self_resets"]) if "self_resets" in e["runs"][0] else ""))
     head = markdown_table(["method", "metatta", "reference", "max per-corruption |diff|", "img/s metatta",
                            "img/s reference", "speed ratio"], summary_rows)
     return head + "\n\n" + "\n\n".join(detail) + "\n"

@@ -67,6 +67,13 @@ def test_eata_and_eta_configs_map_onto_their_cfg_including_whether_the_fisher_te
     assert fidelity.config_mismatches("eta", eta, eata_cfg(fisher_alpha=0.0)) == []
     assert any("use_fisher" in m for m in fidelity.config_mismatches("eta", eta, eata_cfg()))
     assert any("use_fisher" in m for m in fidelity.config_mismatches("eata", eata, eata_cfg(num_samples=-1)))
+    # RDumb: ETA with a reset schedule (their MODEL.RESET_AFTER_NUM_UPDATES)
+    rdumb = build_method("eta", model, fidelity.METHODS["rdumb"].ours_config).config
+    theirs = eata_cfg(fisher_alpha=0.0)
+    theirs.MODEL.RESET_AFTER_NUM_UPDATES = 1000
+    assert fidelity.config_mismatches("rdumb", rdumb, theirs) == []
+    theirs.MODEL.RESET_AFTER_NUM_UPDATES = 0
+    assert any("reset_every" in m for m in fidelity.config_mismatches("rdumb", rdumb, theirs))
     # metatta's own EATA defaults (the paper's SGD, lr 0.005) are not their cfg's
     found = fidelity.config_mismatches("eata", build_method("eata", model, {}).config, eata_cfg())
     assert any("optimizer" in m for m in found) and any("OPTIM.LR" in m for m in found)

@@ -96,7 +96,7 @@ def logged_trial(cfg_data: dict[str, Any], params: dict[str, Any], checkpoint: s
             if metrics.get("final"):
                 for key, value in metrics.items():
                     if isinstance(value, float):
-                        client.log_metric(run_id, key.replace("/", "_"), value, step=step)
+                        client.log_metric(run_id, tracking.metric_key(key.replace("/", "_")), value, step=step)
                 if metrics.get("diverged"):
                     client.set_tag(run_id, "diverged", metrics["diverged_reason"])
                 # Before tune.report: ASHA may stop the trial right at its last report.
