@@ -17,7 +17,9 @@ validation's seed noise.
   reported to the searcher with `penalty`, and never chosen.
 - Choice (`AcceptanceConfig`, `choose_setting`): the published default runs first, on the same
   seeds; the best searched trial wins only if its objective is lower than the default's by more
-  than max(k * noise, min_margin), noise being the spread of the default's per-seed objectives.
+  than max(k * noise, min_margin), noise being the spread of the default's per-seed objectives
+  (`std`, `range`) or of the per-seed differences between the best trial and the default
+  (`paired_std`).
 - Transfer (`spearman`): how well the validation ranks settings as the benchmark does, the
   rank correlation over a search's trials (benchmarks/search_transfer.py measures it).
 """
@@ -34,7 +36,7 @@ from metatta.evaluation import Progress
 from metatta.learned.heldout import SPLIT, HeldOutSet, build_heldout_domains, parse_composition
 from metatta.lifelong import window_errors
 
-NOISE_RULES = ("std", "range")
+NOISE_RULES = ("std", "range", "paired_std")
 
 
 @dataclasses.dataclass
@@ -72,7 +74,10 @@ class DivergenceConfig:
 
 @dataclasses.dataclass
 class AcceptanceConfig:
-    noise: str = "std"  # spread of the default's per-seed objectives: std (sample) | range (max - min)
+    # std (sample) | range (max - min) of the default's per-seed objectives; paired_std: sample std of
+    # the per-seed differences best trial - default (every setting sees the same images per seed, so
+    # the image draw, which moves all settings together, cancels)
+    noise: str = "std"
     k: float = 1.0  # the winner must beat the default by more than k * noise ...
     min_margin: float = 0.0  # ... and by more than this many points
 
@@ -213,7 +218,7 @@ class DivergenceWatch:
 
 # ---- the choice ---------------------------------------------------------------------------------
 def seed_noise(values: Sequence[float], rule: str) -> float:
-    """Spread of one setting's per-seed objectives: sample std (ddof 1) or max - min."""
+    """Spread of per-seed values: sample std (ddof 1) or max - min."""
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return 0.0
@@ -228,12 +233,19 @@ def choose_setting(default: dict[str, Any], trials: Sequence[dict[str, Any]], cf
     its numbers: chosen ("default" | "searched"), trial_id, default and best values, seed noise,
     margin, and why."""
     seeds = sorted(k for k in default["metrics"] if k.startswith("seed") and k.endswith(f"/{metric}"))
-    noise = seed_noise([default["metrics"][k] for k in seeds], cfg.noise)
-    margin = max(cfg.k * noise, cfg.min_margin)
     default_value = float(default["metrics"][metric])
     candidates = [t for t in trials if t["completed"] and not t.get("diverged")]
     best = min(candidates, key=lambda t: t["metrics"][metric]) if candidates else None
     best_value = float(best["metrics"][metric]) if best is not None else None
+    if cfg.noise == "paired_std":
+        missing = [] if best is None else [k for k in seeds if k not in best["metrics"]]
+        if missing:
+            raise ValueError(f"acceptance.noise paired_std: trial {best['trial_id']} has no {missing}")
+        noise = 0.0 if best is None else seed_noise(
+            [best["metrics"][k] - default["metrics"][k] for k in seeds], "std")
+    else:
+        noise = seed_noise([default["metrics"][k] for k in seeds], cfg.noise)
+    margin = max(cfg.k * noise, cfg.min_margin)
     decision = {"default_" + metric: default_value, "best_" + metric: best_value, "seed_noise": noise,
                 "noise_rule": cfg.noise, "k": cfg.k, "margin": margin, "seeds": len(seeds),
                 "best_trial_id": best["trial_id"] if best is not None else None,

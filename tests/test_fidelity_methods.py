@@ -150,13 +150,15 @@ REFERENCE = os.environ.get("METATTA_REFERENCE_REPO")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REFERENCE, reason="set METATTA_REFERENCE_REPO to a checkout of mariodoebler/test-time-adaptation")
-def test_tent_agrees_with_the_reference_on_a_small_stream(tmp_path):
+@pytest.mark.parametrize("method", ["tent", "eata", "sar", "cotta", "bn_ema"])
+def test_method_agrees_with_the_reference_on_a_small_stream(method):
     pytest.importorskip("yacs")
     conf = fidelity.load_reference(Path(REFERENCE), fidelity.reference_source_loader)
     source = fidelity.load_source_model(fidelity.cache_root() / "models" / "resnet_fmnist.pt")
     domains = read_cifar_c(fidelity.cache_root() / "fashion_mnist_c-n10000-s0-v2", ["fog"], [5], num_images=100)
-    run = fidelity.run_pair("tent", "continual", 50, "shared", 0, conf=conf, checkout=Path(REFERENCE),
+    run = fidelity.run_pair(method, "continual", 50, "shared", 0, conf=conf, checkout=Path(REFERENCE),
                             source=copy.deepcopy(source), domains=domains, warmup_samples=0, channels_last=False)
+    assert run["config_mismatches"] == []
     assert run["errors"]["ours"] == run["errors"]["theirs"]
     assert run["predictions_differing"] == {"fog-5": 0}
 
