@@ -18,10 +18,18 @@ implementations get the same views of each batch (metatta's `weak_view` and `str
 drawn once from the batch's seed; `AdaContrast.views` is replaced for ours), so that what is
 compared is the method, deterministically. The random initial queue is drawn from the same seed
 in both. Per corruption: both errors, the predictions that differ, the largest parameter
-difference; and both speeds (views excluded for both). Writes benchmarks/results/<--tag>.{json,md}.
+difference; and both speeds (views excluded for both; the two alternate which goes first).
+Writes benchmarks/results/<--tag>.{json,md}.
+
+`--episodic`: both reset at every corruption (the project's episodic setting). Their `reset()`
+builds a new AdaMoCo, which draws a new random queue; metatta's restores the one drawn at
+construction (its reset restores the initial state bit for bit). Both are a random initial
+queue; so that the comparison stays deterministic the harness gives theirs metatta's queue after
+each reset (their features and labels, nothing else).
 
     git --git-dir=<mirror of mariodoebler/test-time-adaptation> archive HEAD classification | tar -x -C /tmp/tta
-    python benchmarks/fidelity_adacontrast.py --reference-repo /tmp/tta/classification [--num-images 1000]
+    python benchmarks/fidelity_adacontrast.py --reference-repo /tmp/tta/classification [--num-images 1000] \
+        [--batch-size 64 --episodic]
 """
 from __future__ import annotations
 
@@ -120,6 +128,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--corruptions", nargs="+", default=list(DEFAULT_CORRUPTIONS))
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--episodic", action="store_true", help="reset both at every corruption")
     parser.add_argument("--tag", default="fidelity_adacontrast")
     args = parser.parse_args(argv)
 
@@ -136,7 +145,12 @@ def main(argv=None) -> dict:
     if [tuple(p.shape) for p in ours_params] != [tuple(p.shape) for p in theirs.params]:
         raise RuntimeError("the two implementations adapt different parameters")
     rows, seconds, step, images = [], {"metatta": 0.0, "reference": 0.0}, 0, 0
-    for domain in read_cifar_c(args.benchmark_root, args.corruptions, [5], num_images=args.num_images):
+    for index, domain in enumerate(read_cifar_c(args.benchmark_root, args.corruptions, [5], num_images=args.num_images)):
+        if args.episodic and index > 0:
+            ours.reset()
+            theirs.reset()
+            theirs.model.mem_feat = ours.queue.t().clone()  # their reset drew a new random queue (docstring)
+            theirs.model.mem_labels = ours.queue_labels.clone()
         x_all = torch.from_numpy(np.array(domain.images)).permute(0, 3, 1, 2).float().div(255)
         y_all = torch.from_numpy(domain.labels).long()
         images += len(y_all)
@@ -146,12 +160,13 @@ def main(argv=None) -> dict:
             torch.manual_seed(step)
             views = (weak_view(x), strong_view(x), strong_view(x))
             ours.views = lambda _x, views=views: views
-            start = time.perf_counter()
-            a = ours(x)
-            seconds["metatta"] += time.perf_counter() - start
-            start = time.perf_counter()
-            b = theirs([x, *views])
-            seconds["reference"] += time.perf_counter() - start
+            sides = [("metatta", lambda: ours(x)), ("reference", lambda: theirs([x, *views]))]
+            out = {}
+            for side, run in (sides if step % 2 == 0 else sides[::-1]):  # alternate who goes first
+                start = time.perf_counter()
+                out[side] = run()
+                seconds[side] += time.perf_counter() - start
+            a, b = out["metatta"], out["reference"]
             step += 1
             wrong["metatta"] += int((a.argmax(1) != y).sum())
             wrong["reference"] += int((b.argmax(1) != y).sum())

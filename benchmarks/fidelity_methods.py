@@ -488,6 +488,8 @@ def run_pair(name: str, setting: str, batch_size: int, mode: str, seed: int, *, 
     if ours.optimizer is not None and getattr(theirs, "optimizer", None) is not None:
         names = {side: adapted_parameter_names(m.model, [p for g in m.optimizer.param_groups for p in g["params"]])
                  for side, m in (("ours", ours), ("theirs", theirs))}
+        # their AlphaBatchNorm (MEMO, TTAug) holds the BatchNorm it replaces as `.layer`
+        names["theirs"] = [n.replace(".layer.", ".") for n in names["theirs"]]
         if names["ours"] != names["theirs"]:
             mismatches.append(f"adapted parameters: ours {names['ours']}, theirs {names['theirs']}")
     if hasattr(theirs, "projector") and hasattr(ours, "projector"):
