@@ -7,10 +7,12 @@ method by, then a per-corruption table per run. Methods that need a trained adap
 ttt) run only when one is named (`--adapter cta=models:/cta@champion`); NanoAdapt and DELTA are
 plug-ins and run over tent.
 
-Writes benchmarks/results/methods.json and methods.md.
+Writes benchmarks/results/methods.json and methods.md. A long benchmark can be split into several
+processes or machines (one `--name` each) and their records joined into one report with `--combine`.
 
     python benchmarks/methods.py [--num-images 1000] [--runs continual:200 episodic:64 episodic:16]
                                  [--methods tent eata ...] [--long] [--adapter NAME=URI ...]
+    python benchmarks/methods.py --combine methods_long_rotta methods_long_rmt --name methods_long
 """
 from __future__ import annotations
 
@@ -119,6 +121,42 @@ def write_report(out: Path, name: str, command: list[str], skipped: dict[str, st
         f"{summary_table(runs)}\n\nSkipped:\n{skipped_lines(skipped) or '- none'}\n" + "\n".join(sections))
 
 
+def combine_records(parts: Sequence[dict]) -> list[dict]:
+    """Join the tables of several methods.py records: results of the same run (setting, batch size,
+    images per corruption) in one table, in the order the parts name them; a method measured twice
+    in one run is refused (which one would the table show?)."""
+    tables: dict[tuple, dict] = {}
+    for part in parts:
+        for table in part["tables"]:
+            key = (table["setting"], table["batch_size"], table["num_images"])
+            joined = tables.setdefault(key, {**table, "seconds": 0.0, "results": []})
+            seen = {r["method"] for r in joined["results"]}
+            twice = seen & {r["method"] for r in table["results"]}
+            if twice:
+                raise ValueError(f"--combine: {sorted(twice)} measured twice in {run_label(*key)}")
+            joined["results"] += table["results"]
+            joined["seconds"] += table["seconds"]
+    return list(tables.values())
+
+
+def combine(out: Path, stems: Sequence[str], name: str, command: list[str]) -> None:
+    """One report (`name`.json/.md) from the records `stems` that earlier runs wrote in `out`."""
+    missing = [stem for stem in stems if not (out / f"{stem}.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"--combine: no {', '.join(f'{s}.json' for s in missing)} in {out}")
+    parts = [json.loads((out / f"{stem}.json").read_text()) for stem in stems]
+    skipped = {k: v for part in parts for k, v in part["skipped"].items()}
+    records = combine_records(parts)
+    runs, sections = {}, []
+    for record in records:
+        label = run_label(record["setting"], record["batch_size"], record["num_images"])
+        results = [Result.from_dict(r) for r in record["results"]]
+        runs[label] = results
+        sections.append(f"#### {label} ({record['seconds']:.0f} s, summed over {len(stems)} processes)\n\n"
+                        f"{error_table(results)}\n")
+    write_report(out, name, command, skipped, records, runs, sections)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=1000, help="test images per corruption")
@@ -130,7 +168,13 @@ def main(argv=None):
                         help="a trained adapter for mgtta, cta or ttt (models:/<name>@champion or a path)")
     parser.add_argument("--name", default="methods", help="results file stem")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--combine", nargs="+", metavar="STEM",
+                        help="join the records STEM.json of earlier runs (in --out) into one report --name; runs nothing")
     args = parser.parse_args(argv)
+    if args.combine:
+        combine(Path(args.out), args.combine, args.name, benchmark_command(__file__, argv))
+        print((Path(args.out) / f"{args.name}.md").read_text())
+        return
     adapters = dict(item.split("=", 1) for item in args.adapter)
     unknown = sorted(set(args.methods or []) - set(available_methods()))
     if unknown:

@@ -1,6 +1,8 @@
 """benchmarks/methods.py: the method list it runs and the summary table, on fake Results (no run)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from metatta.evaluation import Result
@@ -61,3 +63,28 @@ def test_run_spec_parsing():
     assert methods_benchmark.parse_run("continual:200:10000") == ("continual", 200, 10000)
     with pytest.raises(ValueError, match="--runs"):
         methods_benchmark.parse_run("episodic")
+
+
+def record(setting: str, results: list[Result], seconds: float = 10.0) -> dict:
+    return {"command": [], "skipped": {}, "tables": [{"setting": setting, "batch_size": 200, "num_images": 100,
+                                                      "seconds": seconds, "results": [r.to_dict() for r in results]}]}
+
+
+def test_combine_joins_the_runs_of_separate_processes(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(record("continual", [result("tent", 22.0)], seconds=5.0)))
+    (tmp_path / "b.json").write_text(json.dumps(record("continual", [result("rmt", 19.0)], seconds=7.0)))
+    methods_benchmark.main(["--out", str(tmp_path), "--combine", "a", "b", "--name", "joined"])
+    joined = json.loads((tmp_path / "joined.json").read_text())
+    (table,) = joined["tables"]
+    assert [r["method"] for r in table["results"]] == ["tent", "rmt"]
+    assert table["seconds"] == 12.0
+    summary = (tmp_path / "joined.md").read_text()
+    assert summary.index("| rmt | **19.0**") < summary.index("| tent | 22.0")
+
+
+def test_combine_refuses_a_method_measured_twice_and_missing_records(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(record("continual", [result("tent", 22.0)])))
+    with pytest.raises(ValueError, match=r"\['tent'\] measured twice"):
+        methods_benchmark.main(["--out", str(tmp_path), "--combine", "a", "a", "--name", "joined"])
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        methods_benchmark.main(["--out", str(tmp_path), "--combine", "a", "nope", "--name", "joined"])
