@@ -58,7 +58,10 @@ class SpaceParam:
 @dataclasses.dataclass
 class ASHAConfig:
     enabled: bool = True
-    grace_period: int = 2  # reports (of `report_every` batches) before a trial may be stopped
+    # reports (of `report_every` batches) before a trial may be stopped; None: the reports of one
+    # seed's whole validation stream, so no trial is stopped on a prefix of the stream (its first
+    # domains, which may rank settings unlike the whole: docs/searches.md)
+    grace_period: int | None = 2
     reduction_factor: int = 2
 
 
@@ -126,8 +129,9 @@ def search_config(data: dict[str, Any]) -> SearchConfig:
     for field in ("num_samples", "max_concurrent", "report_every"):
         if getattr(cfg, field) < 1:
             raise ConfigError(f"search.{field} must be >= 1, got {getattr(cfg, field)}")
-    if cfg.asha.grace_period < 1 or cfg.asha.reduction_factor < 2:
-        raise ConfigError("search.asha: grace_period must be >= 1 and reduction_factor >= 2")
+    if (cfg.asha.grace_period is not None and cfg.asha.grace_period < 1) or cfg.asha.reduction_factor < 2:
+        raise ConfigError("search.asha: grace_period must be >= 1 (or null: one seed's stream) and "
+                          "reduction_factor >= 2")
     if not cfg.space:
         raise ConfigError("search.space is empty; give at least one field to search")
     known = {f.name for f in dataclasses.fields(cls.Config)}
@@ -401,6 +405,15 @@ def num_batches(cfg: SearchConfig, validation: HeldOutSet) -> int:
 def num_reports(cfg: SearchConfig, validation: HeldOutSet) -> int:
     """Reports a complete trial makes over all its seeds (ASHA's max_t)."""
     return max(1, (num_batches(cfg, validation) - 1) // cfg.report_every + 1)
+
+
+def grace_reports(cfg: SearchConfig, validation: HeldOutSet) -> int:
+    """ASHA's grace period in reports: `asha.grace_period`, or (None) the reports that cover one
+    seed's whole validation stream."""
+    if cfg.asha.grace_period is not None:
+        return cfg.asha.grace_period
+    per_seed = num_batches(cfg, validation) // len(cfg.validation.seeds)
+    return max(1, -(-per_seed // cfg.report_every))
 
 
 def search_params(cfg: SearchConfig) -> dict[str, Any]:

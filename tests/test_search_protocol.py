@@ -15,7 +15,8 @@ from metatta.lifelong import window_errors
 from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
-from metatta.search import default_params, in_space, run_trial, search_config, validation_data, validation_images
+from metatta.search import (default_params, grace_reports, in_space, run_trial, search_config, validation_data,
+                            validation_images)
 from metatta.search_protocol import (AcceptanceConfig, DivergenceConfig, DivergenceWatch, TrialDiverged,
                                      check_provenance, choose_setting, seed_noise)
 
@@ -296,3 +297,12 @@ def test_every_family_runs_its_default_through_one_trial(family, train_split_onl
     out = run_trial(cfg, default_params(cfg), checkpoint)
     assert out["diverged"] == 0 and out["images"] == 2 * 2 * 10 and 0 <= out["objective"] <= 100
     assert set(train_split_only[2]) == {"train"}
+
+
+def test_a_null_asha_grace_period_covers_one_seeds_whole_stream(train_split_only):
+    cfg = search(asha={"grace_period": None}, report_every=3)  # 4 domains x 20 images at batch 10: 8 batches a seed
+    held = validation_data(cfg, seed=0)
+    assert grace_reports(cfg, held) == 3  # reports at batches 3, 6, 9: the third covers seed 0's 8 batches
+    assert grace_reports(search(asha={"grace_period": 2}), held) == 2
+    with pytest.raises(ConfigError, match=r"search\.asha: grace_period must be >= 1 \(or null"):
+        search(asha={"grace_period": 0})

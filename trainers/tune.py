@@ -40,8 +40,8 @@ from typing import Any, Callable
 from metatta import tracking
 from metatta.config import ConfigError
 from metatta.models.checkpoint import checkpoint_hash
-from metatta.search import (SearchConfig, SearchOutcome, SpaceParam, absolute_paths, default_params, in_space,
-                            num_reports, plain, run_trial, search_config, search_params, trial_method_config,
+from metatta.search import (SearchConfig, SearchOutcome, SpaceParam, absolute_paths, default_params, grace_reports,
+                            in_space, num_reports, plain, run_trial, search_config, search_params, trial_method_config,
                             validation_data, write_search_record, write_settings)
 from metatta.search_protocol import choose_setting, provenance_summary
 from metatta.source import source_checkpoint
@@ -162,7 +162,7 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
         held = validation_data(cfg, seed)
         provenance[f"seed{seed}"] = held.provenance
     (out / "validation_provenance.json").write_text(json.dumps(provenance))
-    max_reports, images_per_domain = num_reports(cfg, held), len(held.domains[0])
+    max_reports, images_per_domain, grace = num_reports(cfg, held), len(held.domains[0]), grace_reports(cfg, held)
     del held
 
     parent_ctx = tracking.start_run(cfg.name, experiment=cfg.experiment, params=search_params(cfg),
@@ -178,7 +178,7 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
             points_to_evaluate=[default["config"]] if warm else None,
             evaluated_rewards=[default["metrics"][cfg.metric]] if warm else None), max_concurrent=cfg.max_concurrent)
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.metric, mode=cfg.mode, max_t=max_reports,
-                                  grace_period=min(cfg.asha.grace_period, max_reports),
+                                  grace_period=min(grace, max_reports),
                                   reduction_factor=cfg.asha.reduction_factor) if cfg.asha.enabled else None
         tuner = tune.Tuner(
             tune.with_resources(make_trainable(cfg, checkpoint, uri, parent_id, experiment_id), resources),
