@@ -3,6 +3,8 @@ conv stem has no normalization (no batch statistics), trains and saves/loads det
 the LayerNorm methods adapt what their rules name on it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from metatta import source
+from metatta.config import load_config
 from metatta.methods import build_method
 from metatta.models import build_model, load_source_model
 from metatta.models.checkpoint import load_feature_stats, read_header
@@ -103,3 +106,11 @@ def test_each_method_adapts_what_its_rule_names_on_a_conv_stem_vit(name, expecte
     config = {**vit_settings(name), **({"use_fisher": False} if name == "eata" else {})}
     method = build_method(name, conv_vit(), config, batch_size=64)
     assert adapted_names(method) == expected
+
+
+def test_the_shipped_vit_source_recipe_has_the_conv_stem_and_no_batch_statistics():
+    cfg = source.source_train_config(load_config(Path(__file__).parents[1] / "configs" / "fmnist_c" / "source_vit.yaml"))
+    model = build_model(cfg.model, cfg.num_classes, cfg.in_channels, **cfg.model_kwargs)
+    assert isinstance(model.vit.patch_embed, ConvStemEmbed) and model.vit.patch_embed.num_patches == 16
+    assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) for m in model.modules())
+    assert len(feature_taps(model)) == 6
