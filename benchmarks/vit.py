@@ -7,7 +7,7 @@ paper) and continual. Rows, each with the settings its authors' code uses for a 
 Source, Tent, SAR, EATA, DeYO, CoTTA, PALM, LAW, and MGTTA when `--mgg` names an MGG meta-trained
 for this ViT (configs/fmnist_c/mgg_vit.yaml), at the test lr and loss it was meta-trained for.
 PALM and LAW publish no ViT setting: their defaults (CIFAR-10-C, also 10 classes) on the tensors
-their rules pick in a ViT (every LayerNorm and every Conv2d: those of the convolutional stem).
+their rules pick in a ViT (every LayerNorm and every Conv2d: the patch embedding, or a conv stem's four).
 
 Reported (JSON + markdown, benchmarks/results/<--name>[_n<images>].{json,md}, and a plot):
 - mean error and img/s per method and setting (the same machine, one run);
