@@ -1,5 +1,5 @@
-"""Checks every method test file runs: the state a method's `reset()` must restore, adapted
-parameter names, a tiny LayerNorm ViT."""
+"""Checks every method test file runs: the state a method's `reset()` must restore, a NaN batch
+skipped, adapted parameter names, a tiny LayerNorm ViT."""
 from __future__ import annotations
 
 import copy
@@ -41,6 +41,19 @@ def assert_reset_restores_source(method: TTAMethod, inputs: list[torch.Tensor]) 
     after = method(inputs[0])
     torch.manual_seed(11)
     torch.testing.assert_close(after, fresh(inputs[0]), rtol=0, atol=0)
+
+
+def assert_nan_batch_skipped(method: TTAMethod, inputs: list[torch.Tensor]) -> None:
+    """After adapting on `inputs[0]`, a batch with a NaN image changes no state and counts one
+    skipped update; `inputs[2]` then still gives finite outputs. Needs three batches."""
+    method(inputs[0])
+    before = method_state(method)
+    x = inputs[1].clone()
+    x[5, 1] = float("nan")
+    method(x)
+    assert_same_state(method_state(method), before)
+    assert method.skipped_updates == 1
+    assert torch.isfinite(method(inputs[2])).all()
 
 
 def _same(a, b) -> bool:
