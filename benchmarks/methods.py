@@ -149,10 +149,13 @@ def combine(out: Path, stems: Sequence[str], name: str, command: list[str]) -> N
     records = combine_records(parts)
     runs, sections = {}, []
     for record in records:
-        label = run_label(record["setting"], record["batch_size"], record["num_images"])
+        key = (record["setting"], record["batch_size"], record["num_images"])
+        label = run_label(*key)
         results = [Result.from_dict(r) for r in record["results"]]
         runs[label] = results
-        sections.append(f"#### {label} ({record['seconds']:.0f} s, summed over {len(stems)} processes)\n\n"
+        processes = sum(any((t["setting"], t["batch_size"], t["num_images"]) == key for t in part["tables"])
+                        for part in parts)
+        sections.append(f"#### {label} ({record['seconds']:.0f} s, summed over {processes} processes)\n\n"
                         f"{error_table(results)}\n")
     write_report(out, name, command, skipped, records, runs, sections)
 

@@ -80,6 +80,7 @@ def test_combine_joins_the_runs_of_separate_processes(tmp_path):
     assert table["seconds"] == 12.0
     summary = (tmp_path / "joined.md").read_text()
     assert summary.index("| rmt | **19.0**") < summary.index("| tent | 22.0")
+    assert "(12 s, summed over 2 processes)" in summary
 
 
 def test_combine_refuses_a_method_measured_twice_and_missing_records(tmp_path):
