@@ -10,7 +10,8 @@ The guard's thresholds are chosen first, on a CCC stream of the four held-out co
 stretch of Tent, EATA and SAR there), never on the benchmark's corruptions.
 
 Length: --num-images for every method whose probed speed is at least --fast-img-s, else
---slow-num-images (the table says which).
+--slow-num-images (the table says which). The probed speeds and the guard's thresholds are kept in the
+work dir: a resumed run, or one split over processes (`--methods`, same --work-dir), reuses them.
 
     python benchmarks/lifelong.py --difficulty medium [--num-images 1000000 --slow-num-images 200000]
         [--methods source bn tent eata sar cotta palm law rdumb mgtta] [--mgg models:/mgg@champion]
@@ -87,14 +88,20 @@ def main(argv=None):
                           adapter=args.mgg if label == "mgtta" else None, config={"guard": guard})
         return build_row_method(spec, copy.deepcopy(model), context, checkpoint, device)
 
-    thresholds = calibrate_guard(args, model, stream, method)
+    # Both are stored in the work dir on first use, so a resumed (or split) run keeps them: a probe on a
+    # loaded machine must not move a method to the other length halfway through its stream.
+    thresholds = remembered(work / "guard_thresholds.json", lambda: calibrate_guard(args, model, stream, method))
+    if thresholds["calibrated_on"]["images_per_method"] != args.calibration_images:
+        raise SystemExit(f"{work}: its guard was calibrated on {thresholds['calibrated_on']['images_per_method']} "
+                         f"images per method, not --calibration-images {args.calibration_images}; use another --work-dir")
     guard = {"action": "reset", "min_agreement": thresholds["min_agreement"],
              "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
     labels_run = [m for m in args.methods if m != "mgtta" or args.mgg]
     runs, lengths = {}, {}
     for label in labels_run:
-        length = args.num_images if probe_speed(method(label, None), stream(args.batch_size * 40)) >= args.fast_img_s \
-            else args.slow_num_images
+        probed = remembered(work / f"{label}.speed.json",
+                            lambda: {"images_per_second": probe_speed(method(label, None), stream(args.batch_size * 40))})
+        length = args.num_images if probed["images_per_second"] >= args.fast_img_s else args.slow_num_images
         lengths[label] = length
         for guarded in ((False,) if label in NOT_ADAPTING else (False, True)):
             row = f"{label}+guard" if guarded else label
@@ -116,6 +123,16 @@ def calibrate_guard(args, model, stream, method) -> dict:
                                    "images_per_method": args.calibration_images}
     print(f"guard thresholds (held-out): {thresholds}", flush=True)
     return thresholds
+
+
+def remembered(path: Path, compute) -> dict:
+    """The JSON record at `path`, or `compute()`'s, written there first."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return value
 
 
 def probe_speed(method, probe_stream) -> float:
