@@ -15,7 +15,8 @@ corruption), what *labels* could get out of those parameters:
 
 - `gradient agreement`: at the unadapted (BN) state of every batch, the cosine between the
   gradient of a label-free loss (mean entropy: Tent's and the MGG's input; EATA's weighted entropy
-  of its reliable samples) and that of the labelled cross-entropy, over all norm affines, and the share of coordinates where their
+  of its reliable samples; on a ViT also MGTTA's ViT loss `entropy+stats` and its CLS-statistics
+  term `stats` alone) and that of the labelled cross-entropy, over all norm affines, and the share of coordinates where their
   signs agree: what a per-coordinate optimizer (the MGG sees one coordinate's gradient
   history at a time) has to turn into the oracle's step.
 
@@ -46,6 +47,8 @@ from metatta.config import load_config
 from metatta.data.streams import build_stream
 from metatta.experiment import experiment_config, load_domains, source_model
 from metatta.methods.common import BN_TYPES
+from metatta.models.checkpoint import load_feature_stats
+from metatta.models.feature_stats import is_vision_transformer
 from metatta.reporting import benchmark_command
 
 HERE = Path(__file__).resolve().parent
@@ -106,7 +109,9 @@ def main(argv=None):
         rows[label] = floor_errors(model, stream, args.floor_epochs, args.floor_lr, cfg.stream.seed)
         seconds[label] = time.perf_counter() - start
 
-    agreement = gradient_agreement(model, stream)
+    # MGTTA's ViT loss reads the clean CLS statistics stored with a ViT source: its gradient is compared too
+    stats = load_feature_stats(checkpoint) if is_vision_transformer(model) else None
+    agreement = gradient_agreement(model, stream, source_stats=stats)
     means = {k: float(np.mean(list(v.values()))) for k, v in rows.items()}
     online = [k for k in rows if k.startswith("online")]
     best_online = min(online, key=means.get) if online else None

@@ -21,12 +21,14 @@ model is never modified (each domain adapts a copy, `norm_adapted`).
 from __future__ import annotations
 
 import copy
-from typing import Callable
+import functools
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metatta.learned.losses import TTALoss, record_features, stats_alignment_loss
 from metatta.losses import reliable_entropy, softmax_entropy
 from metatta.methods.common import configure_norm_adaptation
 from metatta.methods.eata import EATAConfig
@@ -95,16 +97,32 @@ def label_free_losses() -> dict[str, Callable[[torch.Tensor], torch.Tensor | Non
     return {"entropy": lambda logits: softmax_entropy(logits).mean(), "eata_reliable": reliable}
 
 
-def gradient_agreement(model: torch.nn.Module, stream) -> dict[str, dict[str, dict[str, float]]]:
+def feature_losses(source_stats: Mapping[str, torch.Tensor],
+                   stats_lambda: float = 0.4) -> dict[str, Callable[[torch.Tensor, list], torch.Tensor]]:
+    """The label-free losses that also read the model's feature taps: MGTTA's ViT loss (entropy +
+    0.4 x the CLS token's mean/std alignment to the clean statistics) and that alignment alone."""
+    mgtta = TTALoss("entropy+stats", source_stats=source_stats, stats_lambda=stats_lambda)
+    return {"entropy+stats": lambda logits, features: mgtta(logits, features),
+            "stats": lambda logits, features: stats_alignment_loss(features, source_stats)}
+
+
+def gradient_agreement(model: torch.nn.Module, stream, source_stats: Mapping[str, torch.Tensor] | None = None
+                       ) -> dict[str, dict[str, dict[str, float]]]:
     """Per label-free loss and domain, means over the domain's batches of cos(grad loss, grad CE)
-    and of the share of coordinates with the same sign, at the unadapted state (BN on the batch)."""
+    and of the share of coordinates with the same sign, at the unadapted state (BN on the batch).
+    With `source_stats` (clean feature statistics), also the losses of `feature_losses`."""
     net, params = norm_adapted(model)
+    with_features = feature_losses(source_stats) if source_stats else {}
     sums: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for x, y, domain in stream:
-        logits = net(x)
-        flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])  # noqa: E731
+        with record_features(net, enabled=bool(with_features)) as recorder:
+            logits = net(x)
+        features = list(recorder.features)
+        flat = functools.partial(_flat_gradient, params=params)
         ce = flat(F.cross_entropy(logits, y))
-        for name, loss_fn in label_free_losses().items():
+        losses = {**label_free_losses(), **{name: functools.partial(fn, features=features)
+                                            for name, fn in with_features.items()}}
+        for name, loss_fn in losses.items():
             loss = loss_fn(logits)
             if loss is None:
                 continue
@@ -114,6 +132,13 @@ def gradient_agreement(model: torch.nn.Module, stream) -> dict[str, dict[str, di
     return {name: {d: {"cosine": float(np.mean([c for c, _ in v])), "sign_agreement": float(np.mean([a for _, a in v])),
                        "batches": len(v)} for d, v in by_domain.items()}
             for name, by_domain in sums.items()}
+
+
+def _flat_gradient(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """d loss / d params as one vector; zeros for a parameter the loss does not reach (the alignment
+    term's taps come before a ViT's final norm)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
 
 
 def _domain_size(stream, domain: str) -> int:

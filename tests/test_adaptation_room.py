@@ -1,5 +1,7 @@
 """metatta.adaptation_room: the labelled oracles that bound what an optimizer of the norm affines
 can add on the MGTTA benchmark's stream (benchmarks/adaptation_room.py runs them)."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,9 @@ from torch import nn
 from metatta import adaptation_room as room
 from metatta.data.streams import build_stream
 from metatta.data.types import DomainData
+from metatta.learned.losses import record_features, stats_alignment_loss
 from metatta.methods.common import softmax_entropy
+from metatta.models.feature_stats import compute_feature_stats
 from metatta.models.vit import ViTClassifier
 from repo_scripts import load_script
 
@@ -101,3 +105,30 @@ def test_the_vit_option_names_its_results_and_the_oracles_run_on_a_vit():
     unadapted, online = room.online_errors(vit, stream, None), room.online_errors(vit, stream, 0.3)
     assert list(unadapted) == list(online) == ["noise-5", "blur-5"]
     assert "noise-5" in room.gradient_agreement(vit, stream)["entropy"]  # an untrained ViT: no reliable sample
+
+
+def test_gradient_agreement_of_mgtta_vit_loss_uses_the_clean_cls_statistics():
+    torch.manual_seed(0)
+    vit = ViTClassifier(num_classes=3, in_channels=1, img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2)
+    stream = tiny_stream()
+    clean = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    stats = compute_feature_stats(vit, clean, batch_size=16)
+    agreement = room.gradient_agreement(vit, stream, source_stats=stats)
+    assert {"entropy", "entropy+stats", "stats"} <= set(agreement)
+    x, y, domain = next(iter(stream))  # by hand, the first batch's cosine of the alignment term alone
+    net, params = room.norm_adapted(vit)
+    with record_features(net) as recorder:
+        logits = net(x)
+    flat = functools.partial(room._flat_gradient, params=params)  # 0 for the final norm: the taps are before it
+    g_stats, g_ce = flat(stats_alignment_loss(recorder.features, stats)), flat(F.cross_entropy(logits, y))
+    first = float(F.cosine_similarity(g_stats, g_ce, dim=0))
+    per_batch = []
+    for xb, yb, d in stream:
+        if d == domain:
+            with record_features(net) as rec:
+                lb = net(xb)
+            gs, gc = flat(stats_alignment_loss(rec.features, stats)), flat(F.cross_entropy(lb, yb))
+            per_batch.append(float(F.cosine_similarity(gs, gc, dim=0)))
+    assert per_batch[0] == pytest.approx(first)
+    assert agreement["stats"][domain]["cosine"] == pytest.approx(np.mean(per_batch), abs=1e-5)
+    assert "stats" not in room.gradient_agreement(vit, stream)  # no statistics, no feature losses
