@@ -10,7 +10,8 @@ The guard's thresholds are chosen first, on a CCC stream of the four held-out co
 stretch of Tent, EATA and SAR there), never on the benchmark's corruptions.
 
 Length: --num-images for every method whose probed speed is at least --fast-img-s, else
---slow-num-images (the table says which). The probed speeds and the guard's thresholds are kept in the
+--slow-num-images (the table says which); --full-length names rows that take the full length without a
+probe (their speed measured on a quiet machine). The probed speeds and the guard's thresholds are kept in the
 work dir: a resumed run, or one split over processes (`--methods`, same --work-dir), reuses them.
 
     python benchmarks/lifelong.py --difficulty medium [--num-images 1000000 --slow-num-images 200000]
@@ -34,8 +35,8 @@ from metatta.data.ccc import clean_domain
 from metatta.data.clean import load_clean
 from metatta.data.streams import build_stream
 from metatta.experiment import ExperimentConfig, MethodSpec, SourceConfig, StreamConfig, build_row_method, source_model
-from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, plot_windows, summarize,
-                              summary_table)
+from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, guard_targets, plot_windows,
+                              read_windows, summarize, summary_table, targets_table)
 from metatta.methods.guard import reference_model
 from metatta.paths import cache_root
 from metatta.reporting import benchmark_command
@@ -56,6 +57,9 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=1_000_000)
     parser.add_argument("--slow-num-images", type=int, default=200_000)
     parser.add_argument("--fast-img-s", type=float, default=1000.0, help="probed speed for the full length")
+    parser.add_argument("--full-length", nargs="*", default=[], choices=list(ROWS),
+                        help="rows that run --num-images without a probe (speeds measured on a quiet machine, e.g. "
+                             "benchmarks/results/guard_cost.md: a probe on a loaded one can fall below --fast-img-s)")
     parser.add_argument("--window", type=int, default=10_000,
                         help="images per window, rounded down to whole batches (10,000 -> 9,984 at batch 64)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -66,6 +70,8 @@ def main(argv=None):
     parser.add_argument("--calibration-images", type=int, default=40_000, help="held-out stream per method")
     parser.add_argument("--work-dir", default=None, help="per-window results (resumable); default under the cache")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the windows finished so far in --work-dir; run nothing")
     args = parser.parse_args(argv)
     args.window -= args.window % args.batch_size  # windows hold whole batches
     setup_logging("WARNING")
@@ -73,6 +79,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir or cache_root() / "lifelong" / f"{args.difficulty}-seed{args.seed}")
+    labels_run = [m for m in args.methods if m != "mgtta" or args.mgg]
+    if args.report_only:
+        return report_so_far(args, argv, out, work, labels_run)
     device = torch.device("cpu")
     model, checkpoint = source_model(SourceConfig(), device)
     images, labels = load_clean("fashion_mnist", "test")
@@ -96,21 +105,39 @@ def main(argv=None):
                          f"images per method, not --calibration-images {args.calibration_images}; use another --work-dir")
     guard = {"action": "reset", "min_agreement": thresholds["min_agreement"],
              "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
-    labels_run = [m for m in args.methods if m != "mgtta" or args.mgg]
     runs, lengths = {}, {}
     for label in labels_run:
-        probed = remembered(work / f"{label}.speed.json",
-                            lambda: {"images_per_second": probe_speed(method(label, None), stream(args.batch_size * 40))})
-        length = args.num_images if probed["images_per_second"] >= args.fast_img_s else args.slow_num_images
-        lengths[label] = length
+        if label in args.full_length:
+            length = args.num_images
+        else:
+            probed = remembered(work / f"{label}.speed.json", lambda: {
+                "images_per_second": probe_speed(method(label, None), stream(args.batch_size * 40))})
+            length = args.num_images if probed["images_per_second"] >= args.fast_img_s else args.slow_num_images
         for guarded in ((False,) if label in NOT_ADAPTING else (False, True)):
             row = f"{label}+guard" if guarded else label
             windows = evaluate_windowed(method(label, guard if guarded else None), stream(length),
                                         work / f"{row}.jsonl", window=args.window, method_name=row,
                                         description={"difficulty": args.difficulty, "guard": guard if guarded else None})
             runs[row] = windows
+            lengths[row] = length
             print(f"{row}: {len(windows)} windows, mean {np.mean([w['error'] for w in windows]):.2f}", flush=True)
     write_report(args, argv, out, runs, lengths, thresholds)
+
+
+def report_so_far(args, argv, out: Path, work: Path, labels: list[str]) -> None:
+    """The report over the windows each row has finished in `work` (rows not started are left out)."""
+    thresholds_file = work / "guard_thresholds.json"
+    if not thresholds_file.is_file():
+        raise SystemExit(f"--report-only: {work} holds no run (no {thresholds_file.name})")
+    runs, lengths = {}, {}
+    for label in labels:
+        for row in (label, f"{label}+guard"):
+            header, windows = read_windows(work / f"{row}.jsonl")
+            if windows:
+                runs[row], lengths[row] = windows, header["num_batches"] * header["batch_size"]
+    if "bn" not in runs or "source" not in runs:
+        raise SystemExit(f"--report-only: {work} has no finished window of source and bn yet")
+    write_report(args, argv, out, runs, lengths, json.loads(thresholds_file.read_text()))
 
 
 def calibrate_guard(args, model, stream, method) -> dict:
@@ -145,29 +172,34 @@ def probe_speed(method, probe_stream) -> float:
 
 
 def write_report(args, argv, out: Path, runs: dict, lengths: dict, thresholds: dict) -> None:
-    shortest = min(len(w) for w in runs.values())
-    errors = {row: [w["error"] for w in windows[:shortest]] for row, windows in runs.items()}
+    """`lengths`: the images each row's stream holds (a row still running has fewer windows)."""
+    errors = {row: [w["error"] for w in windows] for row, windows in runs.items()}
     rows = summarize(errors)
     for row in rows:
         windows = runs[row["method"]]
-        label = row["method"].removesuffix("+guard")
-        row.update(num_images=sum(w["num_images"] for w in windows), length_rule=(
-            "full" if lengths[label] == args.num_images else "slow"),
-            images_per_second=float(np.mean([w["images_per_second"] for w in windows])),
-            collapse_events=windows[-1].get("collapse_events", 0), scheduled_resets=windows[-1].get("scheduled_resets", 0))
+        row.update(num_images=sum(w["num_images"] for w in windows), planned_images=lengths[row["method"]],
+                   length_rule="full" if lengths[row["method"]] >= args.num_images else "slow",
+                   images_per_second=float(np.mean([w["images_per_second"] for w in windows])),
+                   collapse_events=windows[-1].get("collapse_events", 0),
+                   scheduled_resets=windows[-1].get("scheduled_resets", 0))
+    targets = guard_targets(errors)
     stem = f"lifelong_{args.difficulty}"
     plot = plot_windows(errors, args.window, out / f"{stem}.png",
                         title=f"CCC-style stream ({args.difficulty}), batch {args.batch_size}")
     command = benchmark_command(__file__, argv)
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "thresholds": thresholds, "summary": rows,
-                                                  "windows": runs}, indent=1))
-    speed = "\n".join(f"| {r['method']} | {r['num_images']:,} | {r['images_per_second']:.0f} | {r['collapse_events']} | "
-                      f"{r['scheduled_resets']} |" for r in rows)
+                                                  "targets": targets, "windows": runs}, indent=1))
+    speed = "\n".join(f"| {r['method']} | {r['num_images']:,} of {r['planned_images']:,} ({r['length_rule']}) | "
+                      f"{r['images_per_second']:.0f} | {r['collapse_events']} | {r['scheduled_resets']} |" for r in rows)
     (out / f"{stem}.md").write_text(
         f"Error (%) per window of {args.window:,} images on a CCC-style stream ({args.difficulty}), batch "
-        f"{args.batch_size}, seed {args.seed}; the summary over the first {shortest} windows of every row. "
-        f"Command: `python {' '.join(command)}`\n\n{summary_table(rows, shortest)}\n\n"
-        f"| row | images | img/s | guard fired | scheduled resets |\n|---|---:|---:|---:|---:|\n{speed}\n\n"
+        f"{args.batch_size}, seed {args.seed}; each row over its own windows (a slow method's stream is shorter; "
+        f"'windows > BN' compares it with BN's same windows). Command: `python {' '.join(command)}`\n\n"
+        f"{summary_table(rows)}\n\n"
+        f"Targets: a guarded row at or below BN + 0.5 and below Source in every window, its mean at or below the "
+        f"unguarded method's over the same windows; RDumb below Source in every window.\n\n{targets_table(targets)}\n\n"
+        f"| row | images (of the stream's) | img/s | guard fired | scheduled resets |\n|---|---:|---:|---:|---:|\n"
+        f"{speed}\n\n"
         f"Guard thresholds, chosen on held-out CCC streams: agreement >= {thresholds['min_agreement']}, "
         f"class-marginal entropy >= {thresholds['min_marginal_entropy']} (window {thresholds['window']} checks).\n\n"
         f"![windowed error]({plot.name})\n")

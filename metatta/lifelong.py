@@ -252,30 +252,83 @@ def choose_guard_thresholds(signals: Sequence[dict[str, np.ndarray]], window: in
 
 # ---- summary -----------------------------------------------------------------------------------------
 def summarize(errors: dict[str, Sequence[float]], bn: str = "bn", source: str = "source") -> list[dict[str, Any]]:
-    """Per method: mean error over windows, worst window, windows above BN's and above Source's error
-    in the same window (None when that reference is not among `errors`)."""
-    lengths = {name: len(e) for name, e in errors.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"every method needs the same number of windows, got {lengths}")
+    """Per method, over its own windows: mean error, worst window, and the windows above BN's and
+    above Source's error in the same window (None when that reference is not among `errors`).
+    Rows may differ in length (a slow method runs a shorter stream), but a reference must cover
+    every window of every row it is compared with."""
+    longest = max((len(e) for e in errors.values()), default=0)
+    for reference in (bn, source):
+        if reference in errors and len(errors[reference]) < longest:
+            raise ValueError(f"reference {reference!r} has {len(errors[reference])} windows, fewer than the "
+                             f"longest row ({longest}): it must cover every window it is compared with")
     rows = []
     for name, e in errors.items():
         e = np.asarray(e, dtype=float)
-        row = {"method": name, "mean_error": float(e.mean()), "worst_window": float(e.max()),
+        row = {"method": name, "windows": len(e), "mean_error": float(e.mean()), "worst_window": float(e.max()),
                "worst_window_index": int(e.argmax())}
         for key, reference in (("windows_above_bn", bn), ("windows_above_source", source)):
-            row[key] = int((e > np.asarray(errors[reference])).sum()) if reference in errors else None
+            row[key] = int((e > np.asarray(errors[reference])[: len(e)]).sum()) if reference in errors else None
         rows.append(row)
     return rows
 
 
-def summary_table(rows: Sequence[dict[str, Any]], windows: int) -> str:
-    """Markdown: method, mean error, worst window, windows above BN / Source (of `windows`)."""
-    def count(value):
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: method, windows, mean error, worst window, windows above BN / Source."""
+    def count(value, windows):
         return "-" if value is None else f"{value}/{windows}"
 
-    return markdown_table(["method", "mean error", "worst window", "windows > BN", "windows > Source"],
-                          [[r["method"], f"{r['mean_error']:.2f}", f"{r['worst_window']:.2f}",
-                            count(r["windows_above_bn"]), count(r["windows_above_source"])] for r in rows])
+    return markdown_table(["method", "windows", "mean error", "worst window", "windows > BN", "windows > Source"],
+                          [[r["method"], str(r["windows"]), f"{r['mean_error']:.2f}", f"{r['worst_window']:.2f}",
+                            count(r["windows_above_bn"], r["windows"]), count(r["windows_above_source"], r["windows"])]
+                           for r in rows])
+
+
+GUARD_SUFFIX = "+guard"
+
+
+def guard_targets(errors: dict[str, Sequence[float]], bn: str = "bn", source: str = "source",
+                  margin: float = 0.5, resetting: Sequence[str] = ("rdumb",)) -> list[dict[str, Any]]:
+    """The lifelong targets per row, over the row's own windows: a guarded row (`<method>+guard`)
+    stays at or below BN + `margin` and below Source in every window, and its mean at or below
+    the unguarded method's over the same windows; a `resetting` row (RDumb) below Source in every
+    window. `met` is None where a reference is missing."""
+    out = []
+    for name, e in errors.items():
+        guarded, base = name.endswith(GUARD_SUFFIX), name.removesuffix(GUARD_SUFFIX)
+        if not guarded and name not in resetting:
+            continue
+        e = np.asarray(e, dtype=float)
+        target = {"method": name, "windows": len(e)}
+        above_source = int((e >= np.asarray(errors[source])[: len(e)]).sum()) if source in errors else None
+        target["windows_not_below_source"] = above_source
+        checks = [above_source == 0 if above_source is not None else None]
+        if guarded:
+            above_bn = int((e > np.asarray(errors[bn])[: len(e)] + margin).sum()) if bn in errors else None
+            target["windows_above_bn_plus_margin"] = above_bn
+            checks.append(above_bn == 0 if above_bn is not None else None)
+            if base in errors:
+                shared = min(len(e), len(errors[base]))
+                change = float(e[:shared].mean() - np.mean(errors[base][:shared]))
+                target["mean_minus_unguarded"] = change
+                checks.append(change <= 0.0)
+            else:
+                checks.append(None)
+        target["met"] = None if any(c is None for c in checks) else all(checks)
+        out.append(target)
+    return out
+
+
+def targets_table(targets: Sequence[dict[str, Any]], margin: float = 0.5) -> str:
+    def show(value, windows=None):
+        if value is None:
+            return "-"
+        return f"{value}/{windows}" if windows is not None else f"{value:+.2f}"
+
+    return markdown_table(
+        ["row", "windows > BN + " + f"{margin:g}", "windows not below Source", "mean - unguarded mean", "met"],
+        [[t["method"], show(t.get("windows_above_bn_plus_margin"), t["windows"]) if "windows_above_bn_plus_margin" in t
+          else "(not guarded)", show(t["windows_not_below_source"], t["windows"]),
+          show(t.get("mean_minus_unguarded")), {True: "yes", False: "no", None: "-"}[t["met"]]] for t in targets])
 
 
 def plot_windows(errors: dict[str, Sequence[float]], window: int, path: str | Path, title: str = "") -> Path:

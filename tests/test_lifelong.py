@@ -10,8 +10,8 @@ from torch import nn
 from metatta.data.streams import build_stream
 from metatta.data.types import DomainData
 from metatta.evaluation import evaluate
-from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, read_windows, summarize,
-                              summary_table)
+from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, guard_targets, read_windows,
+                              summarize, summary_table, targets_table)
 from metatta.methods.guard import reference_model
 from metatta.methods import build_method
 
@@ -110,11 +110,31 @@ def test_summary_counts_windows_above_bn_and_source():
     assert tent_row["mean_error"] == pytest.approx(35) and tent_row["worst_window"] == 60
     assert tent_row["windows_above_bn"] == 2 and tent_row["windows_above_source"] == 1
     assert rows[0]["windows_above_source"] == 0
-    table = summary_table(rows, 3)
-    assert "| tent | 35.00 | 60.00 | 2/3 | 1/3 |" in table
+    table = summary_table(rows)
+    assert "| tent | 3 | 35.00 | 60.00 | 2/3 | 1/3 |" in table
     assert summarize({"tent": [1, 2]})[0]["windows_above_bn"] is None
-    with pytest.raises(ValueError, match="same number of windows"):
-        summarize({"bn": [1, 2], "tent": [1]})
+    short = summarize({"bn": [1, 2, 3], "sar": [2, 1]})[1]  # a slow method's shorter stream: its own windows
+    assert short["windows"] == 2 and short["windows_above_bn"] == 1 and short["mean_error"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="reference 'bn' has 1 windows"):
+        summarize({"bn": [1], "tent": [1, 2]})
+
+
+def test_guard_targets_per_window_against_bn_plus_margin_source_and_the_unguarded_mean():
+    errors = {"source": [30, 30, 30], "bn": [20, 20, 20], "tent": [20, 25, 40], "tent+guard": [20.5, 20.4, 21],
+              "eata": [20, 20, 20], "eata+guard": [20, 21], "rdumb": [25, 31, 29], "sar": [50, 50, 50]}
+    targets = {t["method"]: t for t in guard_targets(errors)}
+    assert set(targets) == {"tent+guard", "eata+guard", "rdumb"}  # unguarded rows other than RDumb: no target
+    tent = targets["tent+guard"]
+    assert tent["windows_above_bn_plus_margin"] == 1 and tent["windows_not_below_source"] == 0
+    assert tent["mean_minus_unguarded"] == pytest.approx((61.9 - 85) / 3) and tent["met"] is False
+    eata = targets["eata+guard"]  # mean over its 2 windows vs EATA's first 2: +0.5, so not met
+    assert eata["windows"] == 2 and eata["mean_minus_unguarded"] == pytest.approx(0.5) and eata["met"] is False
+    assert targets["rdumb"]["windows_not_below_source"] == 1 and targets["rdumb"]["met"] is False
+    assert guard_targets({"tent+guard": [1.0], "tent": [2.0]})[0]["met"] is None  # no BN, no Source: unknown
+    ok = guard_targets({"source": [30], "bn": [20], "tent": [21], "tent+guard": [20.5]})[0]
+    assert ok["met"] is True
+    table = targets_table(list(targets.values()))
+    assert "| tent+guard | 1/3 | 0/3 | -7.70 | no |" in table and "| rdumb | (not guarded) | 1/3 | - | no |" in table
 
 
 def test_a_resumed_run_keeps_the_guard_and_the_reset_schedule_where_they_were(tmp_path):
