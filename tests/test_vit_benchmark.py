@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from metatta.data.benchmark_files import fashion_mnist_c
 from metatta.evaluation import Result
@@ -147,3 +148,15 @@ def test_tiny_end_to_end(bench, tmp_path):
     assert set(record["error_curve"]) == {"episodic", "continual"} and record["targets"]
     text = (tmp_path / "out" / "vit_tiny_n64.md").read_text()
     assert "Targets (issue 20):" in text and "| mgtta |" in text
+
+
+def test_vit_optimizer_rows_step_the_same_parameters_with_the_named_optimizers():
+    ablation = load_script("benchmarks/vit_optimizer.py")
+    rows = ablation.optimizer_rows(1e-2)
+    assert list(rows)[0] == "MGG (lr 0.01)" and rows["MGG (lr 0.01)"] == (1e-2, None)
+    param = [torch.nn.Parameter(torch.zeros(3))]
+    for label, (lr, factory) in list(rows.items())[1:]:
+        optimizer = factory(param)
+        kind = torch.optim.SGD if label.startswith("SGD") else torch.optim.Adam
+        assert isinstance(optimizer, kind) and optimizer.param_groups[0]["lr"] == lr
+        assert kind is torch.optim.Adam or optimizer.param_groups[0]["momentum"] == ablation.MOMENTUM
