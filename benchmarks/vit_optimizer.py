@@ -34,8 +34,8 @@ from metatta.reporting import benchmark_command, markdown_table
 HERE = Path(__file__).resolve().parent
 SOURCE_CONFIG = HERE.parent / "configs" / "fmnist_c" / "source_vit.yaml"
 SETTINGS = ("episodic", "continual")
-SGD_LRS = (1e-3, 1e-2, 3e-2, 1e-1)
-ADAM_LRS = (1e-4, 1e-3, 1e-2)
+SGD_LRS = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+ADAM_LRS = (1e-4, 1e-3, 1e-2, 3e-2)
 MOMENTUM = 0.9
 
 
