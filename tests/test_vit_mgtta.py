@@ -228,7 +228,9 @@ def test_mgg_vit_config_mirrors_the_resnet_one_on_held_out_corruptions():
     vit = vars(mgg_train_config(load_config(fmnist / "mgg_vit.yaml")))
     resnet = vars(mgg_train_config(load_config(fmnist / "mgg.yaml")))
     differs = {k for k in vit if vit[k] != resnet[k]}
-    assert differs == {"name", "source_config", "checkpoint_dir", "register_as"}
+    # and the lr, chosen for the ViT on the held-out validation (configs/fmnist_c/mgg_vit.yaml says how)
+    assert differs == {"name", "source_config", "checkpoint_dir", "register_as", "inner_lr", "test_lr"}
+    assert vit["inner_lr"] == vit["test_lr"] == 1e-2
     assert vit["source_config"] == "configs/fmnist_c/source_vit.yaml" and vit["register_as"] == "mgg_vit"
     assert set(vit["corruptions"]) == set(HELD_OUT_CORRUPTIONS) and not set(vit["corruptions"]) & set(CORRUPTIONS_15)
     assert vit["loss"] == "entropy+stats"  # on the ViT: the authors' CLS-statistics loss
