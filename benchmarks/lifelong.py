@@ -38,6 +38,7 @@ from metatta.experiment import ExperimentConfig, MethodSpec, SourceConfig, Strea
 from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, guard_targets, plot_windows,
                               read_windows, summarize, summary_table, targets_table)
 from metatta.methods.guard import reference_model
+from metatta.models.checkpoint import checkpoint_hash
 from metatta.paths import cache_root
 from metatta.reporting import benchmark_command
 
@@ -84,6 +85,8 @@ def main(argv=None):
         return report_so_far(args, argv, out, work, labels_run)
     device = torch.device("cpu")
     model, checkpoint = source_model(SourceConfig(), device)
+    # Thresholds and windows are only reused for the same source model (checkpoints trained on two machines differ).
+    source_sha256 = checkpoint_hash(checkpoint)
     images, labels = load_clean("fashion_mnist", "test")
     context = ExperimentConfig(stream=StreamConfig(setting="ccc", batch_size=args.batch_size, seed=args.seed))
 
@@ -99,10 +102,9 @@ def main(argv=None):
 
     # Both are stored in the work dir on first use, so a resumed (or split) run keeps them: a probe on a
     # loaded machine must not move a method to the other length halfway through its stream.
-    thresholds = remembered(work / "guard_thresholds.json", lambda: calibrate_guard(args, model, stream, method))
-    if thresholds["calibrated_on"]["images_per_method"] != args.calibration_images:
-        raise SystemExit(f"{work}: its guard was calibrated on {thresholds['calibrated_on']['images_per_method']} "
-                         f"images per method, not --calibration-images {args.calibration_images}; use another --work-dir")
+    thresholds = remembered(work / "guard_thresholds.json",
+                            lambda: calibrate_guard(args, model, stream, method, source_sha256))
+    check_calibration(thresholds["calibrated_on"], work, args.calibration_images, source_sha256)
     guard = {"action": "reset", "min_agreement": thresholds["min_agreement"],
              "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
     runs, lengths = {}, {}
@@ -117,7 +119,8 @@ def main(argv=None):
             row = f"{label}+guard" if guarded else label
             windows = evaluate_windowed(method(label, guard if guarded else None), stream(length),
                                         work / f"{row}.jsonl", window=args.window, method_name=row,
-                                        description={"difficulty": args.difficulty, "guard": guard if guarded else None})
+                                        description={"difficulty": args.difficulty, "guard": guard if guarded else None,
+                                                     "source_sha256": source_sha256})
             runs[row] = windows
             lengths[row] = length
             print(f"{row}: {len(windows)} windows, mean {np.mean([w['error'] for w in windows]):.2f}", flush=True)
@@ -140,16 +143,27 @@ def report_so_far(args, argv, out: Path, work: Path, labels: list[str]) -> None:
     write_report(args, argv, out, runs, lengths, json.loads(thresholds_file.read_text()))
 
 
-def calibrate_guard(args, model, stream, method) -> dict:
+def calibrate_guard(args, model, stream, method, source_sha256: str) -> dict:
     """Thresholds from held-out CCC streams of the calibration methods (no benchmark corruption)."""
     reference = reference_model(model)
     signals = [guard_signals(method(label, None), stream(args.calibration_images, "held_out"), reference)
                for label in CALIBRATION_METHODS]
     thresholds = choose_guard_thresholds(signals)
     thresholds["calibrated_on"] = {"methods": list(CALIBRATION_METHODS), "corruptions": "held_out",
-                                   "images_per_method": args.calibration_images}
+                                   "images_per_method": args.calibration_images, "source_sha256": source_sha256}
     print(f"guard thresholds (held-out): {thresholds}", flush=True)
     return thresholds
+
+
+def check_calibration(calibrated_on: dict, work: Path, calibration_images: int, source_sha256: str) -> None:
+    """Refuse a work dir whose guard was calibrated on another length or source checkpoint."""
+    if calibrated_on["images_per_method"] != calibration_images:
+        raise SystemExit(f"{work}: its guard was calibrated on {calibrated_on['images_per_method']} "
+                         f"images per method, not --calibration-images {calibration_images}; use another --work-dir")
+    if calibrated_on.get("source_sha256") != source_sha256:
+        raise SystemExit(f"{work}: its guard was calibrated for another source checkpoint (sha256 "
+                         f"{str(calibrated_on.get('source_sha256'))[:12]}), not this one ({source_sha256[:12]}); "
+                         "use another --work-dir")
 
 
 def remembered(path: Path, compute) -> dict:
