@@ -66,6 +66,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--guard-rows", default="both", choices=["both", "unguarded", "guarded"],
+                        help="which of each adapting method's two rows to run (split a slow method over two processes)")
     parser.add_argument("--mgg", default=None, help="MGTTA's trained MGG (models:/mgg@champion or a directory); "
                                                      "without it the mgtta row is left out")
     parser.add_argument("--calibration-images", type=int, default=40_000, help="held-out stream per method")
@@ -115,7 +117,7 @@ def main(argv=None):
             probed = remembered(work / f"{label}.speed.json", lambda: {
                 "images_per_second": probe_speed(method(label, None), stream(args.batch_size * 40))})
             length = args.num_images if probed["images_per_second"] >= args.fast_img_s else args.slow_num_images
-        for guarded in ((False,) if label in NOT_ADAPTING else (False, True)):
+        for guarded in row_variants(label, args.guard_rows):
             row = f"{label}+guard" if guarded else label
             windows = evaluate_windowed(method(label, guard if guarded else None), stream(length),
                                         work / f"{row}.jsonl", window=args.window, method_name=row,
@@ -125,6 +127,13 @@ def main(argv=None):
             lengths[row] = length
             print(f"{row}: {len(windows)} windows, mean {np.mean([w['error'] for w in windows]):.2f}", flush=True)
     write_report(args, argv, out, runs, lengths, thresholds)
+
+
+def row_variants(label: str, guard_rows: str) -> tuple[bool, ...]:
+    """Which rows of `label` to run: without the guard (False) and/or with it (True)."""
+    if label in NOT_ADAPTING:
+        return (False,) if guard_rows != "guarded" else ()
+    return {"both": (False, True), "unguarded": (False,), "guarded": (True,)}[guard_rows]
 
 
 def report_so_far(args, argv, out: Path, work: Path, labels: list[str]) -> None:

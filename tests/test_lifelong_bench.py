@@ -31,3 +31,11 @@ def test_a_work_dir_calibrated_for_another_source_checkpoint_is_refused(tmp_path
         lifelong.check_calibration({"images_per_method": 40_000}, tmp_path, 40_000, "b" * 64)
     with pytest.raises(SystemExit, match="--calibration-images 20000"):
         lifelong.check_calibration(calibrated_on, tmp_path, 20_000, "a" * 64)
+
+
+def test_guard_rows_split_a_method_over_processes():
+    assert lifelong.row_variants("cotta", "both") == (False, True)
+    assert lifelong.row_variants("cotta", "unguarded") == (False,)
+    assert lifelong.row_variants("cotta", "guarded") == (True,)
+    assert lifelong.row_variants("bn", "both") == (False,)  # nothing to guard
+    assert lifelong.row_variants("bn", "guarded") == ()
