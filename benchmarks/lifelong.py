@@ -35,8 +35,10 @@ from metatta.data.ccc import clean_domain
 from metatta.data.clean import load_clean
 from metatta.data.streams import build_stream
 from metatta.experiment import ExperimentConfig, MethodSpec, SourceConfig, StreamConfig, build_row_method, source_model
-from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, guard_targets, plot_windows,
-                              read_windows, summarize, summary_table, targets_table)
+from metatta.evaluation import evaluate
+from metatta.lifelong import (choose_guard_quantile, choose_guard_thresholds, evaluate_windowed, guard_signals,
+                              guard_targets, guarded_score, plot_windows, read_windows, summarize, summary_table,
+                              targets_table)
 from metatta.methods.guard import reference_model
 from metatta.models.checkpoint import checkpoint_hash
 from metatta.paths import cache_root
@@ -71,8 +73,17 @@ def main(argv=None):
     parser.add_argument("--mgg", default=None, help="MGTTA's trained MGG (models:/mgg@champion or a directory); "
                                                      "without it the mgtta row is left out")
     parser.add_argument("--calibration-images", type=int, default=40_000, help="held-out stream per method")
+    parser.add_argument("--guard-calibration", default="pooled", choices=["pooled", "per-method"],
+                        help="pooled: one pair of thresholds for every method, the lowest healthy signals of Tent, EATA "
+                             "and SAR; per-method: each method's own held-out run, at the quantile of its healthy "
+                             "signals that, run guarded on the held-out stream, keeps the most windows within BN + 0.5")
+    parser.add_argument("--guard-quantiles", nargs="+", type=float, default=[0.0, 0.05, 0.1, 0.25],
+                        help="per-method: the candidate quantiles")
+    parser.add_argument("--calibration-window", type=int, default=2_496,
+                        help="per-method: images per window when scoring a candidate on the held-out stream")
     parser.add_argument("--work-dir", default=None, help="per-window results (resumable); default under the cache")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--name", default=None, help="the report's file name (default lifelong_<difficulty>)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the windows finished so far in --work-dir; run nothing")
     args = parser.parse_args(argv)
@@ -104,11 +115,18 @@ def main(argv=None):
 
     # Both are stored in the work dir on first use, so a resumed (or split) run keeps them: a probe on a
     # loaded machine must not move a method to the other length halfway through its stream.
-    thresholds = remembered(work / "guard_thresholds.json",
-                            lambda: calibrate_guard(args, model, stream, method, source_sha256))
-    check_calibration(thresholds["calibrated_on"], work, args.calibration_images, source_sha256)
-    guard = {"action": "reset", "min_agreement": thresholds["min_agreement"],
-             "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
+    reference = reference_model(model)
+    calibration = remembered(work / "guard_thresholds.json", lambda: calibrate_guard(
+        args, stream, method, reference, source_sha256) if args.guard_calibration == "pooled" else
+        {"calibration": "per-method", "calibrated_on": calibration_record(args, source_sha256)})
+    check_calibration(calibration["calibrated_on"], work, args, source_sha256)
+
+    def guard_of(label: str) -> dict:
+        thresholds = calibration if args.guard_calibration == "pooled" else remembered(
+            work / f"guard_thresholds.{label}.json", lambda: calibrate_method_guard(args, label, stream, method, reference))
+        return {"action": "reset", "min_agreement": thresholds["min_agreement"],
+                "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
+
     runs, lengths = {}, {}
     for label in labels_run:
         if label in args.full_length:
@@ -119,14 +137,15 @@ def main(argv=None):
             length = args.num_images if probed["images_per_second"] >= args.fast_img_s else args.slow_num_images
         for guarded in row_variants(label, args.guard_rows):
             row = f"{label}+guard" if guarded else label
-            windows = evaluate_windowed(method(label, guard if guarded else None), stream(length),
+            guard = guard_of(label) if guarded else None
+            windows = evaluate_windowed(method(label, guard), stream(length),
                                         work / f"{row}.jsonl", window=args.window, method_name=row,
-                                        description={"difficulty": args.difficulty, "guard": guard if guarded else None,
+                                        description={"difficulty": args.difficulty, "guard": guard,
                                                      "source_sha256": source_sha256})
             runs[row] = windows
             lengths[row] = length
             print(f"{row}: {len(windows)} windows, mean {np.mean([w['error'] for w in windows]):.2f}", flush=True)
-    write_report(args, argv, out, runs, lengths, thresholds)
+    write_report(args, argv, out, runs, lengths, guard_records(work))
 
 
 def row_variants(label: str, guard_rows: str) -> tuple[bool, ...]:
@@ -149,30 +168,67 @@ def report_so_far(args, argv, out: Path, work: Path, labels: list[str]) -> None:
                 runs[row], lengths[row] = windows, header["num_batches"] * header["batch_size"]
     if "bn" not in runs or "source" not in runs:
         raise SystemExit(f"--report-only: {work} has no finished window of source and bn yet")
-    write_report(args, argv, out, runs, lengths, json.loads(thresholds_file.read_text()))
+    write_report(args, argv, out, runs, lengths, guard_records(work))
 
 
-def calibrate_guard(args, model, stream, method, source_sha256: str) -> dict:
-    """Thresholds from held-out CCC streams of the calibration methods (no benchmark corruption)."""
-    reference = reference_model(model)
+def calibration_record(args, source_sha256: str) -> dict:
+    return {"methods": list(CALIBRATION_METHODS) if args.guard_calibration == "pooled" else "each its own",
+            "corruptions": "held_out", "images_per_method": args.calibration_images, "source_sha256": source_sha256,
+            "calibration": args.guard_calibration}
+
+
+def calibrate_guard(args, stream, method, reference, source_sha256: str) -> dict:
+    """Pooled thresholds from held-out CCC streams of the calibration methods (no benchmark corruption)."""
     signals = [guard_signals(method(label, None), stream(args.calibration_images, "held_out"), reference)
                for label in CALIBRATION_METHODS]
     thresholds = choose_guard_thresholds(signals)
-    thresholds["calibrated_on"] = {"methods": list(CALIBRATION_METHODS), "corruptions": "held_out",
-                                   "images_per_method": args.calibration_images, "source_sha256": source_sha256}
+    thresholds["calibrated_on"] = calibration_record(args, source_sha256)
     print(f"guard thresholds (held-out): {thresholds}", flush=True)
     return thresholds
 
 
-def check_calibration(calibrated_on: dict, work: Path, calibration_images: int, source_sha256: str) -> None:
-    """Refuse a work dir whose guard was calibrated on another length or source checkpoint."""
-    if calibrated_on["images_per_method"] != calibration_images:
+def calibrate_method_guard(args, label: str, stream, method, reference) -> dict:
+    """`label`'s own thresholds: its unguarded held-out run gives the healthy signals; each candidate
+    quantile's thresholds are then run guarded on the same held-out stream and scored against the
+    BN-adapted source there (`guarded_score`); the best (`choose_guard_quantile`) is kept."""
+    signals = guard_signals(method(label, None), stream(args.calibration_images, "held_out"), reference)
+    candidates, scores = {}, {}
+    for quantile in args.guard_quantiles:
+        candidates[quantile] = choose_guard_thresholds([signals], quantile=quantile)
+        guard = {"action": "reset", **{key: candidates[quantile][key]
+                                       for key in ("min_agreement", "min_marginal_entropy", "window")}}
+        result = evaluate(method(label, guard), stream(args.calibration_images, "held_out"), progress=False)
+        sizes = [args.batch_size] * len(result.error_over_stream)
+        if sum(sizes) != result.num_images:
+            raise SystemExit(f"--calibration-images {args.calibration_images} must be a multiple of the batch size")
+        scores[quantile] = {**guarded_score(result.error_over_stream, signals["reference_error"], sizes,
+                                            args.calibration_window), "guard_fired": result.collapse_events}
+        print(f"{label} guard, quantile {quantile}: {scores[quantile]}", flush=True)
+    chosen = choose_guard_quantile(scores)
+    return {**candidates[chosen], "candidates": {str(q): {**candidates[q], **scores[q]} for q in scores},
+            "calibration_window": args.calibration_window}
+
+
+def check_calibration(calibrated_on: dict, work: Path, args, source_sha256: str) -> None:
+    """Refuse a work dir whose guard was calibrated on another length, source checkpoint or rule."""
+    if calibrated_on["images_per_method"] != args.calibration_images:
         raise SystemExit(f"{work}: its guard was calibrated on {calibrated_on['images_per_method']} "
-                         f"images per method, not --calibration-images {calibration_images}; use another --work-dir")
+                         f"images per method, not --calibration-images {args.calibration_images}; use another --work-dir")
     if calibrated_on.get("source_sha256") != source_sha256:
         raise SystemExit(f"{work}: its guard was calibrated for another source checkpoint (sha256 "
                          f"{str(calibrated_on.get('source_sha256'))[:12]}), not this one ({source_sha256[:12]}); "
                          "use another --work-dir")
+    if calibrated_on.get("calibration", "pooled") != args.guard_calibration:
+        raise SystemExit(f"{work}: its guard calibration is {calibrated_on.get('calibration', 'pooled')}, not "
+                         f"--guard-calibration {args.guard_calibration}; use another --work-dir")
+
+
+def guard_records(work: Path) -> dict:
+    """The work dir's guard calibration: the pooled thresholds, or each method's own by label."""
+    records = {"pooled": json.loads((work / "guard_thresholds.json").read_text())}
+    for path in sorted(work.glob("guard_thresholds.*.json")):
+        records[path.name.split(".")[1]] = json.loads(path.read_text())
+    return records
 
 
 def remembered(path: Path, compute) -> dict:
@@ -194,7 +250,7 @@ def probe_speed(method, probe_stream) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def write_report(args, argv, out: Path, runs: dict, lengths: dict, thresholds: dict) -> None:
+def write_report(args, argv, out: Path, runs: dict, lengths: dict, guards: dict) -> None:
     """`lengths`: the images each row's stream holds (a row still running has fewer windows)."""
     errors = {row: [w["error"] for w in windows] for row, windows in runs.items()}
     rows = summarize(errors)
@@ -206,11 +262,11 @@ def write_report(args, argv, out: Path, runs: dict, lengths: dict, thresholds: d
                    collapse_events=windows[-1].get("collapse_events", 0),
                    scheduled_resets=windows[-1].get("scheduled_resets", 0))
     targets = guard_targets(errors)
-    stem = f"lifelong_{args.difficulty}"
+    stem = args.name or f"lifelong_{args.difficulty}"
     plot = plot_windows(errors, args.window, out / f"{stem}.png",
                         title=f"CCC-style stream ({args.difficulty}), batch {args.batch_size}")
     command = benchmark_command(__file__, argv)
-    (out / f"{stem}.json").write_text(json.dumps({"command": command, "thresholds": thresholds, "summary": rows,
+    (out / f"{stem}.json").write_text(json.dumps({"command": command, "thresholds": guards, "summary": rows,
                                                   "targets": targets, "windows": runs}, indent=1))
     speed = "\n".join(f"| {r['method']} | {r['num_images']:,} of {r['planned_images']:,} ({r['length_rule']}) | "
                       f"{r['images_per_second']:.0f} | {r['collapse_events']} | {r['scheduled_resets']} |" for r in rows)
@@ -223,10 +279,29 @@ def write_report(args, argv, out: Path, runs: dict, lengths: dict, thresholds: d
         f"unguarded method's over the same windows; RDumb below Source in every window.\n\n{targets_table(targets)}\n\n"
         f"| row | images (of the stream's) | img/s | guard fired | scheduled resets |\n|---|---:|---:|---:|---:|\n"
         f"{speed}\n\n"
-        f"Guard thresholds, chosen on held-out CCC streams: agreement >= {thresholds['min_agreement']}, "
-        f"class-marginal entropy >= {thresholds['min_marginal_entropy']} (window {thresholds['window']} checks).\n\n"
+        f"{guard_text(guards)}\n\n"
         f"![windowed error]({plot.name})\n")
     print((out / f"{stem}.md").read_text())
+
+
+def guard_text(guards: dict) -> str:
+    """The thresholds the guarded rows wore: pooled, or per method with the held-out scores of each candidate."""
+    pooled = guards["pooled"]
+    if "min_agreement" in pooled:
+        return (f"Guard thresholds, chosen on held-out CCC streams: agreement >= {pooled['min_agreement']}, "
+                f"class-marginal entropy >= {pooled['min_marginal_entropy']} (window {pooled['window']} checks).")
+    lines = []
+    for label, chosen in guards.items():
+        if label == "pooled":
+            continue
+        held_out = ", ".join(f"q {q}: {c['windows_above_reference']}/{c['windows']} ({c['mean_error']:.2f})"
+                             for q, c in chosen["candidates"].items())
+        lines.append(f"| {label} | {chosen['quantile']} | {chosen['min_agreement']} | {chosen['min_marginal_entropy']} "
+                     f"| {held_out} |")
+    return ("Guard thresholds per method, chosen on its own held-out CCC run: the quantile q of its healthy "
+            "signals whose guarded held-out run has the fewest windows above BN + 0.5 (then the lowest mean).\n\n"
+            "| method | q | agreement >= | class-marginal entropy >= | held-out: windows > BN + 0.5 (mean error) |\n"
+            "|---|---:|---:|---:|---|\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

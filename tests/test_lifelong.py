@@ -10,8 +10,8 @@ from torch import nn
 from metatta.data.streams import build_stream
 from metatta.data.types import DomainData
 from metatta.evaluation import evaluate
-from metatta.lifelong import (choose_guard_thresholds, evaluate_windowed, guard_signals, guard_targets, read_windows,
-                              summarize, summary_table, targets_table)
+from metatta.lifelong import (choose_guard_quantile, choose_guard_thresholds, evaluate_windowed, guard_signals,
+                              guard_targets, guarded_score, read_windows, summarize, summary_table, targets_table)
 from metatta.methods.guard import reference_model
 from metatta.methods import build_method
 
@@ -170,6 +170,36 @@ def test_guard_thresholds_never_fire_on_a_healthy_stretch_and_do_on_a_collapse()
     assert t["healthy_stretches"] == 6 and t["stretches"] == 10  # drifting: only its first stretch is healthy
     with pytest.raises(ValueError, match="no healthy stretch"):
         choose_guard_thresholds([drifting], window=4)
+
+
+def test_a_higher_quantile_tightens_the_thresholds_and_is_checked():
+
+    run = {"agreement": np.linspace(0.8, 1.0, 11), "marginal_entropy": np.linspace(0.9, 1.0, 11),
+           "error": np.full(11, 10.0), "reference_error": np.full(11, 10.0)}  # every stretch healthy
+    lowest = choose_guard_thresholds([run], window=1, margin=0.0)
+    assert lowest["min_agreement"] == pytest.approx(0.8) and lowest["quantile"] == 0.0
+    tenth = choose_guard_thresholds([run], window=1, margin=0.0, quantile=0.1)
+    assert tenth["min_agreement"] == pytest.approx(0.82) and tenth["min_marginal_entropy"] == pytest.approx(0.91)
+    with pytest.raises(ValueError, match="quantile"):
+        choose_guard_thresholds([run], quantile=1.0)
+
+
+def test_the_guard_quantile_is_chosen_by_windows_above_the_reference_then_mean_error():
+
+    sizes = [10] * 8
+    reference = [10.0] * 8
+    # windows of 20 images (2 batches): 4 windows
+    drifts = guarded_score([10, 10, 12, 12, 14, 14, 16, 16], reference, sizes, window=20)
+    assert drifts == {"windows_above_reference": 3, "windows": 4, "mean_error": 13.0}
+    resets = guarded_score([10, 10, 10.4, 10.4, 11, 10, 10, 10], reference, sizes, window=20)
+    assert resets["windows_above_reference"] == 0  # 10.5 and 10.4 are within 0.5 of 10
+    assert choose_guard_quantile({0.0: drifts, 0.1: resets}) == 0.1
+    tie = dict(resets)
+    assert choose_guard_quantile({0.25: tie, 0.1: resets}) == 0.1  # equal scores: the guard that fires least
+    better_mean = dict(resets, mean_error=9.0)
+    assert choose_guard_quantile({0.1: resets, 0.25: better_mean}) == 0.25
+    with pytest.raises(ValueError, match="no candidate"):
+        choose_guard_quantile({})
 
 
 def test_guard_signals_of_a_method_against_itself_agree_fully():

@@ -1,4 +1,5 @@
 """benchmarks/lifelong.py's work-dir memory: probed speeds and guard thresholds survive a resume."""
+import argparse
 import json
 
 import pytest
@@ -22,15 +23,35 @@ def test_remembered_computes_once_and_reads_back(tmp_path):
     assert json.loads(path.read_text()) == {"images_per_second": 1234.5}
 
 
-def test_a_work_dir_calibrated_for_another_source_checkpoint_is_refused(tmp_path):
-    calibrated_on = {"images_per_method": 40_000, "source_sha256": "a" * 64}
-    lifelong.check_calibration(calibrated_on, tmp_path, 40_000, "a" * 64)
+def test_a_work_dir_calibrated_for_another_source_checkpoint_or_rule_is_refused(tmp_path):
+    args = argparse.Namespace(calibration_images=40_000, guard_calibration="pooled")
+    calibrated_on = {"images_per_method": 40_000, "source_sha256": "a" * 64, "calibration": "pooled"}
+    lifelong.check_calibration(calibrated_on, tmp_path, args, "a" * 64)
     with pytest.raises(SystemExit, match="another source checkpoint"):
-        lifelong.check_calibration(calibrated_on, tmp_path, 40_000, "b" * 64)
+        lifelong.check_calibration(calibrated_on, tmp_path, args, "b" * 64)
     with pytest.raises(SystemExit, match="another source checkpoint"):  # calibrated before the hash was kept
-        lifelong.check_calibration({"images_per_method": 40_000}, tmp_path, 40_000, "b" * 64)
+        lifelong.check_calibration({"images_per_method": 40_000}, tmp_path, args, "b" * 64)
     with pytest.raises(SystemExit, match="--calibration-images 20000"):
-        lifelong.check_calibration(calibrated_on, tmp_path, 20_000, "a" * 64)
+        lifelong.check_calibration(calibrated_on, tmp_path, argparse.Namespace(**{**vars(args),
+                                                                                "calibration_images": 20_000}), "a" * 64)
+    with pytest.raises(SystemExit, match="--guard-calibration per-method"):
+        lifelong.check_calibration(calibrated_on, tmp_path, argparse.Namespace(**{**vars(args),
+                                                                                "guard_calibration": "per-method"}),
+                                   "a" * 64)
+
+
+def test_per_method_guard_records_are_read_back_and_reported(tmp_path):
+    (tmp_path / "guard_thresholds.json").write_text(json.dumps({"calibration": "per-method", "calibrated_on": {}}))
+    tent = {"quantile": 0.1, "min_agreement": 0.9, "min_marginal_entropy": 0.95, "window": 8,
+            "candidates": {"0.0": {"windows_above_reference": 3, "windows": 16, "mean_error": 13.2},
+                           "0.1": {"windows_above_reference": 1, "windows": 16, "mean_error": 12.9}}}
+    (tmp_path / "guard_thresholds.tent.json").write_text(json.dumps(tent))
+    records = lifelong.guard_records(tmp_path)
+    assert set(records) == {"pooled", "tent"} and records["tent"] == tent
+    text = lifelong.guard_text(records)
+    assert "| tent | 0.1 | 0.9 | 0.95 | q 0.0: 3/16 (13.20), q 0.1: 1/16 (12.90) |" in text
+    pooled = {"pooled": {"min_agreement": 0.83, "min_marginal_entropy": 0.94, "window": 8}}
+    assert "agreement >= 0.83" in lifelong.guard_text(pooled)
 
 
 def test_guard_rows_split_a_method_over_processes():
