@@ -77,7 +77,7 @@ def main(argv=None):
                         help="pooled: one pair of thresholds for every method, the lowest healthy signals of Tent, EATA "
                              "and SAR; per-method: each method's own held-out run, at the quantile of its healthy "
                              "signals that, run guarded on the held-out stream, keeps the most windows within BN + 0.5")
-    parser.add_argument("--guard-quantiles", nargs="+", type=float, default=[0.0, 0.05, 0.1, 0.25],
+    parser.add_argument("--guard-quantiles", nargs="+", type=float, default=[0.0, 0.1, 0.25, 0.5, 0.75],
                         help="per-method: the candidate quantiles")
     parser.add_argument("--calibration-window", type=int, default=2_496,
                         help="per-method: images per window when scoring a candidate on the held-out stream")
