@@ -5,9 +5,11 @@ source model's accuracy stays near the difficulty's target, so a method's drift 
 Each method runs window by window (`metatta.lifelong.evaluate_windowed`): results are appended
 per window under --work-dir, and a killed run resumes where it stopped.
 
-The guard's thresholds are chosen first, on a CCC stream of the four held-out corruptions only
-(`choose_guard_thresholds`: the lowest agreement and class-marginal entropy seen on any healthy
-stretch of Tent, EATA and SAR there), never on the benchmark's corruptions.
+The guard's thresholds are chosen on CCC streams of the four held-out corruptions only, never on the
+benchmark's: per method (default), from its own held-out run, the quantile of its healthy signals
+whose guarded held-out run keeps the most windows within BN + 0.5 (`choose_guard_thresholds`,
+`choose_guard_quantile`); or pooled (`--guard-calibration pooled`), the lowest agreement and
+class-marginal entropy seen on any healthy stretch of Tent, EATA and SAR.
 
 Length: --num-images for every method whose probed speed is at least --fast-img-s, else
 --slow-num-images (the table says which); --full-length names rows that take the full length without a
@@ -73,10 +75,11 @@ def main(argv=None):
     parser.add_argument("--mgg", default=None, help="MGTTA's trained MGG (models:/mgg@champion or a directory); "
                                                      "without it the mgtta row is left out")
     parser.add_argument("--calibration-images", type=int, default=40_000, help="held-out stream per method")
-    parser.add_argument("--guard-calibration", default="pooled", choices=["pooled", "per-method"],
-                        help="pooled: one pair of thresholds for every method, the lowest healthy signals of Tent, EATA "
-                             "and SAR; per-method: each method's own held-out run, at the quantile of its healthy "
-                             "signals that, run guarded on the held-out stream, keeps the most windows within BN + 0.5")
+    parser.add_argument("--guard-calibration", default="per-method", choices=["per-method", "pooled"],
+                        help="per-method: each method's own held-out run, at the quantile of its healthy signals that, "
+                             "run guarded on the held-out stream, keeps the most windows within BN + 0.5; pooled (the "
+                             "first rule): one pair of thresholds for every method, the lowest healthy signals of "
+                             "Tent, EATA and SAR")
     parser.add_argument("--guard-quantiles", nargs="+", type=float, default=[0.0, 0.1, 0.25, 0.5, 0.75],
                         help="per-method: the candidate quantiles")
     parser.add_argument("--calibration-window", type=int, default=2_496,
