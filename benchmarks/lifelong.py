@@ -91,6 +91,10 @@ def main(argv=None):
                         help="write the report from the windows finished so far in --work-dir; run nothing")
     args = parser.parse_args(argv)
     args.window -= args.window % args.batch_size  # windows hold whole batches
+    if args.guard_calibration == "per-method" and args.calibration_images % args.batch_size:
+        # a candidate's held-out run is scored on whole batches; refused before anything runs
+        parser.error(f"--calibration-images {args.calibration_images} must be a multiple of --batch-size "
+                     f"{args.batch_size} with --guard-calibration per-method")
     setup_logging("WARNING")
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -119,16 +123,20 @@ def main(argv=None):
     # Both are stored in the work dir on first use, so a resumed (or split) run keeps them: a probe on a
     # loaded machine must not move a method to the other length halfway through its stream.
     reference = reference_model(model)
-    calibration = remembered(work / "guard_thresholds.json", lambda: calibrate_guard(
-        args, stream, method, reference, source_sha256) if args.guard_calibration == "pooled" else
-        {"calibration": "per-method", "calibrated_on": calibration_record(args, source_sha256)})
+
+    def first_calibration() -> dict:  # per-method: only the record here; each method's thresholds on first use
+        if args.guard_calibration == "pooled":
+            return calibrate_guard(args, stream, method, reference, source_sha256)
+        return {"calibration": "per-method", "calibrated_on": calibration_record(args, source_sha256)}
+
+    calibration = remembered(work / "guard_thresholds.json", first_calibration)
     check_calibration(calibration["calibrated_on"], work, args, source_sha256)
 
     def guard_of(label: str) -> dict:
-        thresholds = calibration if args.guard_calibration == "pooled" else remembered(
-            work / f"guard_thresholds.{label}.json", lambda: calibrate_method_guard(args, label, stream, method, reference))
-        return {"action": "reset", "min_agreement": thresholds["min_agreement"],
-                "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
+        if args.guard_calibration == "pooled":
+            return reset_guard(calibration)
+        return reset_guard(remembered(work / f"guard_thresholds.{label}.json",
+                                      lambda: calibrate_method_guard(args, label, stream, method, reference)))
 
     runs, lengths = {}, {}
     for label in labels_run:
@@ -198,18 +206,21 @@ def calibrate_method_guard(args, label: str, stream, method, reference) -> dict:
     candidates, scores = {}, {}
     for quantile in args.guard_quantiles:
         candidates[quantile] = choose_guard_thresholds([signals], quantile=quantile)
-        guard = {"action": "reset", **{key: candidates[quantile][key]
-                                       for key in ("min_agreement", "min_marginal_entropy", "window")}}
-        result = evaluate(method(label, guard), stream(args.calibration_images, "held_out"), progress=False)
-        sizes = [args.batch_size] * len(result.error_over_stream)
-        if sum(sizes) != result.num_images:
-            raise SystemExit(f"--calibration-images {args.calibration_images} must be a multiple of the batch size")
+        result = evaluate(method(label, reset_guard(candidates[quantile])), stream(args.calibration_images, "held_out"),
+                          progress=False)
+        sizes = [args.batch_size] * len(result.error_over_stream)  # whole batches: checked in main
         scores[quantile] = {**guarded_score(result.error_over_stream, signals["reference_error"], sizes,
                                             args.calibration_window), "guard_fired": result.collapse_events}
         print(f"{label} guard, quantile {quantile}: {scores[quantile]}", flush=True)
     chosen = choose_guard_quantile(scores)
     return {**candidates[chosen], "candidates": {str(q): {**candidates[q], **scores[q]} for q in scores},
             "calibration_window": args.calibration_window}
+
+
+def reset_guard(thresholds: dict) -> dict:
+    """The `guard:` config of a guarded row: reset to the source when a threshold record's signals say collapse."""
+    return {"action": "reset", "min_agreement": thresholds["min_agreement"],
+            "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
 
 
 def check_calibration(calibrated_on: dict, work: Path, args, source_sha256: str) -> None:

@@ -60,3 +60,16 @@ def test_guard_rows_split_a_method_over_processes():
     assert lifelong.row_variants("cotta", "guarded") == (True,)
     assert lifelong.row_variants("bn", "both") == (False,)  # nothing to guard
     assert lifelong.row_variants("bn", "guarded") == ()
+
+
+def test_a_per_method_calibration_length_off_the_batch_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lifelong.main(["--calibration-images", "1000", "--batch-size", "64", "--work-dir", str(tmp_path / "w")])
+    assert "--calibration-images 1000 must be a multiple of --batch-size 64" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_reset_guard_takes_a_records_thresholds():
+    record = {"min_agreement": 0.93, "min_marginal_entropy": 0.96, "window": 8, "quantile": 0.5, "candidates": {}}
+    assert lifelong.reset_guard(record) == {"action": "reset", "min_agreement": 0.93, "min_marginal_entropy": 0.96,
+                                            "window": 8}
