@@ -121,6 +121,9 @@ def search_config(data: dict[str, Any]) -> SearchConfig:
     cls = method_class(cfg.method)
     cfg.benchmark.corruption_names()  # a known set or names
     check_protocol(cfg.validation, cfg.objective, cfg.divergence, cfg.acceptance, cfg.stream.setting)
+    if cfg.stream.setting == "gradual" and sorted(cfg.benchmark.severities) != [1, 2, 3, 4, 5]:
+        raise ConfigError(f"search.benchmark.severities: the gradual run the setting is for goes through severities "
+                          f"1-5, got {cfg.benchmark.severities}")
     validation_images(cfg)
     if cfg.mode != "min":
         raise ConfigError(f"search.mode: errors are minimized; got {cfg.mode!r}")

@@ -412,7 +412,7 @@ def _tune_module():
     return load_script("launch/tune_nanoadapt.py")
 
 
-def test_default_search_config_gives_one_search_per_batch_size_on_held_out_corruptions():
+def test_default_search_config_gives_one_search_per_batch_size_on_held_out_compositions():
     from metatta.config import load_config
 
     searches = _tune_module().batch_size_searches(load_config(ROOT / "configs" / "fmnist_c" / "tune_nanoadapt.yaml"))
@@ -420,7 +420,9 @@ def test_default_search_config_gives_one_search_per_batch_size_on_held_out_corru
     assert [s.register_as for s in searches] == ["nanoadapt_settings_n1", "nanoadapt_settings_n4"]
     assert all(s.method_config["lr_batch_size"] == s.stream.batch_size for s in searches)
     assert {"dbc_momentum", "num_views", "accumulation_steps", "lr"} == set(searches[0].space)
-    assert searches[0].validation.corruptions == ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+    held_out = {"speckle_noise", "gaussian_blur", "spatter", "saturate"}
+    assert searches[0].validation.corruptions == [] and len(searches[0].validation.compositions) == 12
+    assert all(step.split("-")[0] in held_out for c in searches[0].validation.compositions for step in c.split("+"))
 
 
 def test_bad_batch_sizes_are_refused():
