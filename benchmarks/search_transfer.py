@@ -95,16 +95,20 @@ def transfer_config(record: dict[str, Any], config: str | None, overrides: list[
     return search_config(data)
 
 
-def select_trials(record: dict[str, Any], metric: str, top_k: int) -> list[dict[str, Any]]:
+def select_trials(record: dict[str, Any], metric: str, top_k: int,
+                  stopped_seed: int | None = None) -> list[dict[str, Any]]:
     """The default, the chosen trial, then the top_k searched trials by validation `metric`
-    (completed, not diverged), each once, each with its `roles`."""
+    (completed, not diverged), each once, each with its `roles`; with `stopped_seed`, also every
+    trial ASHA stopped (not diverged) after it finished that validation seed (role `stopped`)."""
     default, searched = record["trials"][0], record["trials"][1:]
     chosen_id = record["decision"]["trial_id"]
     finished = sorted((t for t in searched if t["completed"] and not t["diverged"] and metric in t),
                       key=lambda t: t[metric])
+    stopped = [] if stopped_seed is None else [
+        t for t in searched if not t["completed"] and not t["diverged"] and f"seed{stopped_seed}/{metric}" in t]
     picked: dict[str, dict[str, Any]] = {}
     for role, trials in (("default", [default]), ("chosen", [t for t in record["trials"] if t["trial_id"] == chosen_id]),
-                         ("top", finished[:top_k])):
+                         ("top", finished[:top_k]), ("stopped", stopped)):
         for trial in trials:
             row = picked.setdefault(trial["trial_id"], {"trial": trial, "roles": []})
             row["roles"].append(role)
@@ -123,6 +127,8 @@ def benchmark_errors(cfg: SearchConfig, rows: list[dict[str, Any]], seeds: list[
         seed_cfg = dataclasses.replace(cfg, stream=dataclasses.replace(cfg.stream, seed=seed))
         cache: dict[str, Any] = {}  # context inputs (Fisher batches) are drawn with the stream seed
         for row in rows:
+            if row["roles"] == ["stopped"] and seed != seeds[0]:
+                continue  # ranked on the first seed only (as it was validated)
             trial = row["trial"]
             spec = MethodSpec(name=cfg.method, label=trial["trial_id"], adapter=cfg.adapter,
                               config=trial_method_config(cfg, trial["params"]))
@@ -142,8 +148,10 @@ def benchmark_errors(cfg: SearchConfig, rows: list[dict[str, Any]], seeds: list[
 
 
 def summarize(record: dict[str, Any], rows: list[dict[str, Any]], errors: dict[str, dict[int, float]],
-              metric: str) -> dict[str, Any]:
-    """Per trial validation vs benchmark, the rank correlations, the chosen setting vs the default."""
+              metric: str, stopped_seed: int | None = None) -> dict[str, Any]:
+    """Per trial validation vs benchmark, the rank correlations, the chosen setting vs the default;
+    with `stopped_seed` (a validation seed), also the rank correlation on that seed alone over the
+    completed and the ASHA-stopped trials (validation on that seed vs the first benchmark seed)."""
     trials = []
     for row in rows:
         trial = row["trial"]
@@ -152,11 +160,15 @@ def summarize(record: dict[str, Any], rows: list[dict[str, Any]], errors: dict[s
         trials.append({
             "trial_id": trial["trial_id"], "roles": row["roles"], "params": trial["params"],
             "validation_objective": trial.get("objective"), "validation_mean_error": trial.get("mean_error"),
-            "validation_diverged": trial["diverged"],
+            "validation_diverged": trial["diverged"], "validation_completed": trial["completed"],
+            **({} if stopped_seed is None else {
+                "validation_seed_objective": trial.get(f"seed{stopped_seed}/objective"),
+                "validation_seed_mean_error": trial.get(f"seed{stopped_seed}/mean_error")}),
             "benchmark_mean_error": statistics.fmean(values), "benchmark_per_seed": {str(s): e for s, e in per_seed.items()},
             "benchmark_seed_std": statistics.stdev(values) if len(values) > 1 else None})
     # diverged trials carry the penalty, not a validation error: they are left out of the ranking
-    ranked = [t for t in trials if not t["validation_diverged"] and t["validation_mean_error"] is not None]
+    ranked = [t for t in trials if not t["validation_diverged"] and t["validation_completed"]
+              and t["validation_mean_error"] is not None]
     bench = [t["benchmark_mean_error"] for t in ranked]
     by_id = {t["trial_id"]: t for t in trials}
     default, chosen = by_id[DEFAULT_TRIAL], by_id[record["decision"]["trial_id"]]
@@ -167,6 +179,7 @@ def summarize(record: dict[str, Any], rows: list[dict[str, Any]], errors: dict[s
         "spearman": {"validation_objective_vs_benchmark": spearman([t["validation_objective"] for t in ranked], bench),
                      "validation_mean_error_vs_benchmark": spearman([t["validation_mean_error"] for t in ranked], bench),
                      "trials": len(ranked)},
+        **({} if stopped_seed is None else {"spearman_one_seed": one_seed_spearman(trials, stopped_seed)}),
         "chosen_vs_default": {
             "chosen": record["decision"].get("chosen"), "chosen_trial_id": chosen["trial_id"],
             "default_benchmark": default["benchmark_mean_error"], "chosen_benchmark": chosen["benchmark_mean_error"],
@@ -175,6 +188,16 @@ def summarize(record: dict[str, Any], rows: list[dict[str, Any]], errors: dict[s
         "best_on_benchmark": {"trial_id": best["trial_id"], "benchmark_mean_error": best["benchmark_mean_error"],
                               "difference_to_default": best["benchmark_mean_error"] - default["benchmark_mean_error"]},
     }
+
+
+def one_seed_spearman(trials: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Spearman over every trial with a value on validation seed `seed` (completed or stopped by ASHA
+    after it), against its benchmark error on the first benchmark seed."""
+    ranked = [t for t in trials if not t["validation_diverged"] and t["validation_seed_objective"] is not None]
+    bench = [next(iter(t["benchmark_per_seed"].values())) for t in ranked]
+    return {"validation_seed": seed, "trials": len(ranked),
+            "validation_objective_vs_benchmark": spearman([t["validation_seed_objective"] for t in ranked], bench),
+            "validation_mean_error_vs_benchmark": spearman([t["validation_seed_mean_error"] for t in ranked], bench)}
 
 
 def short_params(params: dict[str, Any]) -> str:
@@ -192,7 +215,8 @@ def markdown(summary: dict[str, Any], source: str, cfg: SearchConfig, protocol: 
              "diverged" if t["validation_diverged"] else number(t["validation_objective"]),
              "-" if t["validation_diverged"] else number(t["validation_mean_error"]),
              number(t["benchmark_mean_error"])
-             + (f" ± {t['benchmark_seed_std']:.2f}" if t["benchmark_seed_std"] is not None else "")]
+             + (f" ± {t['benchmark_seed_std']:.2f}" if t["benchmark_seed_std"] is not None else "")
+             + (f" (seed {next(iter(t['benchmark_per_seed']))})" if len(t["benchmark_per_seed"]) < len(seeds) else "")]
             for t in summary["trials"]]
     rho, comp = summary["spearman"], summary["chosen_vs_default"]
     best = summary["best_on_benchmark"]
@@ -209,6 +233,11 @@ def markdown(summary: dict[str, Any], source: str, cfg: SearchConfig, protocol: 
         f"Spearman over {rho['trials']} trials (diverged ones left out): validation objective vs benchmark "
         f"{number(rho['validation_objective_vs_benchmark'])}, validation mean error vs benchmark "
         f"{number(rho['validation_mean_error_vs_benchmark'])}.",
+        *([] if "spearman_one_seed" not in summary else [
+            f"On validation seed {summary['spearman_one_seed']['validation_seed']} alone, over "
+            f"{summary['spearman_one_seed']['trials']} trials (the ASHA-stopped ones too) against the first benchmark "
+            f"seed: objective {number(summary['spearman_one_seed']['validation_objective_vs_benchmark'])}, "
+            f"mean error {number(summary['spearman_one_seed']['validation_mean_error_vs_benchmark'])}."]),
         f"Chosen ({comp['chosen']}, {comp['chosen_trial_id']}) vs default on the benchmark: "
         f"{comp['chosen_benchmark']:.2f} vs {comp['default_benchmark']:.2f}, difference {comp['difference']:+.2f}: "
         f"at or below: {'yes' if comp['at_or_below'] else 'no'}; strictly below: {'yes' if comp['strictly_below'] else 'no'}.",
@@ -226,6 +255,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="benchmark stream seeds")
     parser.add_argument("--name", default=None, help="output stem (default: search_transfer_<search name>)")
     parser.add_argument("--device", default=None, help="overrides the search config's device")
+    parser.add_argument("--include-stopped", action="store_true",
+                        help="also the trials ASHA stopped after the first validation seed, run on the first "
+                             "benchmark seed only and ranked on that validation seed")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     if args.top_k < 0:
@@ -233,11 +265,12 @@ def main(argv=None):
     setup_logging()
     record, source = load_record(args.search)
     cfg = transfer_config(record, args.config, args.overrides + ([f"device={args.device}"] if args.device else []))
-    rows = select_trials(record, cfg.metric, args.top_k)
+    stopped_seed = cfg.validation.seeds[0] if args.include_stopped else None
+    rows = select_trials(record, cfg.metric, args.top_k, stopped_seed)
     log.info("%s: running %d trials (%s) on the benchmark, seeds %s", cfg.name, len(rows),
              ", ".join(r["trial"]["trial_id"] for r in rows), args.seeds)
     errors, protocol = benchmark_errors(cfg, rows, args.seeds, resolve_device(cfg.device))
-    summary = summarize(record, rows, errors, cfg.metric)
+    summary = summarize(record, rows, errors, cfg.metric, stopped_seed)
     command = benchmark_command(__file__, argv if argv is not None else sys.argv[1:])
     stem = args.name or f"search_transfer_{cfg.name}"
     out = Path(args.out)

@@ -269,7 +269,8 @@ def run_trial(
     `objective`, `mean_error` and `worst_window` (means over seeds), the same per seed
     (`seed<s>/...`), `diverged` (0/1) and, for a diverged trial, `diverged_reason` (the
     objective is then `divergence.penalty`). `report` gets the running values every
-    `report_every` batches (counted over all seeds) and the final ones (`final: 1`).
+    `report_every` batches (counted over all seeds), with the per-seed values of the seeds
+    finished so far, and the final ones (`final: 1`).
 
     The method is built as an experiment row is (`build_row_method`: the context inputs it
     declares, EATA's Fisher batches or a plug-in's base's included) and run by the one
@@ -280,6 +281,10 @@ def run_trial(
     spec = MethodSpec(name=cfg.method, config=trial_method_config(cfg, params), adapter=cfg.adapter)
     window = objective_window(cfg)
     total = num_batches(cfg, held.get(seeds[0]) or validation_data(cfg, seeds[0]))
+    per_seed = total // len(seeds)
+
+    def due(batches: int) -> bool:
+        return report is not None and batches % cfg.report_every == 0 and batches < total
     start = time.perf_counter()
     done = {"batches": 0, "images": 0, "wrong": 0.0}
     worst_windows: list[float] = []  # of the seeds finished
@@ -293,7 +298,9 @@ def run_trial(
         """For ASHA: the error over every image so far, and the worst window finished so far."""
         mean = done["wrong"] / done["images"]
         worst = max(worst_windows + ([watch.worst_so_far] if watch.worst_so_far is not None else []), default=mean)
-        return metrics(combine(mean, worst, cfg.objective), mean, worst, False)
+        # the seeds finished so far too: a trial ASHA stops keeps them in its record, comparable per seed
+        finished = {k: v for k, v in out.items() if k.count("/") == 1}
+        return {**metrics(combine(mean, worst, cfg.objective), mean, worst, False), **finished}
 
     out: dict[str, Any] = {}
     try:
@@ -309,7 +316,7 @@ def run_trial(
                 done["images"] += progress.batch_images
                 done["wrong"] += progress.batch_error * progress.batch_images
                 watch(progress)
-                if report is not None and done["batches"] % cfg.report_every == 0 and done["batches"] < total:
+                if due(done["batches"]) and done["batches"] % per_seed:  # a seed's last batch reports below
                     report(running(watch))
 
             domains = (held.get(seed) or validation_data(cfg, seed)).domains
@@ -324,6 +331,8 @@ def run_trial(
             out[f"seed{seed}/objective"] = combine(result.mean_error, worst, cfg.objective)
             out.update({f"seed{seed}/error/{d}": e for d, e in result.domain_errors.items()})
             out[f"seed{seed}/skipped_updates"] = float(result.skipped_updates)
+            if due(done["batches"]):  # with this seed's values: ASHA's grace ends here (`grace_reports`)
+                report(running(watch))
     except TrialDiverged as e:
         final = metrics(cfg.divergence.penalty, float("nan"), float("nan"), True)
         final.update({"diverged": 1.0, "diverged_reason": e.reason})

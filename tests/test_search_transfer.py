@@ -134,6 +134,25 @@ def test_summary_compares_the_chosen_with_the_default_and_ranks_validation_again
     assert kept["difference"] == 0 and kept["at_or_below"] and not kept["strictly_below"]
 
 
+def test_trials_stopped_after_the_first_seed_are_ranked_on_that_seed_alone():
+    rec = record(chosen="default")
+    for t in rec["trials"]:  # validation seed 0 values; t_stopped was stopped by ASHA after it
+        t["seed0/objective"], t["seed0/mean_error"] = t["objective"] + 1.0, (t["mean_error"] or 0.0) + 1.0
+    del rec["trials"][3]["seed0/objective"]  # t_mid: an older record without per-seed running values
+    rows = transfer.select_trials(rec, "objective", top_k=1, stopped_seed=0)
+    assert [(r["trial"]["trial_id"], r["roles"]) for r in rows] == [
+        ("default", ["default", "chosen"]), ("t_low", ["top"]), ("t_stopped", ["stopped"])]
+    assert transfer.select_trials(rec, "objective", top_k=1) == rows[:2]  # only when asked
+    errors = {"default": {0: 22.0, 1: 23.0}, "t_low": {0: 21.0, 1: 22.5}, "t_stopped": {0: 20.0}}
+    summary = transfer.summarize(rec, rows, errors, "objective", stopped_seed=0)
+    # the completed-trials ranking leaves the stopped trial out; the one-seed ranking takes it, on
+    # benchmark seed 0: validation 51, 41, 31 vs benchmark 22, 21, 20
+    assert summary["spearman"]["trials"] == 2
+    assert summary["spearman_one_seed"] == {"validation_seed": 0, "trials": 3,
+                                            "validation_objective_vs_benchmark": pytest.approx(1.0),
+                                            "validation_mean_error_vs_benchmark": pytest.approx(1.0)}
+
+
 def test_transfer_end_to_end_matches_the_experiment_path(tmp_path, source_checkpoint, tiny_benchmark):
     search_dir = tmp_path / "tune_tiny"
     search_dir.mkdir()

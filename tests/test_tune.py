@@ -126,6 +126,10 @@ def test_run_trial_reports_running_objective_over_every_seed(source_checkpoint):
         assert out[f"seed{seed}/worst_window"] == pytest.approx(max(errors))
         assert out[f"seed{seed}/objective"] == pytest.approx(0.75 * out[f"seed{seed}/mean_error"] + 0.25 * max(errors))
     assert out["objective"] == pytest.approx((out["seed0/objective"] + out["seed1/objective"]) / 2)
+    # a running report carries the seeds finished so far (a trial ASHA stops keeps them), not their domains
+    assert not any(k.startswith("seed") for r in reports[:2] for k in r)
+    assert all(r["seed0/objective"] == out["seed0/objective"] and "seed1/objective" not in r for r in reports[2:5])
+    assert not any("/error/" in k for r in reports[:-1] for k in r)
 
 
 def test_a_trial_logs_the_errors_of_composed_domains_to_mlflow(mlflow_uri, source_checkpoint):
