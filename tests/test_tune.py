@@ -20,7 +20,7 @@ from metatta.models import build_model
 from metatta.models.checkpoint import save_checkpoint
 from metatta.models.feature_stats import compute_feature_stats
 from metatta.search import run_trial, search_config
-from trainers.tune import logged_trial, optuna_space, run_search
+from trainers.tune import default_trial, logged_trial, optuna_space, run_search, seed_rungs
 from trainers.tune_trials import TRIAL_TAG, close_stopped_runs, named_trainable
 
 HELD_OUT = ["speckle_noise", "gaussian_blur"]
@@ -130,6 +130,39 @@ def test_run_trial_reports_running_objective_over_every_seed(source_checkpoint):
     assert not any(k.startswith("seed") for r in reports[:2] for k in r)
     assert all(r["seed0/objective"] == out["seed0/objective"] and "seed1/objective" not in r for r in reports[2:5])
     assert not any("/error/" in k for r in reports[:-1] for k in r)
+
+
+def test_the_default_keeps_its_running_values_for_asha(source_checkpoint):
+    cfg = search_config(data(checkpoint=source_checkpoint))
+    metrics, running = default_trial(dataclasses.asdict(cfg), {"lr": 1e-3}, str(source_checkpoint), None, None, None)
+    reports = []
+    run_trial(cfg, {"lr": 1e-3}, source_checkpoint, report=reports.append)
+    assert running == [r["objective"] for r in reports[:-1]] and len(running) == 5  # every report before the last
+    assert metrics["objective"] == reports[-1]["objective"]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_asha_stops_a_trial_behind_the_default_at_the_first_rung(mode):
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    def asha():
+        return ASHAScheduler(time_attr="training_iteration", metric="objective", mode=mode, max_t=12, grace_period=3,
+                             reduction_factor=2)
+
+    better, worse = (25.0, 36.0) if mode == "min" else (36.0, 25.0)
+    default_running = [30.0] * 11  # the default's value at reports 1..11
+    for seeded, value, expected in [(False, worse, "CONTINUE"), (True, worse, "STOP"), (True, better, "CONTINUE")]:
+        scheduler, trial = asha(), SimpleNamespace(trial_id="t1")
+        if seeded:
+            seed_rungs(scheduler, default_running, mode)
+        scheduler.on_trial_add(None, trial)
+        assert scheduler.on_trial_result(None, trial, {"training_iteration": 3, "objective": value}) == expected
+    # a default that ran fewer reports than a rung's milestone is not put in that rung
+    scheduler = asha()
+    seed_rungs(scheduler, [30.0, 30.0], mode)
+    assert all("default" not in recorded for bracket in scheduler._brackets for _, recorded in bracket._rungs)
 
 
 def test_a_trial_logs_the_errors_of_composed_domains_to_mlflow(mlflow_uri, source_checkpoint):

@@ -122,20 +122,46 @@ def make_trainable(cfg: SearchConfig, checkpoint: str, tracking_uri: str | None,
     return named_trainable(trainable, cfg.method)
 
 
+def default_trial(cfg_data: dict[str, Any], params: dict[str, Any], checkpoint: str, tracking_uri: str | None,
+                  parent_run_id: str | None, experiment_id: str | None) -> tuple[dict[str, Any], list[float]]:
+    """The default's `logged_trial`: its final metrics and its running value of the search metric
+    at every report before the last (what ASHA would have seen of it, report by report)."""
+    metric, running = cfg_data["metric"], []
+
+    def keep(metrics: dict[str, Any]) -> None:
+        if not metrics.get("final"):
+            running.append(float(metrics[metric]))
+
+    return logged_trial(cfg_data, params, checkpoint, DEFAULT_TRIAL, tracking_uri, parent_run_id, experiment_id,
+                        report_to=keep), running
+
+
+def seed_rungs(scheduler, running: list[float], mode: str) -> None:
+    """Record the default in ASHA's rungs as if it were a trial: a rung promotes whatever reaches it
+    first, so without it the first `max_concurrent` trials ran every seed however far behind the
+    default they were (docs/searches.md). Ray's ASHA has no public way in; its rungs are pinned
+    with Ray (constraints.txt) and tested (tests/test_tune.py)."""
+    sign = -1.0 if mode == "min" else 1.0  # ASHA records rewards: higher is better
+    for bracket in scheduler._brackets:
+        for milestone, recorded in bracket._rungs:
+            if milestone <= len(running):
+                recorded[DEFAULT_TRIAL] = sign * running[milestone - 1]
+
+
 def run_default(cfg: SearchConfig, checkpoint: str, resources: dict[str, float], tracking_uri: str | None,
                 parent_run_id: str | None, experiment_id: str | None) -> dict[str, Any]:
     """The published default's trial, run first as a Ray task with a trial's resources."""
     ray = connect()
     params = default_params(cfg)
-    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(logged_trial)
-    metrics = ray.get(task.remote(dataclasses.asdict(cfg), params, checkpoint, DEFAULT_TRIAL, tracking_uri,
-                                  parent_run_id, experiment_id))
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(default_trial)
+    metrics, running = ray.get(task.remote(dataclasses.asdict(cfg), params, checkpoint, tracking_uri,
+                                           parent_run_id, experiment_id))
     log.info("search %s: the default %s -> %s", cfg.name, params,
              f"diverged ({metrics['diverged_reason']})" if metrics["diverged"] else
              f"objective {metrics['objective']:.2f} (" + ", ".join(
                  f"{k.split('/')[0]} {v:.2f}" for k, v in metrics.items() if k.endswith("/objective")) + ")")
     return {"trial_id": DEFAULT_TRIAL, "config": params, "metrics": metrics, "completed": True,
-            "diverged": bool(metrics["diverged"]), "error": None}
+            "diverged": bool(metrics["diverged"]), "error": None, "running": running}
 
 
 def run_search(cfg: SearchConfig) -> SearchOutcome:
@@ -180,6 +206,8 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.metric, mode=cfg.mode, max_t=max_reports,
                                   grace_period=min(grace, max_reports),
                                   reduction_factor=cfg.asha.reduction_factor) if cfg.asha.enabled else None
+        if scheduler is not None and not default["diverged"]:
+            seed_rungs(scheduler, default["running"], cfg.mode)
         tuner = tune.Tuner(
             tune.with_resources(make_trainable(cfg, checkpoint, uri, parent_id, experiment_id), resources),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_samples),
