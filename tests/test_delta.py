@@ -184,7 +184,9 @@ def _stream_error(method, x, y, first=None, batch_size=16) -> float:
 def test_a_degenerate_first_batch_costs_about_nothing_on_real_data(one_thread):
     """Issue #24: with the averages started from whatever came first (tbr_init=first_batch), a
     zeros batch first cost +56 points and a one-image batch +9 on the rest of the stream."""
-    model, x, y = _real_stream(n=96)
+    # 192 images: at 96 the authors' one-image cost was a tie (+1 image) on one of the two source
+    # checkpoints the project trains (8.49%); at 192 it costs +10 points there
+    model, x, y = _real_stream(n=192)
 
     def error(first=None, **config):
         return _stream_error(build_method("delta", copy.deepcopy(model), {"base": "bn", **config}, batch_size=16),
@@ -194,6 +196,6 @@ def test_a_degenerate_first_batch_costs_about_nothing_on_real_data(one_thread):
     assert error(torch.zeros(16, *x.shape[1:])) == normal
     assert error(torch.full((16, *x.shape[1:]), 0.5)) == normal
     one_image = error(x[-1:].clone())
-    assert abs(one_image - normal) <= 2.1, (one_image, normal)  # at most 2 of 96 images
+    assert abs(one_image - normal) <= 2.1, (one_image, normal)  # at most 4 of 192 images
     authors = error(x[-1:].clone(), tbr_init="first_batch")
     assert authors > one_image, (authors, one_image)
