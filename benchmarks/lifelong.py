@@ -74,14 +74,23 @@ def main(argv=None):
                         help="which of each adapting method's two rows to run (split a slow method over two processes)")
     parser.add_argument("--mgg", default=None, help="MGTTA's trained MGG (models:/mgg@champion or a directory); "
                                                      "without it the mgtta row is left out")
+    parser.add_argument("--calibration-difficulty", default=None, choices=["easy", "medium", "hard"],
+                        help="difficulty of the held-out calibration streams (default --difficulty's); the held-out "
+                             "corruptions have no hard nodes for the Fashion-MNIST ResNet-8, so hard calibrates on medium")
     parser.add_argument("--calibration-images", type=int, default=40_000, help="held-out stream per method")
     parser.add_argument("--guard-calibration", default="per-method", choices=["per-method", "pooled"],
                         help="per-method: each method's own held-out run, at the quantile of its healthy signals that, "
                              "run guarded on the held-out stream, keeps the most windows within BN + 0.5; pooled (the "
                              "first rule): one pair of thresholds for every method, the lowest healthy signals of "
                              "Tent, EATA and SAR")
+    parser.add_argument("--guard-thresholds-from", default=None, metavar="REPORT_JSON_OR_WORK_DIR",
+                        help="reuse another run's held-out calibration (its work dir, or the `thresholds` of its report "
+                             "JSON; same source checkpoint) instead of calibrating")
     parser.add_argument("--guard-quantiles", nargs="+", type=float, default=[0.0, 0.1, 0.25, 0.5, 0.75],
                         help="per-method: the candidate quantiles")
+    parser.add_argument("--guard-check-every", type=int, default=None,
+                        help="per-method: batches between the guard's reference checks (default: the guard's, 8); "
+                             "smaller sees a fast drift sooner after a reset, for one more no-grad forward per check")
     parser.add_argument("--calibration-window", type=int, default=2_496,
                         help="per-method: images per window when scoring a candidate on the held-out stream")
     parser.add_argument("--work-dir", default=None, help="per-window results (resumable); default under the cache")
@@ -111,8 +120,9 @@ def main(argv=None):
     context = ExperimentConfig(stream=StreamConfig(setting="ccc", batch_size=args.batch_size, seed=args.seed))
 
     def stream(num_images: int, corruptions: str = "benchmark"):
+        difficulty = args.difficulty if corruptions == "benchmark" else calibration_difficulty(args)
         return build_stream([clean_domain(images, labels)], "ccc", args.batch_size, seed=args.seed, model=model,
-                            difficulty=args.difficulty, num_images=num_images, corruptions=corruptions)
+                            difficulty=difficulty, num_images=num_images, corruptions=corruptions)
 
     def method(label: str, guard: dict | None):
         name, settings = ROWS[label]
@@ -124,7 +134,13 @@ def main(argv=None):
     # loaded machine must not move a method to the other length halfway through its stream.
     reference = reference_model(model)
 
+    reused = thresholds_from(args.guard_thresholds_from, source_sha256) if args.guard_thresholds_from else None
+    if reused is not None and (missing := without_thresholds(reused, labels_run, args.guard_rows)):
+        raise SystemExit(f"--guard-thresholds-from {args.guard_thresholds_from} has no thresholds for {missing}")
+
     def first_calibration() -> dict:  # per-method: only the record here; each method's thresholds on first use
+        if reused is not None:
+            return reused["pooled"]
         if args.guard_calibration == "pooled":
             return calibrate_guard(args, stream, method, reference, source_sha256)
         return {"calibration": "per-method", "calibrated_on": calibration_record(args, source_sha256)}
@@ -133,8 +149,10 @@ def main(argv=None):
     check_calibration(calibration["calibrated_on"], work, args, source_sha256)
 
     def guard_of(label: str) -> dict:
-        if args.guard_calibration == "pooled":
+        if "min_agreement" in calibration:  # pooled: one pair of thresholds for every method
             return reset_guard(calibration)
+        if reused is not None:
+            return reset_guard(remembered(work / f"guard_thresholds.{label}.json", lambda: reused[label]))
         return reset_guard(remembered(work / f"guard_thresholds.{label}.json",
                                       lambda: calibrate_method_guard(args, label, stream, method, reference)))
 
@@ -185,7 +203,11 @@ def report_so_far(args, argv, out: Path, work: Path, labels: list[str]) -> None:
 def calibration_record(args, source_sha256: str) -> dict:
     return {"methods": list(CALIBRATION_METHODS) if args.guard_calibration == "pooled" else "each its own",
             "corruptions": "held_out", "images_per_method": args.calibration_images, "source_sha256": source_sha256,
-            "calibration": args.guard_calibration}
+            "calibration": args.guard_calibration, "difficulty": calibration_difficulty(args)}
+
+
+def calibration_difficulty(args) -> str:
+    return args.calibration_difficulty or args.difficulty
 
 
 def calibrate_guard(args, stream, method, reference, source_sha256: str) -> dict:
@@ -206,6 +228,8 @@ def calibrate_method_guard(args, label: str, stream, method, reference) -> dict:
     candidates, scores = {}, {}
     for quantile in args.guard_quantiles:
         candidates[quantile] = choose_guard_thresholds([signals], quantile=quantile)
+        if args.guard_check_every is not None:
+            candidates[quantile]["check_every"] = args.guard_check_every
         result = evaluate(method(label, reset_guard(candidates[quantile])), stream(args.calibration_images, "held_out"),
                           progress=False)
         sizes = [args.batch_size] * len(result.error_over_stream)  # whole batches: checked in main
@@ -219,12 +243,42 @@ def calibrate_method_guard(args, label: str, stream, method, reference) -> dict:
 
 def reset_guard(thresholds: dict) -> dict:
     """The `guard:` config of a guarded row: reset to the source when a threshold record's signals say collapse."""
-    return {"action": "reset", "min_agreement": thresholds["min_agreement"],
-            "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
+    guard = {"action": "reset", "min_agreement": thresholds["min_agreement"],
+             "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
+    if "check_every" in thresholds:  # else the guard's default
+        guard["check_every"] = thresholds["check_every"]
+    return guard
+
+
+def thresholds_from(report: str, source_sha256: str) -> dict:
+    """The guard calibration of another run (its work dir or report JSON), by label ("pooled" holds its
+    record), marked as reused. Refused unless it was calibrated for the same source checkpoint."""
+    path = Path(report)
+    thresholds = guard_records(path) if path.is_dir() else json.loads(path.read_text())["thresholds"]
+    calibrated_on = thresholds["pooled"]["calibrated_on"]
+    if calibrated_on.get("source_sha256") != source_sha256:
+        raise SystemExit(f"--guard-thresholds-from {report}: calibrated for another source checkpoint (sha256 "
+                         f"{str(calibrated_on.get('source_sha256'))[:12]}), not this one ({source_sha256[:12]})")
+    marked = {**calibrated_on, "reused_from": str(report)}
+    return {**thresholds, "pooled": {**thresholds["pooled"], "calibrated_on": marked}}
+
+
+def without_thresholds(reused: dict, labels: list[str], guard_rows: str) -> list[str]:
+    """The labels among `labels` that run guarded but find no thresholds in a reused calibration."""
+    if "min_agreement" in reused["pooled"]:  # pooled: one pair for every method
+        return []
+    return [label for label in labels if True in row_variants(label, guard_rows) and label not in reused]
 
 
 def check_calibration(calibrated_on: dict, work: Path, args, source_sha256: str) -> None:
     """Refuse a work dir whose guard was calibrated on another length, source checkpoint or rule."""
+    if calibrated_on.get("reused_from") != args.guard_thresholds_from:
+        raise SystemExit(f"{work}: its guard thresholds were "
+                         + (f"reused from {calibrated_on['reused_from']}" if calibrated_on.get("reused_from")
+                            else "calibrated here") + f", not --guard-thresholds-from {args.guard_thresholds_from}; "
+                         "use another --work-dir")
+    if args.guard_thresholds_from:
+        return  # the length and rule are the reused calibration's
     if calibrated_on["images_per_method"] != args.calibration_images:
         raise SystemExit(f"{work}: its guard was calibrated on {calibrated_on['images_per_method']} "
                          f"images per method, not --calibration-images {args.calibration_images}; use another --work-dir")
@@ -232,6 +286,9 @@ def check_calibration(calibrated_on: dict, work: Path, args, source_sha256: str)
         raise SystemExit(f"{work}: its guard was calibrated for another source checkpoint (sha256 "
                          f"{str(calibrated_on.get('source_sha256'))[:12]}), not this one ({source_sha256[:12]}); "
                          "use another --work-dir")
+    if calibrated_on.get("difficulty", args.difficulty) != calibration_difficulty(args):  # older records: the run's
+        raise SystemExit(f"{work}: its guard was calibrated on {calibrated_on['difficulty']} held-out streams, not "
+                         f"--calibration-difficulty {calibration_difficulty(args)}; use another --work-dir")
     if calibrated_on.get("calibration", "pooled") != args.guard_calibration:
         raise SystemExit(f"{work}: its guard calibration is {calibrated_on.get('calibration', 'pooled')}, not "
                          f"--guard-calibration {args.guard_calibration}; use another --work-dir")

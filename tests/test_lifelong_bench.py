@@ -24,7 +24,8 @@ def test_remembered_computes_once_and_reads_back(tmp_path):
 
 
 def test_a_work_dir_calibrated_for_another_source_checkpoint_or_rule_is_refused(tmp_path):
-    args = argparse.Namespace(calibration_images=40_000, guard_calibration="pooled")
+    args = argparse.Namespace(calibration_images=40_000, guard_calibration="pooled", guard_thresholds_from=None,
+                              difficulty="medium", calibration_difficulty=None)
     calibrated_on = {"images_per_method": 40_000, "source_sha256": "a" * 64, "calibration": "pooled"}
     lifelong.check_calibration(calibrated_on, tmp_path, args, "a" * 64)
     with pytest.raises(SystemExit, match="another source checkpoint"):
@@ -34,9 +35,46 @@ def test_a_work_dir_calibrated_for_another_source_checkpoint_or_rule_is_refused(
     with pytest.raises(SystemExit, match="--calibration-images 20000"):
         lifelong.check_calibration(calibrated_on, tmp_path, argparse.Namespace(**{**vars(args),
                                                                                 "calibration_images": 20_000}), "a" * 64)
+    hard = argparse.Namespace(**{**vars(args), "difficulty": "hard"})
+    with pytest.raises(SystemExit, match="calibrated on medium held-out streams, not --calibration-difficulty hard"):
+        lifelong.check_calibration({**calibrated_on, "difficulty": "medium"}, tmp_path, hard, "a" * 64)
+    lifelong.check_calibration({**calibrated_on, "difficulty": "medium"}, tmp_path,
+                               argparse.Namespace(**{**vars(hard), "calibration_difficulty": "medium"}), "a" * 64)
     with pytest.raises(SystemExit, match="--guard-calibration per-method"):
         lifelong.check_calibration(calibrated_on, tmp_path, argparse.Namespace(**{**vars(args),
                                                                                 "guard_calibration": "per-method"}),
+                                   "a" * 64)
+
+
+def test_reused_thresholds_are_marked_checked_against_the_checkpoint_and_kept_to_their_work_dir(tmp_path):
+    report = tmp_path / "lifelong_medium.json"
+    calibrated_on = {"images_per_method": 40_000, "source_sha256": "a" * 64, "calibration": "per-method"}
+    tent = {"quantile": 0.5, "min_agreement": 0.93, "min_marginal_entropy": 0.957, "window": 8}
+    report.write_text(json.dumps({"thresholds": {"pooled": {"calibration": "per-method", "calibrated_on": calibrated_on},
+                                                 "tent": tent}}))
+    reused = lifelong.thresholds_from(str(report), "a" * 64)
+    assert reused["tent"] == tent
+    work = tmp_path / "work"  # the same calibration read from the run's work dir
+    work.mkdir()
+    (work / "guard_thresholds.json").write_text(json.dumps({"calibration": "per-method", "calibrated_on": calibrated_on}))
+    (work / "guard_thresholds.tent.json").write_text(json.dumps(tent))
+    from_work = lifelong.thresholds_from(str(work), "a" * 64)
+    assert from_work["tent"] == tent and from_work["pooled"]["calibrated_on"]["reused_from"] == str(work)
+    marked = reused["pooled"]["calibrated_on"]
+    assert marked == {**calibrated_on, "reused_from": str(report)}
+    with pytest.raises(SystemExit, match="another source checkpoint"):
+        lifelong.thresholds_from(str(report), "b" * 64)
+    assert lifelong.without_thresholds(reused, ["source", "bn", "tent", "cotta"], "both") == ["cotta"]
+    assert lifelong.without_thresholds(reused, ["cotta"], "unguarded") == []
+    pooled = {"pooled": {"min_agreement": 0.83, "min_marginal_entropy": 0.94, "window": 8}}
+    assert lifelong.without_thresholds(pooled, ["cotta"], "both") == []
+    # the work dir remembers where its thresholds came from: whatever --calibration-images says
+    args = argparse.Namespace(calibration_images=123, guard_calibration="per-method", guard_thresholds_from=str(report))
+    lifelong.check_calibration(marked, tmp_path, args, "a" * 64)
+    with pytest.raises(SystemExit, match="calibrated here"):
+        lifelong.check_calibration(calibrated_on, tmp_path, args, "a" * 64)
+    with pytest.raises(SystemExit, match="reused from"):
+        lifelong.check_calibration(marked, tmp_path, argparse.Namespace(**{**vars(args), "guard_thresholds_from": None}),
                                    "a" * 64)
 
 
@@ -73,3 +111,4 @@ def test_a_reset_guard_takes_a_records_thresholds():
     record = {"min_agreement": 0.93, "min_marginal_entropy": 0.96, "window": 8, "quantile": 0.5, "candidates": {}}
     assert lifelong.reset_guard(record) == {"action": "reset", "min_agreement": 0.93, "min_marginal_entropy": 0.96,
                                             "window": 8}
+    assert lifelong.reset_guard({**record, "check_every": 2})["check_every"] == 2
