@@ -54,6 +54,7 @@ ROWS = {"source": ("source", None), "bn": ("bn", None), "tent": ("tent", None), 
         "rdumb": ("eta", CONFIGS / "eta_rdumb.yaml"), "mgtta": ("mgtta", None)}
 NOT_ADAPTING = ("source", "bn")  # nothing to guard
 CALIBRATION_METHODS = ("tent", "eata", "sar")
+GUARD_OPTIONS = ("check_every", "reference_confidence")  # per-method calibration options a record carries
 
 
 def main(argv=None):
@@ -91,6 +92,9 @@ def main(argv=None):
     parser.add_argument("--guard-check-every", type=int, default=None,
                         help="per-method: batches between the guard's reference checks (default: the guard's, 8); "
                              "smaller sees a fast drift sooner after a reset, for one more no-grad forward per check")
+    parser.add_argument("--guard-reference-confidence", type=float, default=None,
+                        help="per-method: the guard's agreement counts only images the reference predicts with at "
+                             "least this softmax probability (calibrated the same way); default: every image")
     parser.add_argument("--calibration-window", type=int, default=2_496,
                         help="per-method: images per window when scoring a candidate on the held-out stream")
     parser.add_argument("--work-dir", default=None, help="per-window results (resumable); default under the cache")
@@ -224,12 +228,14 @@ def calibrate_method_guard(args, label: str, stream, method, reference) -> dict:
     """`label`'s own thresholds: its unguarded held-out run gives the healthy signals; each candidate
     quantile's thresholds are then run guarded on the same held-out stream and scored against the
     BN-adapted source there (`guarded_score`); the best (`choose_guard_quantile`) is kept."""
-    signals = guard_signals(method(label, None), stream(args.calibration_images, "held_out"), reference)
+    signals = guard_signals(method(label, None), stream(args.calibration_images, "held_out"), reference,
+                            reference_confidence=args.guard_reference_confidence)
+    options = {key: value for key, value in (("check_every", args.guard_check_every),
+                                             ("reference_confidence", args.guard_reference_confidence))
+               if value is not None}
     candidates, scores = {}, {}
     for quantile in args.guard_quantiles:
-        candidates[quantile] = choose_guard_thresholds([signals], quantile=quantile)
-        if args.guard_check_every is not None:
-            candidates[quantile]["check_every"] = args.guard_check_every
+        candidates[quantile] = {**choose_guard_thresholds([signals], quantile=quantile), **options}
         result = evaluate(method(label, reset_guard(candidates[quantile])), stream(args.calibration_images, "held_out"),
                           progress=False)
         sizes = [args.batch_size] * len(result.error_over_stream)  # whole batches: checked in main
@@ -245,8 +251,9 @@ def reset_guard(thresholds: dict) -> dict:
     """The `guard:` config of a guarded row: reset to the source when a threshold record's signals say collapse."""
     guard = {"action": "reset", "min_agreement": thresholds["min_agreement"],
              "min_marginal_entropy": thresholds["min_marginal_entropy"], "window": thresholds["window"]}
-    if "check_every" in thresholds:  # else the guard's default
-        guard["check_every"] = thresholds["check_every"]
+    for option in GUARD_OPTIONS:  # else the guard's default
+        if option in thresholds:
+            guard[option] = thresholds[option]
     return guard
 
 

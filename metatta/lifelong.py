@@ -211,17 +211,22 @@ def window_errors(batch_errors: Sequence[float], batch_sizes: Sequence[int], win
 
 # ---- guard thresholds from held-out streams ---------------------------------------------------------
 def guard_signals(method: torch.nn.Module, stream, reference: torch.nn.Module,
-                  device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+                  device: str | torch.device = "cpu", reference_confidence: float | None = None
+                  ) -> dict[str, np.ndarray]:
     """Per batch of a labelled stream: the collapse guard's two signals for `method` (its argmax
-    agreement with `reference`, the class-marginal entropy of its predictions) and the error of
-    both, for choosing the guard's thresholds on held-out streams (`choose_guard_thresholds`)."""
+    agreement with `reference`, over the images the reference predicts with at least
+    `reference_confidence` if given; the class-marginal entropy of its predictions) and the error of
+    both, for choosing the guard's thresholds on held-out streams (`choose_guard_thresholds`). A batch
+    with no confident reference prediction repeats the previous batch's agreement (1 for the first)."""
     rows = []
     for batch in stream:
         x, y = batch.x.to(device), batch.y.to(device)
         logits = method(x)
         with torch.no_grad():
             reference_logits = reference(x)
-        rows.append((agreement(logits, reference_logits), marginal_entropy(logits),
+        agree = agreement(logits, reference_logits, reference_confidence)
+        agree = agree if agree is not None else (rows[-1][0] if rows else 1.0)
+        rows.append((agree, marginal_entropy(logits),
                      float((logits.argmax(1) != y).float().mean()) * 100,
                      float((reference_logits.argmax(1) != y).float().mean()) * 100))
     agree, marginal, error, reference_error = map(np.asarray, zip(*rows))

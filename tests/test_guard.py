@@ -35,6 +35,23 @@ def test_agreement_counts_matching_argmax():
     assert agreement(a, b) == 0.75
 
 
+def test_agreement_can_count_only_the_references_confident_predictions():
+    model_logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    reference_logits = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.1, 0.0], [0.0, 0.1]])  # confident, confident, not, not
+    assert agreement(model_logits, reference_logits) == 0.5
+    assert agreement(model_logits, reference_logits, reference_confidence=0.9) == 0.5  # 1 of the 2 confident
+    assert agreement(model_logits[2:], reference_logits[2:], reference_confidence=0.9) is None
+
+
+def test_a_batch_without_a_confident_reference_prediction_adds_no_agreement():
+    model = tiny_bn_model()
+    guard = CollapseGuard(GuardConfig(min_marginal_entropy=None, min_agreement=0.5, window=2, check_every=1,
+                                      reference_confidence=1.0), source=model)
+    x = torch.rand(8, 1, 8, 8)  # the tiny reference is never certain: no agreement, never fires
+    assert not any(guard.observe(x, reference_model(model)(x).roll(1, dims=1)) for _ in range(4))
+    assert guard.state()["agreements"] == []
+
+
 def test_reference_uses_batch_statistics_and_is_frozen():
     model = tiny_bn_model()
     reference = reference_model(model)
@@ -84,6 +101,7 @@ def test_reference_runs_every_check_every_batches():
 @pytest.mark.parametrize("change, match", [
     ({"action": "explode"}, "action"),
     ({"min_agreement": 1.5}, "min_agreement"),
+    ({"reference_confidence": -0.1}, "reference_confidence"),
     ({"window": 0}, "window"),
     ({"check_every": 2.5}, "check_every"),
     ({"min_agreement": None, "min_marginal_entropy": None}, "both signals are off"),

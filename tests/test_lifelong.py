@@ -208,3 +208,16 @@ def test_guard_signals_of_a_method_against_itself_agree_fully():
     signals = guard_signals(build_method("bn", tiny_model(), {"guard": None}), stream(), reference_model(model))
     assert len(signals["agreement"]) == 18 and np.all(signals["agreement"] == 1.0)
     assert np.array_equal(signals["error"], signals["reference_error"])
+
+
+def test_guard_signals_with_reference_confidence_count_only_confident_images():
+    other = reference_model(tiny_model(seed=3))  # another network: disagrees on some images
+
+    def signals(confidence):
+        return guard_signals(build_method("bn", tiny_model(), {"guard": None}), stream(), other,
+                             reference_confidence=confidence)["agreement"]
+
+    plain = signals(None)
+    assert plain.min() < 1.0
+    assert np.array_equal(signals(0.0), plain)  # every image counts
+    assert np.all(signals(1.0) == 1.0)  # no image is that confident: the first batch's default, repeated

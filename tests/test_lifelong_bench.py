@@ -111,4 +111,5 @@ def test_a_reset_guard_takes_a_records_thresholds():
     record = {"min_agreement": 0.93, "min_marginal_entropy": 0.96, "window": 8, "quantile": 0.5, "candidates": {}}
     assert lifelong.reset_guard(record) == {"action": "reset", "min_agreement": 0.93, "min_marginal_entropy": 0.96,
                                             "window": 8}
-    assert lifelong.reset_guard({**record, "check_every": 2})["check_every"] == 2
+    options = {"check_every": 2, "reference_confidence": 0.9}
+    assert lifelong.reset_guard({**record, **options}) == {**lifelong.reset_guard(record), **options}

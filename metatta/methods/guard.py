@@ -15,6 +15,13 @@ input. Two signals see that without labels:
   improving on it still agrees with it on most images, a collapsing one does not.
   It costs a no-grad forward of the source model, so it runs every
   `check_every` batches.
+  With `reference_confidence: p`, only the images the reference predicts with
+  softmax probability >= p count. The reference's own error moves with how hard
+  the stream is (about 15% on a medium CCC stream, 26% on a hard one), and a
+  model that adapts well disagrees with every wrong reference prediction, so
+  plain agreement calibrated on one difficulty fires on a healthy model on a
+  harder one; the reference's confident predictions are right far more often
+  at any difficulty.
 
 Each signal is averaged over the last `window` observations, so one hard batch
 does not fire the guard. When an average falls below its threshold the guard
@@ -50,6 +57,7 @@ class GuardConfig:
     # Thresholds on windowed averages; None switches that signal off.
     min_marginal_entropy: float | None = 0.5  # entropy of the mean prediction / log(num_classes)
     min_agreement: float | None = 0.6  # fraction of images whose argmax matches the reference's
+    reference_confidence: float | None = None  # count agreement only where the reference's max softmax >= this
     window: int = 8  # observations averaged before deciding
     # batches between reference forwards: the cost, amortized. A no-grad forward is about half of a
     # Tent step (ResNet-8, batch 64, CPU): every 4 batches cost 13% of Tent's time, every 8 about 5%
@@ -59,7 +67,7 @@ class GuardConfig:
     def validate(self, where: str = "guard") -> None:
         if self.action not in GUARD_ACTIONS:
             raise ValueError(f"{where}: action must be one of {GUARD_ACTIONS}, got {self.action!r}")
-        for field in ("min_marginal_entropy", "min_agreement"):
+        for field in ("min_marginal_entropy", "min_agreement", "reference_confidence"):
             value = getattr(self, field)
             if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{where}: {field} must be a number in [0, 1] or null, got {value!r}")
@@ -78,8 +86,16 @@ def marginal_entropy(logits: torch.Tensor) -> float:
     return float(entropy) / math.log(logits.shape[1])
 
 
-def agreement(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == reference_logits.argmax(dim=1)).float().mean())
+def agreement(logits: torch.Tensor, reference_logits: torch.Tensor, reference_confidence: float | None = None
+              ) -> float | None:
+    """Fraction of images whose argmax matches the reference's; with `reference_confidence`, over the
+    images the reference predicts with at least that softmax probability (None if there are none)."""
+    matches = logits.argmax(dim=1) == reference_logits.argmax(dim=1)
+    if reference_confidence is not None:
+        matches = matches[reference_logits.float().softmax(dim=1).amax(dim=1) >= reference_confidence]
+        if not len(matches):
+            return None
+    return float(matches.float().mean())
 
 
 def reference_model(source: nn.Module) -> nn.Module:
@@ -115,7 +131,9 @@ class CollapseGuard:
         if self.reference is not None and self._batches % cfg.check_every == 0:
             with torch.no_grad():
                 x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-                self._agreements.append(agreement(logits, self.reference(x)))
+                value = agreement(logits, self.reference(x), cfg.reference_confidence)
+                if value is not None:
+                    self._agreements.append(value)
         self._batches += 1
         why = self._collapse_reason()
         if why is None:
