@@ -10,6 +10,9 @@ benchmark's: per method (default), from its own held-out run, the quantile of it
 whose guarded held-out run keeps the most windows within BN + 0.5 (`choose_guard_thresholds`,
 `choose_guard_quantile`); or pooled (`--guard-calibration pooled`), the lowest agreement and
 class-marginal entropy seen on any healthy stretch of Tent, EATA and SAR.
+The held-out streams run at --calibration-difficulty (default: the benchmark's; the held-out
+corruptions have no hard nodes for the Fashion-MNIST ResNet-8, so hard calibrates on medium), or a
+finished run's calibration is reused (--guard-thresholds-from).
 
 Length: --num-images for every method whose probed speed is at least --fast-img-s, else
 --slow-num-images (the table says which); --full-length names rows that take the full length without a
