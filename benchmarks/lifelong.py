@@ -44,7 +44,7 @@ from metatta.evaluation import evaluate
 from metatta.lifelong import (choose_guard_quantile, choose_guard_thresholds, evaluate_windowed, guard_signals,
                               guard_targets, guarded_score, plot_windows, read_windows, summarize, summary_table,
                               targets_table)
-from metatta.methods.guard import reference_model
+from metatta.methods.guard import GuardConfig, reference_model
 from metatta.models.checkpoint import checkpoint_hash
 from metatta.paths import cache_root
 from metatta.reporting import benchmark_command
@@ -111,6 +111,14 @@ def main(argv=None):
         # a candidate's held-out run is scored on whole batches; refused before anything runs
         parser.error(f"--calibration-images {args.calibration_images} must be a multiple of --batch-size "
                      f"{args.batch_size} with --guard-calibration per-method")
+    if options := guard_options(args):  # refused before anything runs, as the guard itself would refuse them
+        if args.guard_calibration != "per-method" or args.guard_thresholds_from:
+            parser.error(f"{', '.join('--guard-' + o.replace('_', '-') for o in options)}: options of a per-method "
+                         "calibration run here (not with --guard-calibration pooled or --guard-thresholds-from)")
+        try:
+            GuardConfig(**options).validate("benchmarks/lifelong.py guard")
+        except ValueError as error:
+            parser.error(str(error))
     setup_logging("WARNING")
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -158,10 +166,9 @@ def main(argv=None):
     def guard_of(label: str) -> dict:
         if "min_agreement" in calibration:  # pooled: one pair of thresholds for every method
             return reset_guard(calibration)
-        if reused is not None:
-            return reset_guard(remembered(work / f"guard_thresholds.{label}.json", lambda: reused[label]))
-        return reset_guard(remembered(work / f"guard_thresholds.{label}.json",
-                                      lambda: calibrate_method_guard(args, label, stream, method, reference)))
+        calibrate = ((lambda: reused[label]) if reused is not None
+                     else (lambda: calibrate_method_guard(args, label, stream, method, reference)))
+        return reset_guard(remembered(work / f"guard_thresholds.{label}.json", calibrate))
 
     runs, lengths = {}, {}
     for label in labels_run:
@@ -233,12 +240,9 @@ def calibrate_method_guard(args, label: str, stream, method, reference) -> dict:
     BN-adapted source there (`guarded_score`); the best (`choose_guard_quantile`) is kept."""
     signals = guard_signals(method(label, None), stream(args.calibration_images, "held_out"), reference,
                             reference_confidence=args.guard_reference_confidence)
-    options = {key: value for key, value in (("check_every", args.guard_check_every),
-                                             ("reference_confidence", args.guard_reference_confidence))
-               if value is not None}
     candidates, scores = {}, {}
     for quantile in args.guard_quantiles:
-        candidates[quantile] = {**choose_guard_thresholds([signals], quantile=quantile), **options}
+        candidates[quantile] = {**choose_guard_thresholds([signals], quantile=quantile), **guard_options(args)}
         result = evaluate(method(label, reset_guard(candidates[quantile])), stream(args.calibration_images, "held_out"),
                           progress=False)
         sizes = [args.batch_size] * len(result.error_over_stream)  # whole batches: checked in main
@@ -248,6 +252,12 @@ def calibrate_method_guard(args, label: str, stream, method, reference) -> dict:
     chosen = choose_guard_quantile(scores)
     return {**candidates[chosen], "candidates": {str(q): {**candidates[q], **scores[q]} for q in scores},
             "calibration_window": args.calibration_window}
+
+
+def guard_options(args) -> dict:
+    """The guard settings given on the command line (`--guard-check-every`, ...), by GuardConfig field."""
+    return {option: getattr(args, f"guard_{option}") for option in GUARD_OPTIONS
+            if getattr(args, f"guard_{option}") is not None}
 
 
 def reset_guard(thresholds: dict) -> dict:
@@ -264,7 +274,13 @@ def thresholds_from(report: str, source_sha256: str) -> dict:
     """The guard calibration of another run (its work dir or report JSON), by label ("pooled" holds its
     record), marked as reused. Refused unless it was calibrated for the same source checkpoint."""
     path = Path(report)
-    thresholds = guard_records(path) if path.is_dir() else json.loads(path.read_text())["thresholds"]
+    found = (path / "guard_thresholds.json").is_file() if path.is_dir() else path.is_file()
+    if not found:
+        raise SystemExit(f"--guard-thresholds-from {report}: neither a lifelong work dir (with guard_thresholds.json) "
+                         "nor a report JSON")
+    thresholds = guard_records(path) if path.is_dir() else json.loads(path.read_text()).get("thresholds")
+    if thresholds is None:
+        raise SystemExit(f"--guard-thresholds-from {report}: a JSON without the `thresholds` of a lifelong report")
     calibrated_on = thresholds["pooled"]["calibrated_on"]
     if calibrated_on.get("source_sha256") != source_sha256:
         raise SystemExit(f"--guard-thresholds-from {report}: calibrated for another source checkpoint (sha256 "

@@ -107,6 +107,31 @@ def test_a_per_method_calibration_length_off_the_batch_is_refused_before_anythin
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--guard-check-every", "0"], "check_every must be an integer >= 1"),
+    (["--guard-reference-confidence", "1.5"], "reference_confidence must be a number in [0, 1]"),
+    (["--guard-check-every", "2", "--guard-calibration", "pooled"], "--guard-check-every: options of a per-method"),
+    (["--guard-reference-confidence", "0.9", "--guard-thresholds-from", "x"],
+     "--guard-reference-confidence: options of a per-method"),
+])
+def test_bad_guard_options_are_refused_before_anything_runs(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        lifelong.main([*argv, "--work-dir", str(tmp_path / "w")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_reused_thresholds_from_nothing_or_another_json_are_refused_by_name(tmp_path):
+    with pytest.raises(SystemExit, match="neither a lifelong work dir"):
+        lifelong.thresholds_from(str(tmp_path / "missing"), "a" * 64)
+    with pytest.raises(SystemExit, match="neither a lifelong work dir"):
+        lifelong.thresholds_from(str(tmp_path), "a" * 64)  # a directory, but no run's
+    other = tmp_path / "search.json"
+    other.write_text(json.dumps({"trials": []}))
+    with pytest.raises(SystemExit, match="without the `thresholds` of a lifelong report"):
+        lifelong.thresholds_from(str(other), "a" * 64)
+
+
 def test_a_reset_guard_takes_a_records_thresholds():
     record = {"min_agreement": 0.93, "min_marginal_entropy": 0.96, "window": 8, "quantile": 0.5, "candidates": {}}
     assert lifelong.reset_guard(record) == {"action": "reset", "min_agreement": 0.93, "min_marginal_entropy": 0.96,
