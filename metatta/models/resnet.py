@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metatta.models.normalize import Normalize, default_stats
@@ -38,6 +39,24 @@ def keep_channels_last_in_backward(features: torch.Tensor) -> torch.Tensor:
     return features
 
 
+class ShortcutConv(nn.Conv2d):
+    """The 1x1 projection of a residual shortcut (bias-free, no padding).
+
+    With 2-7 input channels, stride > 1 and NHWC inputs, oneDNN's strided 1x1 backward-data kernel
+    on AVX2-only CPUs (torch 2.14.1) writes outside its buffers: "double free", a bus error or a
+    hang inside `loss.backward()`. Such a projection runs as the stride-1 convolution of every
+    stride-th pixel: the same outputs bit for bit, gradients equal to float rounding (summed in
+    another order). Wider ones keep the strided kernel, 1.5-6x faster than the slice's backward."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int):
+        super().__init__(in_planes, out_planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels < 8 and self.stride != (1, 1):
+            return F.conv2d(x[:, :, :: self.stride[0], :: self.stride[1]], self.weight)
+        return super().forward(x)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
@@ -48,7 +67,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(ShortcutConv(in_planes, planes, stride), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from metatta.models.normalize import Normalize
-from metatta.models.resnet import keep_channels_last_in_backward
+from metatta.models.resnet import ShortcutConv, keep_channels_last_in_backward
 
 
 class WideBasicBlock(nn.Module):
@@ -36,7 +36,7 @@ class WideBasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.equal_in_out = in_planes == out_planes and stride == 1
-        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+        self.convShortcut = None if self.equal_in_out else ShortcutConv(in_planes, out_planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.relu1(self.bn1(x))
