@@ -57,7 +57,7 @@ ROWS = {"source": ("source", None), "bn": ("bn", None), "tent": ("tent", None), 
         "rdumb": ("eta", CONFIGS / "eta_rdumb.yaml"), "mgtta": ("mgtta", None)}
 NOT_ADAPTING = ("source", "bn")  # nothing to guard
 CALIBRATION_METHODS = ("tent", "eata", "sar")
-GUARD_OPTIONS = ("check_every", "reference_confidence")  # per-method calibration options a record carries
+GUARD_OPTIONS = ("check_every", "reference_confidence", "relative_marginal")  # per-method calibration options a record carries
 
 
 def main(argv=None):
@@ -98,6 +98,9 @@ def main(argv=None):
     parser.add_argument("--guard-reference-confidence", type=float, default=None,
                         help="per-method: the guard's agreement counts only images the reference predicts with at "
                              "least this softmax probability (calibrated the same way); default: every image")
+    parser.add_argument("--guard-relative-marginal", action="store_const", const=True, default=None,
+                        help="per-method: the guard's class-marginal signal is the method's marginal entropy over the "
+                             "reference's on the same batch (calibrated the same way); default: the method's alone")
     parser.add_argument("--calibration-window", type=int, default=2_496,
                         help="per-method: images per window when scoring a candidate on the held-out stream")
     parser.add_argument("--work-dir", default=None, help="per-window results (resumable); default under the cache")
@@ -239,7 +242,8 @@ def calibrate_method_guard(args, label: str, stream, method, reference) -> dict:
     quantile's thresholds are then run guarded on the same held-out stream and scored against the
     BN-adapted source there (`guarded_score`); the best (`choose_guard_quantile`) is kept."""
     signals = guard_signals(method(label, None), stream(args.calibration_images, "held_out"), reference,
-                            reference_confidence=args.guard_reference_confidence)
+                            reference_confidence=args.guard_reference_confidence,
+                            relative_marginal=bool(args.guard_relative_marginal))
     candidates, scores = {}, {}
     for quantile in args.guard_quantiles:
         candidates[quantile] = {**choose_guard_thresholds([signals], quantile=quantile), **guard_options(args)}

@@ -33,7 +33,7 @@ import torch
 
 from metatta.data.types import Batch
 from metatta.evaluation import evaluate
-from metatta.methods.guard import agreement, marginal_entropy
+from metatta.methods.guard import agreement, marginal_entropy, relative_marginal_entropy
 from metatta.reporting import markdown_table
 
 FORMAT = "metatta.lifelong.v1"
@@ -211,11 +211,12 @@ def window_errors(batch_errors: Sequence[float], batch_sizes: Sequence[int], win
 
 # ---- guard thresholds from held-out streams ---------------------------------------------------------
 def guard_signals(method: torch.nn.Module, stream, reference: torch.nn.Module,
-                  device: str | torch.device = "cpu", reference_confidence: float | None = None
-                  ) -> dict[str, np.ndarray]:
+                  device: str | torch.device = "cpu", reference_confidence: float | None = None,
+                  relative_marginal: bool = False) -> dict[str, np.ndarray]:
     """Per batch of a labelled stream: the collapse guard's two signals for `method` (its argmax
     agreement with `reference`, over the images the reference predicts with at least
-    `reference_confidence` if given; the class-marginal entropy of its predictions) and the error of
+    `reference_confidence` if given; the class-marginal entropy of its predictions, over the reference's
+    with `relative_marginal`) and the error of
     both, for choosing the guard's thresholds on held-out streams (`choose_guard_thresholds`). A batch
     with no confident reference prediction repeats the previous batch's agreement (1 for the first)."""
     rows = []
@@ -226,7 +227,9 @@ def guard_signals(method: torch.nn.Module, stream, reference: torch.nn.Module,
             reference_logits = reference(x)
         agree = agreement(logits, reference_logits, reference_confidence)
         agree = agree if agree is not None else (rows[-1][0] if rows else 1.0)
-        rows.append((agree, marginal_entropy(logits),
+        marginal = (relative_marginal_entropy(logits, reference_logits) if relative_marginal
+                    else marginal_entropy(logits))
+        rows.append((agree, marginal,
                      float((logits.argmax(1) != y).float().mean()) * 100,
                      float((reference_logits.argmax(1) != y).float().mean()) * 100))
     agree, marginal, error, reference_error = map(np.asarray, zip(*rows))

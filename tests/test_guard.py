@@ -9,7 +9,8 @@ from metatta.data.fashion_mnist import load_fashion_mnist
 from metatta.data.types import Batch
 from metatta.evaluation import evaluate
 from metatta.methods import build_method
-from metatta.methods.guard import CollapseGuard, GuardConfig, agreement, marginal_entropy, reference_model
+from metatta.methods.guard import (CollapseGuard, GuardConfig, agreement, marginal_entropy, reference_model,
+                                  relative_marginal_entropy)
 
 
 def tiny_bn_model():
@@ -50,6 +51,51 @@ def test_a_batch_without_a_confident_reference_prediction_adds_no_agreement():
     x = torch.rand(8, 1, 8, 8)  # the tiny reference is never certain: no agreement, never fires
     assert not any(guard.observe(x, reference_model(model)(x).roll(1, dims=1)) for _ in range(4))
     assert guard.state()["agreements"] == []
+
+
+def test_relative_marginal_entropy_reads_the_method_against_the_reference():
+    balanced = torch.eye(5).repeat(4, 1) * 50
+    two_classes = torch.zeros(20, 5)
+    two_classes[:10, 0] = two_classes[10:, 1] = 50
+    assert relative_marginal_entropy(two_classes, two_classes) == pytest.approx(1.0)
+    assert relative_marginal_entropy(balanced, two_classes) == pytest.approx(math.log(5) / math.log(2))
+    assert relative_marginal_entropy(two_classes, balanced) == pytest.approx(math.log(2) / math.log(5))
+
+
+def test_the_relative_marginal_is_quiet_when_the_reference_is_as_unbalanced_and_fires_on_a_collapse():
+    """A stream whose batches the reference itself puts into two classes: the plain marginal signal
+    fires on a model that predicts as the reference does, the relative one only on a collapse."""
+    model = tiny_bn_model()
+    guard = CollapseGuard(GuardConfig(min_marginal_entropy=0.5, min_agreement=None, window=2, check_every=1,
+                                      relative_marginal=True), source=model)
+    plain = CollapseGuard(GuardConfig(min_marginal_entropy=0.5, min_agreement=None, window=2, check_every=1),
+                          source=model)
+    reference = reference_model(model)
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 8, 8)
+    ref = reference(x)
+    like_reference = torch.full_like(ref, -10.0)  # the reference's top-2 classes per image, nothing else
+    top2 = ref.mean(0).topk(2).indices
+    like_reference[torch.arange(32), top2[(ref[:, top2[0]] < ref[:, top2[1]]).long()]] = 10.0
+    guard.reference = plain.reference = lambda _: like_reference  # a reference as unbalanced as the batch
+    assert not any(guard.observe(x, like_reference) for _ in range(4))
+    assert any(plain.observe(x, like_reference) for _ in range(4))
+    collapsed = torch.full_like(ref, -10.0)
+    collapsed[:, top2[0]] = 10.0
+    assert [guard.observe(x, collapsed) for _ in range(2)] == [False, True]
+    assert len(guard.state()["marginals"]) == 0  # emptied by firing
+
+
+def test_relative_marginal_thresholds_may_exceed_one_and_need_the_marginal_signal():
+    GuardConfig(min_marginal_entropy=1.05, relative_marginal=True).validate()
+    with pytest.raises(ValueError, match=r"min_marginal_entropy must be a number in \[0, 1\]"):
+        GuardConfig(min_marginal_entropy=1.05).validate()
+    with pytest.raises(ValueError, match="relative_marginal reads the class-marginal signal"):
+        GuardConfig(min_marginal_entropy=None, relative_marginal=True).validate()
+    with pytest.raises(ValueError, match="relative_marginal must be true or false"):
+        GuardConfig(relative_marginal="yes").validate()
+    with pytest.raises(ValueError, match="source model"):
+        CollapseGuard(GuardConfig(min_agreement=None, relative_marginal=True))
 
 
 def test_reference_uses_batch_statistics_and_is_frozen():

@@ -221,3 +221,14 @@ def test_guard_signals_with_reference_confidence_count_only_confident_images():
     assert plain.min() < 1.0
     assert np.array_equal(signals(0.0), plain)  # every image counts
     assert np.all(signals(1.0) == 1.0)  # no image is that confident: the first batch's default, repeated
+
+
+def test_guard_signals_with_relative_marginal_divide_by_the_references_marginal():
+    other = reference_model(tiny_model(seed=3))
+    plain = guard_signals(build_method("bn", tiny_model(), {"guard": None}), stream(), other)
+    relative = guard_signals(build_method("bn", tiny_model(), {"guard": None}), stream(), other, relative_marginal=True)
+    itself = guard_signals(build_method("bn", tiny_model(), {"guard": None}), stream(), reference_model(tiny_model()),
+                           relative_marginal=True)
+    assert np.allclose(itself["marginal_entropy"], 1.0)  # a method against itself: ratio 1
+    assert not np.allclose(relative["marginal_entropy"], plain["marginal_entropy"])
+    assert np.array_equal(relative["agreement"], plain["agreement"])

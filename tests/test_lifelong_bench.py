@@ -111,6 +111,8 @@ def test_a_per_method_calibration_length_off_the_batch_is_refused_before_anythin
     (["--guard-check-every", "0"], "check_every must be an integer >= 1"),
     (["--guard-reference-confidence", "1.5"], "reference_confidence must be a number in [0, 1]"),
     (["--guard-check-every", "2", "--guard-calibration", "pooled"], "--guard-check-every: options of a per-method"),
+    (["--guard-relative-marginal", "--guard-calibration", "pooled"],
+     "--guard-relative-marginal: options of a per-method"),
     (["--guard-reference-confidence", "0.9", "--guard-thresholds-from", "x"],
      "--guard-reference-confidence: options of a per-method"),
 ])
@@ -136,5 +138,5 @@ def test_a_reset_guard_takes_a_records_thresholds():
     record = {"min_agreement": 0.93, "min_marginal_entropy": 0.96, "window": 8, "quantile": 0.5, "candidates": {}}
     assert lifelong.reset_guard(record) == {"action": "reset", "min_agreement": 0.93, "min_marginal_entropy": 0.96,
                                             "window": 8}
-    options = {"check_every": 2, "reference_confidence": 0.9}
+    options = {"check_every": 2, "reference_confidence": 0.9, "relative_marginal": True}
     assert lifelong.reset_guard({**record, **options}) == {**lifelong.reset_guard(record), **options}

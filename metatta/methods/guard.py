@@ -23,6 +23,14 @@ input. Two signals see that without labels:
   harder one; the reference's confident predictions are right far more often
   at any difficulty.
 
+With `relative_marginal: true` the class-marginal signal is read against the
+reference too: the method's marginal entropy divided by the reference's on the
+same batch (observed with the agreement, every `check_every` batches). How
+unbalanced a batch's predictions are depends on the stream (how hard, which
+corruption) as much as on the model; the reference sees the same batch, so the
+ratio stays near 1 for a healthy model at any difficulty and falls towards 0
+only when the method concentrates on fewer classes than the reference does.
+
 Each signal is averaged over the last `window` observations, so one hard batch
 does not fire the guard. When an average falls below its threshold the guard
 fires: `action: reset` returns the method to the source state with a fresh
@@ -58,6 +66,7 @@ class GuardConfig:
     min_marginal_entropy: float | None = 0.5  # entropy of the mean prediction / log(num_classes)
     min_agreement: float | None = 0.6  # fraction of images whose argmax matches the reference's
     reference_confidence: float | None = None  # count agreement only where the reference's max softmax >= this
+    relative_marginal: bool = False  # marginal entropy / the reference's on the same batch (then >= 0, not <= 1)
     window: int = 8  # observations averaged before deciding
     # batches between reference forwards: the cost, amortized. A no-grad forward is about half of a
     # Tent step (ResNet-8, batch 64, CPU): every 4 batches cost 13% of Tent's time, every 8 about 5%
@@ -69,8 +78,15 @@ class GuardConfig:
             raise ValueError(f"{where}: action must be one of {GUARD_ACTIONS}, got {self.action!r}")
         for field in ("min_marginal_entropy", "min_agreement", "reference_confidence"):
             value = getattr(self, field)
-            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{where}: {field} must be a number in [0, 1] or null, got {value!r}")
+            ratio = field == "min_marginal_entropy" and self.relative_marginal is True  # may exceed 1
+            upper, allowed = (math.inf, ">= 0") if ratio else (1.0, "in [0, 1]")
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= upper):
+                raise ValueError(f"{where}: {field} must be a number {allowed} or null, got {value!r}")
+        if not isinstance(self.relative_marginal, bool):
+            raise ValueError(f"{where}: relative_marginal must be true or false, got {self.relative_marginal!r}")
+        if self.relative_marginal and self.min_marginal_entropy is None:
+            raise ValueError(f"{where}: relative_marginal reads the class-marginal signal, which is off "
+                             "(min_marginal_entropy is null)")
         for field in ("window", "check_every"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -84,6 +100,12 @@ def marginal_entropy(logits: torch.Tensor) -> float:
     marginal = logits.float().softmax(dim=1).mean(dim=0)
     entropy = -(marginal * marginal.clamp_min(1e-12).log()).sum()
     return float(entropy) / math.log(logits.shape[1])
+
+
+def relative_marginal_entropy(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
+    """`marginal_entropy` of the logits over the reference's on the same batch (1: as balanced as the
+    reference's predictions; 0: one class)."""
+    return marginal_entropy(logits) / max(marginal_entropy(reference_logits), 1e-6)
 
 
 def agreement(logits: torch.Tensor, reference_logits: torch.Tensor, reference_confidence: float | None = None
@@ -114,9 +136,9 @@ class CollapseGuard:
         config.validate(where)
         self.config = config
         self.where = where
-        needs_reference = config.min_agreement is not None
+        needs_reference = config.min_agreement is not None or config.relative_marginal
         if needs_reference and source is None:
-            raise ValueError(f"{where}: min_agreement needs the source model for its reference")
+            raise ValueError(f"{where}: min_agreement and relative_marginal need the source model for its reference")
         self.reference = reference_model(source) if needs_reference else None
         self.fired = 0  # times the guard fired (never cleared by a reset)
         self._batches = 0
@@ -126,14 +148,18 @@ class CollapseGuard:
     def observe(self, x: torch.Tensor, logits: torch.Tensor) -> bool:
         """Record one batch (its input and the method's logits); True when the guard fires."""
         cfg = self.config
-        if cfg.min_marginal_entropy is not None and len(logits) > 1:
+        if cfg.min_marginal_entropy is not None and len(logits) > 1 and not cfg.relative_marginal:
             self._marginals.append(marginal_entropy(logits))
         if self.reference is not None and self._batches % cfg.check_every == 0:
             with torch.no_grad():
                 x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-                value = agreement(logits, self.reference(x), cfg.reference_confidence)
+                reference_logits = self.reference(x)
+            if cfg.min_agreement is not None:
+                value = agreement(logits, reference_logits, cfg.reference_confidence)
                 if value is not None:
                     self._agreements.append(value)
+            if cfg.relative_marginal and len(logits) > 1:
+                self._marginals.append(relative_marginal_entropy(logits, reference_logits))
         self._batches += 1
         why = self._collapse_reason()
         if why is None:
@@ -160,7 +186,8 @@ class CollapseGuard:
         if len(self._marginals) == cfg.window:
             mean = sum(self._marginals) / cfg.window
             if mean < cfg.min_marginal_entropy:
-                return f"class-marginal entropy {mean:.3f} < {cfg.min_marginal_entropy}"
+                relative = " over the BN-adapted source's" if cfg.relative_marginal else ""
+                return f"class-marginal entropy{relative} {mean:.3f} < {cfg.min_marginal_entropy}"
         if len(self._agreements) == cfg.window:
             mean = sum(self._agreements) / cfg.window
             if mean < cfg.min_agreement:
