@@ -169,9 +169,12 @@ def main(argv=None):
     def guard_of(label: str) -> dict:
         if "min_agreement" in calibration:  # pooled: one pair of thresholds for every method
             return reset_guard(calibration)
-        calibrate = ((lambda: reused[label]) if reused is not None
-                     else (lambda: calibrate_method_guard(args, label, stream, method, reference)))
-        return reset_guard(remembered(work / f"guard_thresholds.{label}.json", calibrate))
+        if reused is not None:
+            return reset_guard(remembered(work / f"guard_thresholds.{label}.json", lambda: reused[label]))
+        path = work / f"guard_thresholds.{label}.json"
+        record = remembered(path, lambda: calibrate_method_guard(args, label, stream, method, reference))
+        check_method_record(record, path, args)
+        return reset_guard(record)
 
     runs, lengths = {}, {}
     for label in labels_run:
@@ -322,6 +325,19 @@ def check_calibration(calibrated_on: dict, work: Path, args, source_sha256: str)
     if calibrated_on.get("calibration", "pooled") != args.guard_calibration:
         raise SystemExit(f"{work}: its guard calibration is {calibrated_on.get('calibration', 'pooled')}, not "
                          f"--guard-calibration {args.guard_calibration}; use another --work-dir")
+
+
+def check_method_record(record: dict, path: Path, args) -> None:
+    """Refuse a method's remembered calibration made with other guard options or candidate quantiles than
+    this command's (a resumed run would otherwise wear the old ones silently)."""
+    remembered_options = {option: record[option] for option in GUARD_OPTIONS if option in record}
+    if remembered_options != guard_options(args):
+        raise SystemExit(f"{path}: calibrated with guard options {remembered_options or 'none'}, not this command's "
+                         f"{guard_options(args) or 'none'}; use another --work-dir")
+    candidates = sorted(float(q) for q in record["candidates"])
+    if candidates != sorted(args.guard_quantiles):
+        raise SystemExit(f"{path}: calibrated on candidate quantiles {candidates}, not --guard-quantiles "
+                         f"{sorted(args.guard_quantiles)}; use another --work-dir")
 
 
 def guard_records(work: Path) -> dict:

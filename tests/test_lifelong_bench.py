@@ -140,3 +140,19 @@ def test_a_reset_guard_takes_a_records_thresholds():
                                             "window": 8}
     options = {"check_every": 2, "reference_confidence": 0.9, "relative_marginal": True}
     assert lifelong.reset_guard({**record, **options}) == {**lifelong.reset_guard(record), **options}
+
+
+def test_a_remembered_method_calibration_with_other_options_or_candidates_is_refused(tmp_path):
+    path = tmp_path / "guard_thresholds.tent.json"
+    record = {"quantile": 0.5, "min_agreement": 0.9, "min_marginal_entropy": 0.95, "window": 8, "check_every": 2,
+              "candidates": {"0.25": {}, "0.5": {}}}
+    args = argparse.Namespace(guard_check_every=2, guard_reference_confidence=None, guard_relative_marginal=None,
+                              guard_quantiles=[0.5, 0.25])
+    lifelong.check_method_record(record, path, args)
+    with pytest.raises(SystemExit, match=r"calibrated with guard options \{'check_every': 2\}, not this command's "
+                                         r"\{'check_every': 8\}"):
+        lifelong.check_method_record(record, path, argparse.Namespace(**{**vars(args), "guard_check_every": 8}))
+    with pytest.raises(SystemExit, match="not this command's none"):
+        lifelong.check_method_record(record, path, argparse.Namespace(**{**vars(args), "guard_check_every": None}))
+    with pytest.raises(SystemExit, match=r"candidate quantiles \[0.25, 0.5\], not --guard-quantiles \[0.5, 0.75\]"):
+        lifelong.check_method_record(record, path, argparse.Namespace(**{**vars(args), "guard_quantiles": [0.75, 0.5]}))
