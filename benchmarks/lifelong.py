@@ -413,12 +413,13 @@ def guard_text(guards: dict) -> str:
             continue
         held_out = ", ".join(f"q {q}: {c['windows_above_reference']}/{c['windows']} ({c['mean_error']:.2f})"
                              for q, c in chosen["candidates"].items())
+        options = ", ".join(f"{option} {chosen[option]}" for option in GUARD_OPTIONS if option in chosen) or "-"
         lines.append(f"| {label} | {chosen['quantile']} | {chosen['min_agreement']} | {chosen['min_marginal_entropy']} "
-                     f"| {held_out} |")
+                     f"| {options} | {held_out} |")
     return ("Guard thresholds per method, chosen on its own held-out CCC run: the quantile q of its healthy "
             "signals whose guarded held-out run has the fewest windows above BN + 0.5 (then the lowest mean).\n\n"
-            "| method | q | agreement >= | class-marginal entropy >= | held-out: windows > BN + 0.5 (mean error) |\n"
-            "|---|---:|---:|---:|---|\n" + "\n".join(lines))
+            "| method | q | agreement >= | class-marginal entropy >= | options | held-out: windows > BN + 0.5 "
+            "(mean error) |\n|---|---:|---:|---:|---|---|\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

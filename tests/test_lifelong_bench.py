@@ -87,7 +87,10 @@ def test_per_method_guard_records_are_read_back_and_reported(tmp_path):
     records = lifelong.guard_records(tmp_path)
     assert set(records) == {"pooled", "tent"} and records["tent"] == tent
     text = lifelong.guard_text(records)
-    assert "| tent | 0.1 | 0.9 | 0.95 | q 0.0: 3/16 (13.20), q 0.1: 1/16 (12.90) |" in text
+    assert "| tent | 0.1 | 0.9 | 0.95 | - | q 0.0: 3/16 (13.20), q 0.1: 1/16 (12.90) |" in text
+    (tmp_path / "guard_thresholds.tent.json").write_text(json.dumps({**tent, "check_every": 2,
+                                                                     "relative_marginal": True}))
+    assert "| 0.95 | check_every 2, relative_marginal True | q 0.0" in lifelong.guard_text(lifelong.guard_records(tmp_path))
     pooled = {"pooled": {"min_agreement": 0.83, "min_marginal_entropy": 0.94, "window": 8}}
     assert "agreement >= 0.83" in lifelong.guard_text(pooled)
 
