@@ -169,9 +169,9 @@ def main(argv=None):
     def guard_of(label: str) -> dict:
         if "min_agreement" in calibration:  # pooled: one pair of thresholds for every method
             return reset_guard(calibration)
-        if reused is not None:
-            return reset_guard(remembered(work / f"guard_thresholds.{label}.json", lambda: reused[label]))
         path = work / f"guard_thresholds.{label}.json"
+        if reused is not None:
+            return reset_guard(remembered(path, lambda: reused[label]))
         record = remembered(path, lambda: calibrate_method_guard(args, label, stream, method, reference))
         check_method_record(record, path, args)
         return reset_guard(record)
